@@ -1,0 +1,32 @@
+# feedstack: one-word entries. Every target creates .venv on first use (pip, bytecode compiled).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/kuairand.yaml
+SET    ?=
+
+.PHONY: setup test features fit main clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[train,serve,dev]"
+	$(PY) -c "import torch; assert torch.version.cuda is None, 'expected the CPU build of torch'"
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+features: setup
+	$(PY) -m features build --config $(CONFIG) $(SET)
+
+fit: setup
+	$(PY) -m training fit --config $(CONFIG) $(SET)
+
+# The main job: features, training, export, index, registry (and, once serving lands, the service).
+main: setup
+	$(PY) -m features build --config $(CONFIG) $(SET)
+
+clean:
+	rm -rf runs

@@ -1,0 +1,244 @@
+"""The feature build: raw logs -> validated canonical rows -> time split -> vocabularies -> time-correct
+features -> Parquet tables + manifest under ``<output_dir>/features``.
+
+Output tables:
+- ``interactions.parquet``: one row per good impression: ids, period, block, signals, context, encoded
+  indices, quality aggregates of the item and creator, fan relation and the user's history, all as of
+  the row's block start.
+- ``items.parquet``, ``creators.parquet``, ``users.parquet``, ``fans.parquet``: the serving snapshot
+  (everything known at the end of the data), what a bundle ships for online lookups.
+- ``vocab.json``, ``validation.json``, ``quarantine_*.csv``, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from features.config import Config, to_dict
+from features.fans import FAN_COLUMNS, fan_relations, fan_table
+from features.history import history_before
+from features.ingest import Ingested, ingest
+from features.quality import high_quality_creators, snapshot_quality
+from features.split import PERIODS, TimeSplit, make_split
+from features.vocab import Vocab, save_vocabs
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    skipped: bool
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def input_fingerprint(cfg: Config) -> dict[str, Any]:
+    d = cfg.data
+    specs = [d.interactions, d.items] + ([d.users] if d.users else [])
+    files = {s.file: sha256_file(d.path(s)) for s in specs if d.path(s).exists()}
+    resolved = to_dict(cfg)
+    feature_sections = {k: resolved[k] for k in ("data", "validation", "split", "vocab", "quality", "fans", "history")}
+    feature_sections["data"] = {k: v for k, v in feature_sections["data"].items() if k != "dir"}
+    return {"files": files, "config_hash": _hash_json(feature_sections), "format_version": FORMAT_VERSION}
+
+
+def feature_spec(cfg: Config, vocabs: dict[str, Vocab], item_numeric: list[str]) -> dict[str, Any]:
+    """What the models consume; training builds embeddings from it and serving encodes requests with it."""
+    users = cfg.data.users
+    user_cat = ["user_id"] + (list(users.categorical) if users else [])
+    item_cat = ["item_id", "creator_id", "category"] + list(cfg.data.items.categorical)
+    context = [c for c in cfg.data.interactions.columns if c not in ("user_id", "item_id", "ts")] + ["hour"]
+    return {
+        "user_categorical": {c: len(vocabs[c]) for c in user_cat},
+        "user_numeric": list(users.numeric) if users else [],
+        "item_categorical": {c: len(vocabs[c]) for c in item_cat},
+        "item_numeric": item_numeric + list(cfg.data.items.numeric),
+        "context_categorical": {c: len(vocabs[c]) for c in context},
+        "pair_numeric": list(FAN_COLUMNS),
+        "history": {"column": "history", "length": cfg.history.length, "vocab": "item_id", "signal": cfg.history.signal},
+        "binary_signals": cfg.data.binary_signals,
+        "continuous_signals": cfg.data.continuous_signals,
+        "watch_time_signal": cfg.data.interactions.watch_time_signal,
+    }
+
+
+def _build_vocabs(cfg: Config, ing: Ingested, train: pd.DataFrame) -> dict[str, Vocab]:
+    mc = cfg.vocab.min_count
+    vocabs = {
+        "user_id": Vocab.build("user_id", train["user_id"], mc),
+        "item_id": Vocab.build("item_id", train["item_id"], mc),
+        "creator_id": Vocab.build("creator_id", train["creator_id"], mc),
+        # Attribute vocabularies come from the whole catalogue / user table: they are static, not behaviour.
+        "category": Vocab.build("category", ing.items["category"]),
+    }
+    for c in cfg.data.items.categorical:
+        vocabs[c] = Vocab.build(c, ing.items[c])
+    if ing.users is not None and cfg.data.users is not None:
+        for c in cfg.data.users.categorical:
+            vocabs[c] = Vocab.build(c, ing.users[c])
+    for c in cfg.data.interactions.columns:
+        if c not in ("user_id", "item_id", "ts"):
+            vocabs[c] = Vocab.build(c, train[c], mc)
+    vocabs["hour"] = Vocab("hour", [str(h) for h in range(24)])
+    return vocabs
+
+
+def _encode(df: pd.DataFrame, vocabs: dict[str, Vocab], columns: list[str]) -> None:
+    for c in columns:
+        df[f"{c}_idx"] = vocabs[c].encode(df[c].astype(str))
+
+
+def _write(df: pd.DataFrame, path: Path) -> dict[str, Any]:
+    df.to_parquet(path, index=False)
+    return {"file": path.name, "rows": len(df), "sha256": sha256_file(path), "columns": list(df.columns)}
+
+
+def build_features(cfg: Config, force: bool = False, progress: bool = True) -> BuildResult:
+    out = cfg.features_dir
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = input_fingerprint(cfg)
+    manifest_path = out / MANIFEST
+    if not force and manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("inputs") == fingerprint:
+            return BuildResult(out, old, skipped=True)
+
+    t0 = time.perf_counter()
+    steps = ["ingest", "split + vocab", "quality", "fans", "history", "snapshot", "write"]
+    bar = tqdm(total=len(steps), desc="features", disable=not progress, unit="step")
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    ing = ingest(cfg, out)
+    log = ing.interactions.sort_values(["ts", "user_id", "item_id"], kind="stable").reset_index(drop=True)
+    step("ingest")
+
+    split: TimeSplit = make_split(log["ts"].to_numpy(), cfg.split, cfg.data.utc_offset_hours)
+    log["period"] = pd.Categorical.from_codes(split.period_of(log["ts"].to_numpy()), categories=list(PERIODS))
+    log["block"] = split.block_of(log["ts"].to_numpy())
+    train = log[log["period"] == "train"]
+    vocabs = _build_vocabs(cfg, ing, train)
+    context = [c for c in cfg.data.interactions.columns if c not in ("user_id", "item_id", "ts")]
+    log["hour"] = log["hour"].astype(str)
+    _encode(log, vocabs, ["user_id", "item_id", "creator_id", *context, "hour"])
+    step("split + vocab")
+
+    binary = cfg.data.binary_signals
+    item_q = snapshot_quality(log, "item_id", "item", split.n_blocks, cfg.quality, binary)
+    creator_q = snapshot_quality(log, "creator_id", "creator", split.n_blocks, cfg.quality, binary)
+    blocks = log["block"].to_numpy()
+    row_feats = [item_q.gather(log["item_id"], blocks), creator_q.gather(log["creator_id"], blocks)]
+    step("quality")
+
+    starts = np.asarray(split.block_starts, dtype=np.int64)
+    pairs = log[["user_id", "creator_id", "block"]].drop_duplicates().reset_index(drop=True)
+    pairs["cutoff"] = starts[pairs["block"].to_numpy()]
+    rel = pd.concat([pairs, fan_relations(log, pairs, cfg.fans)], axis=1)
+    fans_rows = log[["user_id", "creator_id", "block"]].merge(rel, on=["user_id", "creator_id", "block"], how="left")
+    row_feats.append(fans_rows[list(FAN_COLUMNS)].reset_index(drop=True))
+    step("fans")
+
+    item_idx = log["item_id_idx"].to_numpy()
+    ub = log[["user_id", "block"]].drop_duplicates().reset_index(drop=True)
+    hist = history_before(
+        log, cfg.history.signal, item_idx, ub["user_id"].to_numpy(), starts[ub["block"].to_numpy()], cfg.history.length
+    )
+    ub["_h"] = np.arange(len(ub))
+    hrow = log[["user_id", "block"]].merge(ub, on=["user_id", "block"], how="left")["_h"].to_numpy()
+    log = pd.concat([log, *row_feats], axis=1)
+    log["history"] = list(hist[hrow])
+    step("history")
+
+    # Serving snapshot: everything known at the end of the data.
+    end_block = split.serving_block
+    items = ing.items.copy()
+    items["category"] = items["category"].astype(str)
+    _encode(items, vocabs, ["item_id", "creator_id", "category", *cfg.data.items.categorical])
+    iq = item_q.gather(items["item_id"], np.full(len(items), end_block))
+    cq = creator_q.gather(items["creator_id"], np.full(len(items), end_block))
+    items = pd.concat([items, iq, cq], axis=1)
+    creators = creator_q.at_block(end_block).rename(columns={"id": "creator_id"})
+    creators["creator_idx"] = vocabs["creator_id"].encode(creators["creator_id"])
+    creators["high_quality"] = high_quality_creators(creators, cfg.quality)
+    items["creator_high_quality"] = items["creator_id"].isin(creators.loc[creators["high_quality"], "creator_id"])
+    fans = fan_table(log, split.end, cfg.fans)
+    users = ing.users.copy() if ing.users is not None else pd.DataFrame({"user_id": sorted(log["user_id"].unique())})
+    users["user_id_idx"] = vocabs["user_id"].encode(users["user_id"])
+    if cfg.data.users is not None:
+        _encode(users, vocabs, list(cfg.data.users.categorical))
+    users["history"] = list(
+        history_before(
+            log, cfg.history.signal, item_idx, users["user_id"].to_numpy(),
+            np.full(len(users), split.end), cfg.history.length,
+        )
+    )
+    step("snapshot")
+
+    item_numeric = list(iq.columns) + list(cq.columns)
+    tables = {
+        "interactions": _write(log, out / "interactions.parquet"),
+        "items": _write(items, out / "items.parquet"),
+        "creators": _write(creators, out / "creators.parquet"),
+        "users": _write(users, out / "users.parquet"),
+        "fans": _write(fans, out / "fans.parquet"),
+    }
+    save_vocabs(vocabs, out / "vocab.json")
+    spec = feature_spec(cfg, vocabs, item_numeric)
+    periods = log.groupby("period", observed=False)["ts"].agg(["count", "min", "max"])
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": cfg.data.name,
+        "created_at": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+        "inputs": fingerprint,
+        "config": to_dict(cfg),
+        "split": split.to_dict(),
+        "rows": {p: int(periods.loc[p, "count"]) for p in PERIODS},
+        "time_ranges": {
+            p: [int(periods.loc[p, "min"]), int(periods.loc[p, "max"])] for p in PERIODS if periods.loc[p, "count"] > 0
+        },
+        "entities": {"users": int(log["user_id"].nunique()), "items": len(items), "creators": len(creators)},
+        "validation": {
+            name: {"rows": r.rows, "good_rows": r.good_rows, "bad_rows": r.bad_rows, "notes": r.notes}
+            for name, r in ing.reports.items()
+        },
+        "tables": tables,
+        "vocab_sizes": {k: len(v) for k, v in vocabs.items()},
+        "feature_spec": spec,
+        "schema_hash": _hash_json({"spec": spec, "tables": {k: v["columns"] for k, v in tables.items()}}),
+        "build_seconds": round(time.perf_counter() - t0, 2),
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+    step("write")
+    bar.close()
+    return BuildResult(out, manifest, skipped=False)
+
+
+def load_manifest(features_dir: Path) -> dict[str, Any]:
+    path = Path(features_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no feature manifest at {path}: run `python -m features build` first")
+    return json.loads(path.read_text())

@@ -1,0 +1,331 @@
+"""Typed configuration: dataclasses are the schema, YAML holds the values.
+
+Every CLI loads one YAML file, applies ``--set dotted.key=value`` overrides and builds a dataclass tree.
+Unknown keys are errors that name the key. Each layer owns its sections: ``features`` knows the data-side
+ones; ``training`` and ``serving`` subclass :class:`Config` to add theirs, and a section that belongs to
+another layer is carried as raw YAML here (``OTHER_LAYER_SECTIONS``) and checked by the layer that owns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value a user got wrong; the message names it."""
+
+
+# --------------------------------------------------------------------------- data-side sections
+
+
+@dataclass
+class SignalSpec:
+    column: str
+    kind: Literal["binary", "continuous"] = "binary"
+
+
+@dataclass
+class TableSpec:
+    """One input file and how its raw columns map to canonical names (canonical: raw)."""
+
+    file: str
+    columns: dict[str, str] = field(default_factory=dict)
+    format: Literal["auto", "csv", "parquet"] = "auto"
+
+
+@dataclass
+class InteractionsSpec(TableSpec):
+    time_unit: Literal["ms", "s", "us"] = "ms"
+    duration_column: str | None = None  # raw column with the item length, for watch ratio
+    watch_time_signal: str | None = None  # the continuous signal holding watch time (ms)
+
+
+@dataclass
+class ItemsSpec(TableSpec):
+    visible_values: list[Any] = field(default_factory=lambda: [0])  # raw status values meaning "visible"
+    categorical: list[str] = field(default_factory=list)  # extra canonical item columns to encode
+    numeric: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UsersSpec(TableSpec):
+    categorical: list[str] = field(default_factory=list)
+    numeric: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data"
+    name: str = "dataset"
+    interactions: InteractionsSpec = field(default_factory=lambda: InteractionsSpec(file="log.csv"))
+    items: ItemsSpec = field(default_factory=lambda: ItemsSpec(file="items.csv"))
+    users: UsersSpec | None = None
+    signals: dict[str, SignalSpec] = field(default_factory=dict)
+    utc_offset_hours: float = 0.0  # local time of the logs, for day boundaries and the hour feature
+
+    def path(self, spec: TableSpec) -> Path:
+        return Path(self.dir) / spec.file
+
+    @property
+    def binary_signals(self) -> list[str]:
+        return [n for n, s in self.signals.items() if s.kind == "binary"]
+
+    @property
+    def continuous_signals(self) -> list[str]:
+        return [n for n, s in self.signals.items() if s.kind == "continuous"]
+
+
+@dataclass
+class ValidationConfig:
+    max_bad_fraction: float = 0.05  # above this share of bad rows the build fails
+    drop_duplicates: bool = True  # (user, item, ts) repeats are quarantined as rule "duplicate"
+    examples_per_rule: int = 3
+
+
+@dataclass
+class SplitConfig:
+    """train < valid_start <= valid < test_start <= test.
+
+    ``mode: dates`` takes ISO dates (local time, ``data.utc_offset_hours``) or epoch ms; ``mode: fractions``
+    cuts the time range into ``valid_fraction`` and ``test_fraction`` tails, rounded to whole days when
+    ``align_days``.
+    """
+
+    mode: Literal["dates", "fractions"] = "fractions"
+    valid_start: str | int | None = None
+    test_start: str | int | None = None
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.2
+    align_days: bool = True
+    train_block_hours: float = 24.0  # train rows get features from snapshots taken this often
+
+
+@dataclass
+class QualityConfig:
+    """Smoothed per-item and per-creator user-experience rates and the score built from them."""
+
+    prior_strength: float = 20.0  # pseudo-impressions at the global rate
+    signals: list[str] = field(default_factory=list)  # binary signals to aggregate; empty = all binary
+    score_weights: dict[str, float] = field(default_factory=dict)  # rate name -> weight in quality_score
+    high_quality_quantile: float = 0.8  # creators above this quantile of score are "high quality"
+    min_creator_impressions: int = 20
+
+
+@dataclass
+class FansConfig:
+    follow_signal: str = "follow"
+    interaction_signals: list[str] = field(default_factory=lambda: ["like", "comment", "forward", "long_view"])
+    iron_fan_min_interactions: int = 3
+    iron_fan_window_days: float = 14.0
+
+
+@dataclass
+class VocabConfig:
+    min_count: int = 1  # ids seen fewer times in the train period map to the OOV index 0
+
+
+@dataclass
+class HistoryConfig:
+    signal: str = "long_view"  # which positive feedback enters a user's history
+    length: int = 20
+
+
+@dataclass
+class Config:
+    """Root config as the features layer sees it."""
+
+    OTHER_LAYER_SECTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"retrieval", "ranking", "tracking", "bundle", "serving", "policy", "evaluation", "fusion", "index"}
+    )
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    fans: FansConfig = field(default_factory=FansConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    # Raw sections owned by other layers, kept so that a resolved config can be written out whole.
+    other: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def features_dir(self) -> Path:
+        return Path(self.output_dir) / "features"
+
+    def validate(self) -> None:
+        d = self.data
+        for name in ("user_id", "item_id", "ts"):
+            if name not in d.interactions.columns:
+                raise ConfigError(f"data.interactions.columns must map '{name}' to a raw column")
+        if "item_id" not in d.items.columns:
+            raise ConfigError("data.items.columns must map 'item_id' to a raw column")
+        if not d.signals:
+            raise ConfigError("data.signals is empty: declare at least one feedback signal")
+        for role, sig in (("fans.follow_signal", self.fans.follow_signal), ("history.signal", self.history.signal)):
+            if sig not in d.signals:
+                raise ConfigError(f"{role} = '{sig}' is not a declared signal; known: {sorted(d.signals)}")
+        for s in self.fans.interaction_signals + self.quality.signals:
+            if s not in d.signals:
+                raise ConfigError(f"signal '{s}' used in fans/quality is not declared; known: {sorted(d.signals)}")
+        ws = d.interactions.watch_time_signal
+        if ws is not None and d.signals.get(ws, SignalSpec("", "binary")).kind != "continuous":
+            raise ConfigError(f"data.interactions.watch_time_signal = '{ws}' must name a continuous signal")
+        if not 0 <= self.validation.max_bad_fraction <= 1:
+            raise ConfigError("validation.max_bad_fraction must be in [0, 1]")
+        if self.split.mode == "dates" and (self.split.valid_start is None or self.split.test_start is None):
+            raise ConfigError("split.mode = dates needs split.valid_start and split.test_start")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} fits none of {[_type_name(a) for a in args]}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, val_tp = get_args(tp)
+        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError naming them."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    other_sections = getattr(cls, "OTHER_LAYER_SECTIONS", frozenset())
+    kwargs: dict[str, Any] = {}
+    other: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key in fields and key != "other":
+            kwargs[key] = _coerce(value, hints[key], dotted)
+        elif key in other_sections and "other" in fields:
+            other[key] = value
+        else:
+            known = sorted(k for k in fields if k != "other")
+            raise ConfigError(f"unknown config key '{dotted}'; known keys here: {known}")
+    if other:
+        kwargs["other"] = other
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field without a default
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML/JSON-ready form of a config (sections of other layers merged back in)."""
+    if dataclasses.is_dataclass(cfg):
+        out = {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "other"}
+        out.update(getattr(cfg, "other", {}) or {})
+        return out
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects dotted.key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects dotted.key=value, got '{text}'")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return apply_overrides(raw, overrides or [])
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[T] = Config) -> T:  # type: ignore[assignment]
+    cfg = from_dict(cls, load_raw(path, overrides))
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate()
+    return cfg

@@ -1,0 +1,109 @@
+"""User-experience quality aggregates per item and per creator, as of each snapshot block.
+
+For entity e and snapshot block b, only rows with block < b count (so a feature never sees its own period
+or the future). Rates are smoothed toward the global rate of the same past:
+``rate = (positives + k * global_rate) / (impressions + k)``; the quality score is a weighted sum of rates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from features.config import ConfigError, QualityConfig
+
+WATCH_RATIO_CAP = 3.0  # replays make ratios > 1; cap so a few loops do not dominate the mean
+
+
+@dataclass
+class Snapshots:
+    """Per-entity features for every block: ``values[name]`` has shape (n_entities, n_blocks)."""
+
+    keys: pd.Index  # entity ids, row order of the arrays
+    values: dict[str, np.ndarray]
+    prior: dict[str, np.ndarray]  # (n_blocks,) value for an entity never seen before the block
+
+    def gather(self, ids: pd.Series | np.ndarray, blocks: np.ndarray) -> pd.DataFrame:
+        """Feature rows for (id, block) pairs; unseen ids get the global-prior values of their block."""
+        code = self.keys.get_indexer(pd.Index(np.asarray(ids, dtype=object)))
+        out = {}
+        for name, arr in self.values.items():
+            col = arr[np.maximum(code, 0), blocks]
+            if (code < 0).any():
+                col = col.copy()
+                col[code < 0] = self.prior[name][blocks[code < 0]]
+            out[name] = col
+        return pd.DataFrame(out)
+
+    def at_block(self, block: int) -> pd.DataFrame:
+        df = pd.DataFrame({name: arr[:, block] for name, arr in self.values.items()})
+        df.insert(0, "id", self.keys.to_numpy())
+        return df
+
+
+def quality_signals(cfg: QualityConfig, binary_signals: list[str]) -> list[str]:
+    return list(cfg.signals) or list(binary_signals)
+
+
+def snapshot_quality(
+    log: pd.DataFrame, key: str, prefix: str, n_blocks: int, cfg: QualityConfig, binary_signals: list[str]
+) -> Snapshots:
+    signals = quality_signals(cfg, binary_signals)
+    has_ratio = "watch_ratio" in log.columns
+    allowed = set(signals) | ({"watch_ratio"} if has_ratio else set())
+    for name in cfg.score_weights:
+        if name not in allowed:
+            raise ConfigError(f"quality.score_weights names '{name}', not an aggregated rate; known: {sorted(allowed)}")
+
+    codes, keys = pd.factorize(log[key], sort=True)
+    n_keys, blocks = len(keys), log["block"].to_numpy(np.int64)
+    flat = codes * n_blocks + blocks
+
+    def per_block(weights: np.ndarray | None) -> np.ndarray:
+        total = np.bincount(flat, weights=weights, minlength=n_keys * n_blocks).reshape(n_keys, n_blocks)
+        before = np.zeros_like(total, dtype=np.float64)
+        before[:, 1:] = np.cumsum(total, axis=1)[:, :-1]  # strictly earlier blocks
+        return before
+
+    k = cfg.prior_strength
+    n = per_block(None)
+    values: dict[str, np.ndarray] = {f"{prefix}_n": np.log1p(n)}
+    prior: dict[str, np.ndarray] = {f"{prefix}_n": np.zeros(n_blocks)}
+    rates: dict[str, np.ndarray] = {}
+    rate_priors: dict[str, np.ndarray] = {}
+
+    def smooth(name: str, pos: np.ndarray, cnt: np.ndarray) -> None:
+        cnt_all = cnt.sum(axis=0)
+        g = np.divide(pos.sum(axis=0), cnt_all, out=np.zeros(n_blocks), where=cnt_all > 0)
+        rates[name] = (pos + k * g) / (cnt + k)
+        rate_priors[name] = g
+
+    for s in signals:
+        smooth(s, per_block(log[s].to_numpy(np.float64)), n)
+    if has_ratio:
+        r = log["watch_ratio"].to_numpy(np.float64)
+        ok = ~np.isnan(r)
+        smooth("watch_ratio", per_block(np.where(ok, np.minimum(r, WATCH_RATIO_CAP), 0.0)), per_block(ok.astype(np.float64)))
+    score = np.zeros((n_keys, n_blocks))
+    score_prior = np.zeros(n_blocks)
+    for name, w in cfg.score_weights.items():
+        score += w * rates[name]
+        score_prior += w * rate_priors[name]
+    for name in rates:
+        col = f"{prefix}_watch_ratio" if name == "watch_ratio" else f"{prefix}_rate_{name}"
+        values[col], prior[col] = rates[name], rate_priors[name]
+    values[f"{prefix}_quality"], prior[f"{prefix}_quality"] = score, score_prior
+    as32 = lambda d: {name: v.astype(np.float32) for name, v in d.items()}  # noqa: E731
+    return Snapshots(pd.Index(keys), as32(values), as32(prior))
+
+
+def high_quality_creators(creators: pd.DataFrame, cfg: QualityConfig) -> np.ndarray:
+    """Flag creators whose quality score is in the top share among those with enough impressions."""
+    enough = np.expm1(creators["creator_n"].to_numpy()) >= cfg.min_creator_impressions
+    score = creators["creator_quality"].to_numpy()
+    if not enough.any():
+        return np.zeros(len(creators), dtype=bool)
+    threshold = np.quantile(score[enough], cfg.high_quality_quantile)
+    return enough & (score >= threshold)

@@ -1,0 +1,98 @@
+"""Feature tables as one object: load a features directory (or a bundle's copy of it) and attach features
+to interaction rows.
+
+- :meth:`FeatureTables.join_static` adds static attributes (item category and attributes, user
+  attributes) by id: used for training rows and for any later log alike.
+- :meth:`FeatureTables.attach_snapshot` encodes a later log with the *serving snapshot* (quality
+  aggregates, fan relations and user history as known at the end of the training data): what serving
+  sees for a request, and what ``evaluate --log`` uses on held-out days.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.build import MANIFEST
+from features.fans import FAN_COLUMNS
+from features.vocab import Vocab, load_vocabs
+
+
+@dataclass
+class FeatureTables:
+    dir: Path
+    manifest: dict[str, Any]
+    items: pd.DataFrame
+    users: pd.DataFrame
+    creators: pd.DataFrame
+    fans: pd.DataFrame
+    vocabs: dict[str, Vocab]
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "FeatureTables":
+        d = Path(directory)
+        if not (d / MANIFEST).exists():
+            raise FileNotFoundError(f"{d} holds no feature manifest ({MANIFEST}); run `python -m features build`")
+        manifest = json.loads((d / MANIFEST).read_text())
+        read = lambda name: pd.read_parquet(d / manifest["tables"][name]["file"])  # noqa: E731
+        return cls(d, manifest, read("items"), read("users"), read("creators"), read("fans"), load_vocabs(d / "vocab.json"))
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.manifest["feature_spec"]
+
+    @property
+    def user_attributes(self) -> list[str]:
+        return [c for c in self.spec["user_categorical"] if c != "user_id"]
+
+    @property
+    def item_attributes(self) -> list[str]:
+        return [c for c in self.spec["item_categorical"] if c not in ("item_id", "creator_id")]
+
+    @property
+    def context_columns(self) -> list[str]:
+        return list(self.spec["context_categorical"])
+
+    def join_static(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Add ``<attr>_idx`` for item attributes (by item_id) and user attributes (by user_id); unknown -> 0."""
+        out = rows.copy()
+        item_cols = [f"{c}_idx" for c in self.item_attributes]
+        pos = pd.Index(self.items["item_id"]).get_indexer(out["item_id"].astype(str))
+        for c in item_cols:
+            vals = self.items[c].to_numpy()[np.maximum(pos, 0)]
+            out[c] = np.where(pos >= 0, vals, 0)
+        user_cols = [f"{c}_idx" for c in self.user_attributes]
+        upos = pd.Index(self.users["user_id"]).get_indexer(out["user_id"].astype(str))
+        for c in user_cols:
+            vals = self.users[c].to_numpy()[np.maximum(upos, 0)]
+            out[c] = np.where(upos >= 0, vals, 0)
+        return out
+
+    def attach_snapshot(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Encode ids and context with the vocabularies and add the serving-snapshot features."""
+        out = rows.copy()
+        for c in ("user_id", "item_id", "creator_id"):
+            out[f"{c}_idx"] = self.vocabs[c].encode(out[c].astype(str))
+        for c in self.context_columns:
+            out[f"{c}_idx"] = self.vocabs[c].encode(out[c].astype(str)) if c in out else 0
+        numeric = list(self.spec["item_numeric"])
+        pos = pd.Index(self.items["item_id"]).get_indexer(out["item_id"].astype(str))
+        for c in numeric:
+            vals = self.items[c].to_numpy()[np.maximum(pos, 0)]
+            out[c] = np.where(pos >= 0, vals, np.nan).astype(np.float32)
+        fans = out[["user_id", "creator_id"]].merge(self.fans, on=["user_id", "creator_id"], how="left")
+        for c in FAN_COLUMNS:
+            out[c] = fans[c].fillna(0).to_numpy().astype(np.int32 if c == "fan_interactions" else np.int8)
+        upos = pd.Index(self.users["user_id"]).get_indexer(out["user_id"].astype(str))
+        length = self.spec["history"]["length"]
+        hist = np.zeros((len(out), length), dtype=np.int64)
+        known = upos >= 0
+        if known.any():
+            hist[known] = np.stack(self.users["history"].to_numpy()[upos[known]])
+        out["history"] = list(hist)
+        return self.join_static(out)

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from features.config import ConfigError, from_dict, load_config, parse_override, to_dict, Config
+
+REPO = Path(__file__).resolve().parents[2]
+KUAIRAND = REPO / "configs" / "kuairand.yaml"
+
+
+def test_shipped_config_loads_and_round_trips():
+    cfg = load_config(KUAIRAND)
+    again = from_dict(Config, to_dict(cfg))
+    assert again == cfg
+    assert "watch_time" in cfg.data.continuous_signals and "hate" in cfg.data.binary_signals
+
+
+def test_overrides_reach_nested_keys_and_are_typed():
+    cfg = load_config(KUAIRAND, ["data.dir=/elsewhere", "split.train_block_hours=6", "fans.iron_fan_min_interactions=5"])
+    assert cfg.data.dir == "/elsewhere"
+    assert cfg.split.train_block_hours == 6.0
+    assert cfg.fans.iron_fan_min_interactions == 5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.dri=x", r"unknown config key 'data\.dri'"),
+        ("quality.prior_strength=abc", r"quality\.prior_strength: expected a number"),
+        ("split.mode=weekly", r"split\.mode: 'weekly' is not one of"),
+        ("history.signal=watched", r"history\.signal = 'watched' is not a declared signal"),
+        ("fans.iron_fan_min_interactions=2.5", r"expected an integer"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(KUAIRAND, [override])
+
+
+def test_missing_file_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        parse_override("data.dir")
+
+
+def test_other_layer_sections_are_carried_not_rejected(tmp_path):
+    text = KUAIRAND.read_text() + "\nretrieval: {embedding_dim: 32}\n"
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg.other == {"retrieval": {"embedding_dim": 32}}
+    assert to_dict(cfg)["retrieval"] == {"embedding_dim": 32}

@@ -1,0 +1,64 @@
+"""A second column layout works by config alone; the CLI reports user errors clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+
+from features.build import build_features
+from features.config import load_config
+from features.external import read_later_log
+from features.tables import FeatureTables
+from tests.conftest import REPO, write_config
+
+
+def test_other_column_layout_builds_identical_features(world, tmp_path):
+    a = build_features(load_config(write_config(world, tmp_path / "a")), progress=False)
+    b = build_features(load_config(write_config(world, tmp_path / "b", layout="alt")), progress=False)
+    for table in ("interactions", "items", "users", "fans", "creators"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(a.out_dir / f"{table}.parquet"), pd.read_parquet(b.out_dir / f"{table}.parquet")
+        )
+    assert a.manifest["schema_hash"] == b.manifest["schema_hash"]
+
+
+def test_rebuild_is_skipped_when_inputs_unchanged(world, tmp_path):
+    cfg = load_config(write_config(world, tmp_path))
+    first = build_features(cfg, progress=False)
+    again = build_features(cfg, progress=False)
+    assert not first.skipped and again.skipped
+    cfg.quality.prior_strength = 5.0
+    assert not build_features(cfg, progress=False).skipped
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "features", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_cli_errors_are_one_clear_line(synthetic_config, tmp_path):
+    r = _cli("build", "--config", str(synthetic_config), "--set", "data.dir=/does/not/exist", "--no-progress")
+    assert r.returncode == 2 and "input file not found: /does/not/exist/items.csv" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli("build", "--config", str(synthetic_config), "--set", "split.valid_fractoin=0.1")
+    assert r.returncode == 2 and "unknown config key 'split.valid_fractoin'" in r.stderr
+
+
+def test_cli_builds_and_prints_the_summary(synthetic_config, tmp_path):
+    r = _cli("build", "--config", str(synthetic_config), "--set", f"output_dir={tmp_path}", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "rows per period" in r.stdout and (tmp_path / "features" / "manifest.json").exists()
+
+
+def test_later_log_counts_unknown_items_and_users(world, synthetic_config, synthetic_tables, tmp_path):
+    log = world.log.head(500).copy()
+    log.loc[log.index[:7], "video_id"] = 123456  # not in the catalogue
+    log.loc[log.index[7:10], "user_id"] = 999999  # never seen
+    path = tmp_path / "later.csv"
+    log.to_csv(path, index=False)
+    rows, report = read_later_log(load_config(synthetic_config), path, FeatureTables.load(synthetic_tables.dir))
+    assert report["unknown_items"] == 7 and report["impressions"] == 493
+    assert report["unknown_users"] >= 1 and (rows.loc[rows["user_id"] == "999999", "user_id_idx"] == 0).all()
+    known = rows[rows["user_id"] != "999999"]
+    assert set(known.columns) >= set(synthetic_tables.spec["item_numeric"]) | {"history", "is_fan"}

@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 features: setup
 	$(PY) -m features build --config $(CONFIG) $(SET)

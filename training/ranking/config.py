@@ -1,14 +1,104 @@
-"""Multi-task ranker hyper-parameters (the `ranking:` config section)."""
+"""Multi-task ranker hyper-parameters (the `ranking:` config section).
+
+Heads default to every binary signal of the dataset plus the watch-time signal (when the dataset names
+one); ``loss_weights`` and ``scenarios`` name heads, and :meth:`RankingConfig.check_heads` rejects a name
+that is not a head once the dataset's signals are known.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from features.config import ConfigError
+
+
+def _default_scenarios() -> dict[str, dict[str, float]]:
+    # Scores are head predictions in [0, 1] (watch_time: the duration-debiased watch quantile), so a
+    # weight says how many clicks one unit of that head is worth. Hate is costly in both scenarios.
+    return {
+        "feed": {"click": 1.0, "long_view": 2.0, "watch_time": 2.0, "like": 4.0, "follow": 8.0, "comment": 4.0,
+                 "forward": 6.0, "profile_enter": 1.0, "hate": -30.0},
+        "commerce": {"click": 2.0, "long_view": 1.0, "watch_time": 0.5, "like": 1.0, "follow": 6.0, "comment": 1.0,
+                     "forward": 3.0, "profile_enter": 4.0, "hate": -30.0},
+    }
 
 
 @dataclass
 class RankingConfig:
-    architecture: str = "mmoe"
+    architecture: Literal["mmoe", "ple"] = "mmoe"
+    heads: list[str] = field(default_factory=list)  # empty = all binary signals + the watch-time signal
+    loss_weights: dict[str, float] = field(default_factory=dict)  # head -> weight; missing heads weigh 1.0
+    # Embeddings: id-like columns (vocab > small_vocab) get embedding_dim, small attribute vocabs get
+    # small_embedding_dim; the user's history is pooled over the item-id table (mean and target attention).
     embedding_dim: int = 16
+    small_embedding_dim: int = 4
+    small_vocab: int = 64
+    expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    num_experts: int = 4  # mmoe
+    shared_experts: int = 2  # ple, per level
+    task_experts: int = 1  # ple, per task per level
+    ple_levels: int = 1
+    tower_hidden: int = 32
+    dropout: float = 0.1
+    # Watch time in the manner of D2Q: equal-frequency duration buckets, target = the watch time's quantile
+    # inside its bucket (train distribution), decoded back to ms through the bucket's quantile grid.
+    watch_time_buckets: int = 20
+    watch_time_grid: int = 101  # quantile levels stored per bucket
     batch_size: int = 2048
     max_epochs: int = 10
+    patience: int = 2  # epochs without a better validation mean AUC before stopping
     learning_rate: float = 0.002
+    weight_decay: float = 0.0
+    embedding_l2: float = 1e-6  # on the embedding rows a batch touches
+    single_task_baselines: bool = True
+    single_task_max_epochs: int | None = None  # None = max_epochs
+    export_single_task: bool = True
+    ece_bins: int = 15
+    fusion_k: int = 20
+    scenarios: dict[str, dict[str, float]] = field(default_factory=_default_scenarios)
+    parity_tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "small_embedding_dim", "num_experts", "shared_experts", "ple_levels",
+                     "tower_hidden", "batch_size", "max_epochs", "watch_time_buckets", "ece_bins", "fusion_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ranking.{name} must be >= 1, got {getattr(self, name)}")
+        if self.watch_time_grid < 3:
+            raise ConfigError(f"ranking.watch_time_grid must be >= 3, got {self.watch_time_grid}")
+        if not self.expert_hidden or min(self.expert_hidden) < 1:
+            raise ConfigError(f"ranking.expert_hidden must be a non-empty list of positive sizes, got {self.expert_hidden}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"ranking.dropout must be in [0, 1), got {self.dropout}")
+        if self.task_experts < 0:
+            raise ConfigError(f"ranking.task_experts must be >= 0, got {self.task_experts}")
+
+    def resolve_heads(self, binary_signals: list[str], watch_time_signal: str | None) -> list[tuple[str, str]]:
+        """(head, kind) pairs, kind in {"binary", "watch_time"}; names checked against the dataset."""
+        available = {s: "binary" for s in binary_signals}
+        if watch_time_signal:
+            available[watch_time_signal] = "watch_time"
+        names = list(self.heads) or list(available)
+        for n in names:
+            if n not in available:
+                raise ConfigError(f"ranking.heads names '{n}', not a binary signal or the watch-time signal; "
+                                  f"known: {sorted(available)}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"ranking.heads repeats a head: {names}")
+        if not any(available[n] == "binary" for n in names):
+            raise ConfigError("ranking.heads needs at least one binary head")
+        heads = [(n, available[n]) for n in names]
+        self.check_heads([n for n, _ in heads])
+        return heads
+
+    def check_heads(self, heads: list[str]) -> None:
+        known = set(heads)
+        for n, w in self.loss_weights.items():
+            if n not in known:
+                raise ConfigError(f"ranking.loss_weights names '{n}', not a head; heads: {heads}")
+            if w < 0:
+                raise ConfigError(f"ranking.loss_weights.{n} must be >= 0, got {w}")
+        for sc, weights in self.scenarios.items():
+            for n in weights:
+                if n not in known:
+                    raise ConfigError(f"ranking.scenarios.{sc} names '{n}', not a head; heads: {heads}")

@@ -2,15 +2,57 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from features.config import ConfigError
 
 
 @dataclass
 class RetrievalConfig:
-    positive_signal: str = "long_view"
-    embedding_dim: int = 64
+    positive_signal: str = "long_view"  # a row with this binary signal > 0 is a training positive
+    embedding_dim: int = 64  # output size of both towers (the FAISS dimension)
+    feature_dim: int = 16  # embedding size of each attribute column (user attributes, creator, category, ...)
+    id_dim: int = 64  # embedding size of the user id and item id (the item id table is shared with history)
+    hidden: list[int] = field(default_factory=lambda: [256])  # MLP widths of each tower before the output layer
+    dropout: float = 0.1
+    id_dropout: float = 0.1  # training-time chance to replace an id with OOV, so unseen ids get a useful vector
     batch_size: int = 1024
     max_epochs: int = 10
+    min_epochs: int = 1
     learning_rate: float = 0.003
+    weight_decay: float = 0.0
     temperature: float = 0.05
+    uniform_negatives: int = 1024  # mixed negatives per batch, drawn uniformly from the item vocabulary
+    logq_correction: bool = True
+    # Early stopping and checkpoint selection on validation Recall@K (same protocol as the test metric).
+    monitor_k: int = 100
+    patience: int = 3
+    eval_ks: list[int] = field(default_factory=lambda: [50, 100, 200])
+    ndcg_ks: list[int] = field(default_factory=lambda: [50, 100])
+    recent_days: float = 2.0  # window of the recent-popularity baseline, before the evaluated period
     index_factory: str = "Flat"
+    hnsw_ef_search: int = 128  # used when the factory string builds an HNSW index
+    ivf_nprobe: int = 16  # used when the factory string builds an IVF index
+    index_recall_k: int = 100
+    num_threads: int = 0  # torch intra-op threads for training; 0 = leave torch's default
+    accelerator: str = "auto"
+    seed: int | None = None  # None = the root `seed`
+
+    def validate(self, binary_signals: list[str]) -> None:
+        if self.positive_signal not in binary_signals:
+            raise ConfigError(
+                f"retrieval.positive_signal = '{self.positive_signal}' is not a binary signal; known: {binary_signals}"
+            )
+        for name in ("embedding_dim", "feature_dim", "id_dim", "batch_size", "max_epochs", "monitor_k"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"retrieval.{name} must be > 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"retrieval.temperature must be > 0, got {self.temperature}")
+        if self.uniform_negatives < 0:
+            raise ConfigError(f"retrieval.uniform_negatives must be >= 0, got {self.uniform_negatives}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.id_dropout < 1:
+            raise ConfigError("retrieval.dropout and retrieval.id_dropout must be in [0, 1)")
+        if self.monitor_k not in self.eval_ks:
+            raise ConfigError(f"retrieval.monitor_k = {self.monitor_k} must be one of retrieval.eval_ks {self.eval_ks}")
+        if self.recent_days <= 0:
+            raise ConfigError(f"retrieval.recent_days must be > 0, got {self.recent_days}")

@@ -1,0 +1,106 @@
+"""The bundle: the only contract between training and serving.
+
+A directory::
+
+    manifest.json          format version, dataset and time range, heads, feature spec, metrics,
+                           config, git revision, and the sha256 of every other file
+    features/              the feature tables serving looks up (manifest.json, items/users/creators/
+                           fans .parquet, vocab.json, and interactions.parquet for evaluation)
+    retrieval/             user_tower.onnx, item_tower.onnx, item_vectors.npy, index.faiss, retrieval.json
+    ranking/               ranker.onnx, ranking.json (and single_task/*.onnx baselines when exported)
+
+Both sides import this module; it has no torch and no serving dependency. :func:`verify_bundle` is what
+a loader calls first: a bundle that fails it must be refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "features": (
+        "features/manifest.json",
+        "features/items.parquet",
+        "features/users.parquet",
+        "features/creators.parquet",
+        "features/fans.parquet",
+        "features/vocab.json",
+    ),
+    "retrieval": (
+        "retrieval/user_tower.onnx",
+        "retrieval/item_tower.onnx",
+        "retrieval/item_vectors.npy",
+        "retrieval/index.faiss",
+        "retrieval/retrieval.json",
+    ),
+    "ranking": ("ranking/ranker.onnx", "ranking/ranking.json"),
+}
+
+
+class BundleError(ValueError):
+    """A bundle that must not be loaded; the message says which file or field is wrong."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_files(bundle_dir: Path) -> list[str]:
+    """Every file of the bundle but its top-level manifest, as sorted relative POSIX paths."""
+    top = bundle_dir / MANIFEST
+    return sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file() and p != top)
+
+
+def write_manifest(bundle_dir: str | Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Checksum every file of the bundle and write ``manifest.json`` (``info`` adds the recipe and metrics)."""
+    bundle_dir = Path(bundle_dir)
+    components = [c for c, files in COMPONENTS.items() if all((bundle_dir / f).exists() for f in files)]
+    manifest = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        **info,
+        "components": components,
+        "files": {rel: _sha256(bundle_dir / rel) for rel in bundle_files(bundle_dir)},
+    }
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def verify_bundle(bundle_dir: str | Path, require: Iterable[str] = ("features", "retrieval", "ranking")) -> dict[str, Any]:
+    """Return the manifest of a sound bundle; raise BundleError naming the first problem otherwise."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle directory not found: {bundle_dir}")
+    if not path.exists():
+        raise BundleError(f"{bundle_dir} has no {MANIFEST}: not a feedstack bundle")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from None
+    version = manifest.get("format_version")
+    if version != BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {version!r}, this code reads {BUNDLE_FORMAT_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{path} lists no files")
+    for component in require:
+        missing = [f for f in COMPONENTS[component] if f not in files]
+        if missing:
+            raise BundleError(f"bundle {bundle_dir} lacks the {component} component: {missing}")
+    for rel, digest in files.items():
+        f = bundle_dir / rel
+        if not f.is_file():
+            raise BundleError(f"bundle file missing: {rel}")
+        actual = _sha256(f)
+        if actual != digest:
+            raise BundleError(f"checksum mismatch for {rel}: manifest {digest[:12]}..., file {actual[:12]}...")
+    return manifest

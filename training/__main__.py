@@ -1,0 +1,125 @@
+"""feedstack training CLI.
+
+    python -m training fit --config configs/kuairand.yaml [--stage all|retrieval|ranking] [--resume] [--set k=v]
+    python -m training evaluate --bundle runs/kuairand/bundle --log LATER.csv --out metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from features.build import build_features
+from features.cli_common import add_config_args, run_cli
+from features.config import apply_overrides, from_dict, load_config, to_dict
+from training.config import TrainConfig
+from training.report import format_metrics
+
+STAGES = ("retrieval", "ranking")
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from features.tables import FeatureTables
+    from training.bundle import assemble_bundle, log_and_register
+    from training.tracking import mlflow_run, setup_mlflow
+
+    cfg = load_config(args.config, args.overrides, TrainConfig)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    t0 = time.perf_counter()
+    built = build_features(cfg, progress=not args.no_progress)
+    print(f"features: {'up to date' if built.skipped else 'built'} in {built.out_dir}")
+    tables = FeatureTables.load(built.out_dir)
+    out = Path(cfg.output_dir)
+    metrics_path = out / "metrics.json"
+    metrics: dict[str, Any] = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics["data"] = {
+        "log": str(Path(cfg.data.dir) / cfg.data.interactions.file),
+        "rows": built.manifest["rows"],
+        "entities": built.manifest["entities"],
+        "split": built.manifest["split"]["iso"],
+    }
+    setup_mlflow(cfg.tracking.experiment)
+    with mlflow_run(f"fit-{args.stage}", to_dict(cfg), built.manifest) as run:
+        import mlflow
+
+        for stage in stages:
+            if stage == "retrieval":
+                from training.retrieval.pipeline import fit_retrieval
+
+                metrics["retrieval"] = fit_retrieval(cfg, tables, out / "retrieval", resume=args.resume, progress=not args.no_progress)
+            else:
+                from training.ranking.pipeline import fit_ranking
+
+                metrics["ranking"] = fit_ranking(cfg, tables, out / "ranking", resume=args.resume, progress=not args.no_progress)
+        metrics_path.write_text(json.dumps(metrics, indent=2))
+        mlflow.log_dict(metrics, "metrics.json")
+        print(format_metrics(metrics))
+        if all((out / s).is_dir() for s in STAGES):
+            bundle = assemble_bundle(cfg, metrics)
+            reg = log_and_register(cfg, bundle, metrics)
+            print(f"bundle: {bundle}")
+            if reg.version is not None:
+                failed = [k for k, g in reg.gates.items() if not g["passed"]]
+                alias = (f"alias '{cfg.tracking.alias}' -> version {reg.version}" if reg.alias_moved
+                         else f"alias not moved, failed gates: {failed}")
+                print(f"registered '{cfg.tracking.registered_model}' version {reg.version}; {alias}")
+        else:
+            print("bundle: not assembled yet (needs both the retrieval and the ranking stage outputs)")
+        print(f"mlflow run {run.info.run_id}; done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from features.bundle import verify_bundle
+    from features.external import read_later_log
+    from features.tables import FeatureTables
+
+    bundle = Path(args.bundle)
+    manifest = verify_bundle(bundle, require=("features",))
+    if args.config:
+        cfg = load_config(args.config, args.overrides, TrainConfig)
+    else:  # the recipe travels with the bundle: parse the log with the dataset config it was trained on
+        cfg = from_dict(TrainConfig, apply_overrides(manifest["config"], args.overrides))
+        cfg.validate()
+    tables = FeatureTables.load(bundle / "features")
+    rows, report = read_later_log(cfg, args.log, tables)
+    metrics: dict[str, Any] = {"data": report, "bundle": {"path": str(bundle), "git_revision": manifest.get("git_revision")}}
+    if "retrieval" in manifest["components"]:
+        from training.retrieval.evaluate import evaluate_retrieval
+
+        metrics["retrieval"] = evaluate_retrieval(bundle, rows, tables, cfg)
+    if "ranking" in manifest["components"]:
+        from training.ranking.evaluate import evaluate_ranking
+
+        metrics["ranking"] = evaluate_ranking(bundle, rows, tables, cfg)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    print(format_metrics(metrics))
+    print(f"wrote {out}")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m training", description="feedstack training and evaluation")
+    sub = ap.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="build features, train, evaluate, export, index, bundle, register")
+    add_config_args(fit)
+    fit.add_argument("--stage", choices=("all", *STAGES), default="all")
+    fit.add_argument("--resume", action="store_true", help="continue from the last checkpoint of each stage")
+    fit.add_argument("--no-progress", action="store_true")
+    ev = sub.add_parser("evaluate", help="evaluate a bundle on any later log")
+    ev.add_argument("--bundle", required=True, help="bundle directory")
+    ev.add_argument("--log", required=True, help="log file in the dataset's raw layout (CSV or Parquet)")
+    ev.add_argument("--out", default="metrics.json", help="where to write the metrics JSON")
+    ev.add_argument("--config", default=None, help="dataset config for the log (default: the bundle's own)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    return _fit(args) if args.command == "fit" else _evaluate(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,122 @@
+"""Which feature columns feed the ranker, in which order, and where serving finds each of them.
+
+The ranker takes three named tensors: ``cat`` int64 (B, k) encoded indices (0 = OOV), ``hist`` int64
+(B, L) the user's recent item indices (0 = padding), ``num`` float32 (B, n) raw numeric values (NaN
+allowed: the model fills the train mean). :class:`FeatureLayout` fixes the columns and is written into
+``ranking.json`` so that serving can build the same tensors without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from features.fans import FAN_COLUMNS
+from features.tables import FeatureTables
+
+DURATION = "duration_ms"
+
+
+@dataclass
+class FeatureLayout:
+    cat_columns: list[str]  # row columns holding encoded indices, e.g. "user_id_idx"
+    cat_vocabs: list[str]  # vocabulary of each (its size is the embedding table size)
+    cat_sizes: list[int]
+    cat_sources: list[str]  # where serving gets it: "request:<vocab>", "users:<col>", "items:<col>"
+    num_columns: list[str]
+    num_sources: list[str]  # "items:<col>", "fans:<col>" (by user_id, creator_id; missing = 0), "users:<col>"
+    history_column: str
+    history_length: int
+    history_vocab: str
+
+    @classmethod
+    def from_tables(cls, tables: FeatureTables) -> "FeatureLayout":
+        spec = tables.spec
+        cat, vocabs, sizes, sources = [], [], [], []
+        for c, n in spec["user_categorical"].items():
+            cat.append(f"{c}_idx"); vocabs.append(c); sizes.append(int(n))
+            sources.append("request:user_id" if c == "user_id" else f"users:{c}_idx")
+        for c, n in spec["item_categorical"].items():
+            cat.append(f"{c}_idx"); vocabs.append(c); sizes.append(int(n)); sources.append(f"items:{c}_idx")
+        for c, n in spec["context_categorical"].items():
+            cat.append(f"{c}_idx"); vocabs.append(c); sizes.append(int(n)); sources.append(f"request:{c}")
+        num, num_src = [], []
+        for c in spec["item_numeric"]:
+            num.append(c); num_src.append(f"items:{c}")
+        for c in spec.get("user_numeric", []):
+            num.append(c); num_src.append(f"users:{c}")
+        for c in spec["pair_numeric"]:
+            num.append(c); num_src.append(f"fans:{c}")
+        num.append(DURATION); num_src.append(f"items:{DURATION}")
+        h = spec["history"]
+        return cls(cat, vocabs, sizes, sources, num, num_src, h["column"], int(h["length"]), h["vocab"])
+
+    @property
+    def item_position(self) -> int:
+        """Position of the item-id column in ``cat`` (history shares its embedding table)."""
+        return self.cat_vocabs.index(self.history_vocab)
+
+    @property
+    def duration_position(self) -> int:
+        return self.num_columns.index(DURATION)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "FeatureLayout":
+        return cls(**d)
+
+    def prepare(self, rows: pd.DataFrame, tables: FeatureTables) -> pd.DataFrame:
+        """Rows with every layout column present: static attributes joined, duration from the item table
+        where the row lacks it, fan columns defaulting to 0."""
+        out = tables.join_static(rows) if any(c not in rows.columns for c in self.cat_columns) else rows.copy()
+        if DURATION not in out.columns or out[DURATION].isna().any():
+            pos = pd.Index(tables.items["item_id"]).get_indexer(out["item_id"].astype(str))
+            dur = np.where(pos >= 0, tables.items[DURATION].to_numpy(np.float64)[np.maximum(pos, 0)], np.nan)
+            out[DURATION] = out[DURATION].fillna(pd.Series(dur, index=out.index)) if DURATION in out else dur
+        for c in FAN_COLUMNS:
+            if c in self.num_columns and c not in out.columns:
+                out[c] = 0
+        still = [c for c in self.cat_columns + self.num_columns + [self.history_column] if c not in out.columns]
+        if still:
+            raise ValueError(f"ranker inputs need columns the rows lack: {still}")
+        return out
+
+    def arrays(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Named model inputs from prepared rows: cat (N, k) int64, hist (N, L) int64, num (N, n) float32."""
+        cat = rows[self.cat_columns].to_numpy(np.int64)
+        h = rows[self.history_column].to_numpy()
+        hist = np.stack(h).astype(np.int64) if len(h) else np.zeros((0, self.history_length), np.int64)
+        if hist.shape[1] != self.history_length:
+            raise ValueError(f"history has length {hist.shape[1]}, the layout expects {self.history_length}")
+        num = rows[self.num_columns].to_numpy(np.float32)
+        return {"cat": cat, "hist": hist, "num": num}
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """In-memory tensors indexed by a list of rows (use with a BatchSampler and ``batch_size=None``)."""
+
+    def __init__(self, inputs: dict[str, np.ndarray], labels: np.ndarray):
+        self.tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        i = torch.as_tensor(idx)
+        out = {k: v[i] for k, v in self.tensors.items()}
+        out["y"] = self.labels[i]
+        return out
+
+
+def loader(ds: BatchDataset, batch_size: int, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.utils.data.RandomSampler(ds, generator=g) if shuffle else torch.utils.data.SequentialSampler(ds)
+    sampler = torch.utils.data.BatchSampler(base, batch_size, drop_last=False)
+    return torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)

@@ -1,0 +1,54 @@
+"""Plain-text (Markdown) tables of a metrics dict, for the console, the README and MLflow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def retrieval_table(section: dict[str, Any]) -> str:
+    models = {"two-tower": section.get("model", {}), **section.get("baselines", {})}
+    keys = list(section.get("model", {}))
+    return table(["model", *keys], [[name, *(m.get(k) for k in keys)] for name, m in models.items()])
+
+
+def ranking_table(section: dict[str, Any]) -> str:
+    model = section.get("model", {})
+    base = section.get("baselines", {})
+    rows = []
+    for head, m in model.items():
+        if not isinstance(m, dict):
+            continue
+        st = base.get("single_task", {}).get(head, {})
+        ir = base.get("item_rate", {}).get(head, {})
+        rows.append([head, m.get("positives"), m.get("auc"), st.get("auc"), ir.get("auc"), m.get("gauc"),
+                     st.get("gauc"), m.get("logloss"), m.get("ece")])
+    header = ["head", "positives", "AUC", "AUC single-task", "AUC item-rate", "GAUC", "GAUC single-task", "logloss", "ECE"]
+    return table(header, rows)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    parts = []
+    if "retrieval" in metrics:
+        r = metrics["retrieval"]
+        parts.append(f"retrieval ({r.get('test_users', '?')} test users)\n" + retrieval_table(r))
+    if "ranking" in metrics:
+        r = metrics["ranking"]
+        parts.append("ranking\n" + ranking_table(r))
+        if "watch_time" in r:
+            parts.append("watch time: " + ", ".join(f"{k}={_fmt(v)}" for k, v in r["watch_time"].items()))
+        if "fusion" in r:
+            parts.append("fusion: " + ", ".join(f"{s}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in m.items())
+                                                for s, m in r["fusion"].items()))
+    return "\n\n".join(parts)

@@ -5,7 +5,8 @@ quality; items inherit it with noise. Each day every user sees a few items, draw
 interest and partly by popularity, more often from creators the user follows. Feedback follows the
 latent affinity (interest + quality): clicks, watch time against the item length, long views, likes,
 follows, comments, forwards, profile visits, and hate that rises for low-quality items. Some items are
-not visible any more. The files come out in KuaiRand's raw layout (``layout="kuairand"``) or in a
+not visible any more, and the lowest-quality items and creator are listed as blocked (governance
+ground truth). The files come out in KuaiRand's raw layout (``layout="kuairand"``) or in a
 different one (``layout="alt"``: other column names, seconds instead of ms, Parquet items) with the
 matching config, so a test can show that a dataset is described by config, not by code.
 """
@@ -66,6 +67,9 @@ class World:
     items: pd.DataFrame
     users: pd.DataFrame
     follows: set[tuple[int, int]] = field(default_factory=set)  # (user, creator) ground truth
+    # Governance ground truth: what a moderator would block (the lowest-quality items and creator).
+    blocked_items: list[str] = field(default_factory=list)
+    blocked_creators: list[str] = field(default_factory=list)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -157,8 +161,10 @@ def make_world(spec: WorldSpec | None = None) -> World:
             "onehot_feat0": rng.integers(0, 3, U),
         }
     )
+    blocked_items = [str(i) for i in np.argsort(item_quality)[: max(1, I // 50)]]
+    blocked_creators = [str(1000 + int(np.argmin(creator_quality)))]
     return World(s, interest, creator_topic, creator_quality, item_creator, item_topic, item_quality, visible,
-                 log, items_df, users_df, follows)
+                 log, items_df, users_df, follows, blocked_items, blocked_creators)
 
 
 def _kuairand_config(data_dir: Path, output_dir: Path) -> dict[str, Any]:

@@ -203,7 +203,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in args:
+        # An argument the value already is goes first, so `str | int` keeps 1651334400000 an int.
+        exact = [a for a in args if isinstance(a, type) and type(value) is a]
+        for arg in exact + [a for a in args if a not in exact]:
             if arg is type(None):
                 continue
             try:

@@ -48,3 +48,44 @@ def write_config(world: World, root: Path, layout: str = "kuairand", **sections)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_bundle(synthetic_config: Path, synthetic_tables: FeatureTables, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle: both models trained for a couple of epochs on the synthetic world by the training
+    code, exported to ONNX, indexed with FAISS and assembled; MLflow logs go to a temp SQLite store."""
+    import os
+    import shutil
+
+    import mlflow
+
+    from training.bundle import assemble_bundle
+    from training.config import TrainConfig
+    from training.ranking.pipeline import fit_ranking
+    from training.retrieval.pipeline import fit_retrieval
+
+    root = tmp_path_factory.mktemp("bundle_run")
+    cfg = load_config(
+        synthetic_config,
+        [f"output_dir={root}", "retrieval.max_epochs=2", "ranking.max_epochs=2", "ranking.single_task_baselines=false",
+         "ranking.export_single_task=false"],
+        TrainConfig,
+    )
+    shutil.copytree(synthetic_tables.dir, root / "features")
+    tables = FeatureTables.load(root / "features")
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    try:
+        exp = mlflow.create_experiment("synthetic", artifact_location=(root / "mlartifacts").as_uri())
+        with mlflow.start_run(run_name="synthetic-bundle", experiment_id=exp):
+            metrics = {
+                "retrieval": fit_retrieval(cfg, tables, root / "retrieval", progress=False),
+                "ranking": fit_ranking(cfg, tables, root / "ranking", progress=False),
+            }
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+    return assemble_bundle(cfg, metrics)

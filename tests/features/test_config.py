@@ -51,3 +51,11 @@ def test_other_layer_sections_are_carried_not_rejected(tmp_path):
     cfg = load_config(path)
     assert cfg.other == {"retrieval": {"embedding_dim": 32}}
     assert to_dict(cfg)["retrieval"] == {"embedding_dim": 32}
+
+
+def test_union_fields_keep_the_given_type():
+    from features.config import SplitConfig
+
+    s = from_dict(SplitConfig, {"mode": "dates", "valid_start": 1651334400000, "test_start": "2022-05-04"})
+    assert s.valid_start == 1651334400000 and isinstance(s.valid_start, int)
+    assert s.test_start == "2022-05-04"

@@ -88,9 +88,11 @@ def ranked_hits(
         users = np.arange(lo, min(lo + chunk, es.n_users))
         s = np.array(score_chunk(users), dtype=np.float64, copy=True)
         ex = es.exclude[users]
-        s[np.repeat(np.arange(len(users)), np.diff(ex.indptr)), ex.indices] = -np.inf
+        ex_rows = np.repeat(np.arange(len(users)), np.diff(ex.indptr))
+        s[ex_rows, ex.indices] = -np.inf
         idx = np.argsort(-s, axis=1, kind="stable")[:, :k]  # stable: ties go to the lower position
         tg = es.targets[users].toarray().astype(bool)
+        tg[ex_rows, ex.indices] = False  # an excluded item is never a hit, even when ranked (last) within k
         out[users, :k] = np.take_along_axis(tg, idx, axis=1)
     return out
 

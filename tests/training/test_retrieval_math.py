@@ -1,0 +1,121 @@
+"""Vectorised retrieval math against plain loops on tiny seeded random data."""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from training.retrieval.index import build_index, overlap_recall, recall_vs_exact
+from training.retrieval.metrics import make_eval_set, ranked_hits, recall_ndcg
+from training.retrieval.model import sampled_softmax_loss
+
+
+def _loop_metrics(scores, exclude, targets, ks):
+    """Reference: per user, sort the non-excluded candidates, count hits by hand."""
+    rec = {k: [] for k in ks}
+    ndcg = {k: [] for k in ks}
+    for u in range(scores.shape[0]):
+        order = sorted((j for j in range(scores.shape[1]) if j not in exclude[u]), key=lambda j: (-scores[u, j], j))
+        order += sorted(exclude[u])  # excluded items go last, never hits unless also targets
+        t = targets[u]
+        for k in ks:
+            top = order[:k]
+            hits = [1.0 if j in t and j not in exclude[u] else 0.0 for j in top]
+            rec[k].append(sum(hits) / len(t))
+            dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
+            idcg = sum(1 / math.log2(r + 2) for r in range(min(k, len(t))))
+            ndcg[k].append(dcg / idcg)
+    return {**{f"recall@{k}": np.mean(v) for k, v in rec.items()}, **{f"ndcg@{k}": np.mean(v) for k, v in ndcg.items()}}
+
+
+def test_recall_ndcg_match_plain_loop():
+    rng = np.random.default_rng(3)
+    n_users, n_items = 40, 60
+    # Training rows (shown items) and evaluated rows (positives), over raw ids.
+    seen = pd.DataFrame({"user_id": rng.integers(0, n_users, 300).astype(str),
+                         "item_id": rng.integers(0, n_items, 300).astype(str)})
+    rows = pd.DataFrame({"user_id": rng.integers(0, n_users + 5, 200).astype(str),  # some unseen users
+                         "item_id": rng.integers(0, n_items + 5, 200).astype(str),  # some unseen items
+                         "long_view": rng.random(200) < 0.5})
+    catalogue = np.array([str(i) for i in range(n_items + 10)])
+    es = make_eval_set(seen, rows, catalogue, "long_view")
+    assert es.n_users > 10
+    scores = rng.normal(size=(es.n_users, len(es.candidates))).round(1)  # rounding creates ties
+    ks = [1, 5, 20, 200]  # 200 > candidates: the excluded tail is ranked but never a hit
+    hits = ranked_hits(lambda u: scores[u], es, max(ks), chunk=7)
+    got = recall_ndcg(hits, np.asarray(es.targets.sum(1)).ravel(), ks, ks)
+
+    # Reference built from the raw rows, not from the EvalSet matrices.
+    cand = list(es.candidates)
+    pos_of = {catalogue[c]: p for p, c in enumerate(cand)}
+    seen_users = set(seen["user_id"])
+    exclude, targets = [], []
+    for u in es.user_ids:
+        exclude.append({pos_of[i] for i in seen.loc[seen["user_id"] == u, "item_id"] if i in pos_of})
+        r = rows[(rows["user_id"] == u) & rows["long_view"]]
+        targets.append({pos_of[i] for i in r["item_id"] if i in pos_of})
+    assert all(u in seen_users for u in es.user_ids) and all(targets)
+    want = _loop_metrics(scores, exclude, targets, ks)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+
+
+def _loop_loss(u, v, keys, log_q, temperature):
+    b = u.shape[0]
+    total = 0.0
+    for i in range(b):
+        logits = []
+        for j in range(v.shape[0]):
+            if j != i and keys[j] == keys[i]:
+                continue  # another copy of the user's own positive is not a negative
+            logits.append((j, float(u[i] @ v[j]) / temperature - float(log_q[j])))
+        m = max(z for _, z in logits)
+        lse = m + math.log(sum(math.exp(z - m) for _, z in logits))
+        total += lse - dict(logits)[i]
+    return total / b
+
+
+def test_sampled_softmax_loss_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    b, m, d = 6, 4, 5
+    u = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(b + m, d, generator=g), dim=1)
+    keys = torch.tensor([0, 1, 1, 2, 3, 0, 7, 1, 8, 9])  # repeats in-batch and among the extra negatives
+    log_q = torch.log(torch.rand(b + m, generator=g) + 0.1)
+    got = sampled_softmax_loss(u, v, keys, log_q, 0.2)
+    want = _loop_loss(u.numpy(), v.numpy(), keys.tolist(), log_q.numpy(), 0.2)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    # The correction matters: without it the loss differs.
+    plain = sampled_softmax_loss(u, v, keys, torch.zeros(b + m), 0.2)
+    assert abs(plain.item() - got.item()) > 1e-3
+
+
+def test_faiss_recall_vs_exact_is_measured_correctly():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = rng.normal(size=(50, 16)).astype(np.float32)
+    flat, _ = build_index(x, "Flat")
+    assert recall_vs_exact(flat, x, q, 10) == pytest.approx(1.0)
+    # A deliberately weak HNSW search: recall must come out below 1 and equal a hand count.
+    hnsw, params = build_index(x, "HNSW8", ef_search=10)
+    assert params == {"efSearch": 10}
+    r = recall_vs_exact(hnsw, x, q, 10)
+    _, got = hnsw.search(q, 10)
+    truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    hand = np.mean([len(set(a) & set(t)) / 10 for a, t in zip(got, truth)])
+    assert r == pytest.approx(hand)
+    assert r < 1.0
+    assert overlap_recall(np.array([[1, 2, -1]]), np.array([[2, 3, 4]])) == pytest.approx(1 / 3)
+
+
+def test_bad_factory_string_is_a_value_error():
+    with pytest.raises(ValueError, match="not a valid FAISS factory"):
+        build_index(np.zeros((10, 4), np.float32), "NoSuchIndex")
+    with pytest.raises(ValueError, match="IVF lists"):
+        build_index(np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32), "IVF64,Flat")

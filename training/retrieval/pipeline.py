@@ -1,0 +1,332 @@
+"""The retrieval stage: train the two towers, evaluate on the test period against popularity baselines,
+export both towers to ONNX, embed the whole catalogue and build the FAISS index.
+
+Periods: the model trains on ``train`` and selects its checkpoint / stops early on ``valid`` (Recall@K with
+the test protocol, "training" = the train period). The test evaluation treats everything before the test
+period (train + valid) as training data: candidates, users, exclusions and the baselines' counts come
+from it, and the towers see features as of the test period's start (quality aggregates and history).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from features.split import DAY_MS
+from features.tables import FeatureTables
+from training.config import TrainConfig
+from training.onnx_export import OPSET, check_parity, export_onnx, session
+from training.retrieval.config import RetrievalConfig
+from training.retrieval.data import BatchDataset, InputLayout, ItemFeatures, train_tensors
+from training.retrieval.index import build_and_measure
+from training.retrieval.metrics import EvalSet, evaluate_all, make_eval_set, plot_curves, popularity_scores
+from training.retrieval.model import ItemEmbeddings, ItemTower, TwoTower, UserTower
+from training.retrieval.task import RetrievalTask, Throughput, ValInputs, tower_vectors
+
+FORMAT_VERSION = 1
+PARITY_TOL = 1e-4
+USER_ONNX, ITEM_ONNX = "user_tower.onnx", "item_tower.onnx"
+ITEM_VECTORS, INDEX, META, METRICS = "item_vectors.npy", "index.faiss", "retrieval.json", "metrics.json"
+
+log = logging.getLogger(__name__)
+
+
+def load_interactions(tables: FeatureTables) -> pd.DataFrame:
+    rows = pd.read_parquet(tables.dir / tables.manifest["tables"]["interactions"]["file"])
+    rows["period"] = rows["period"].astype(str)
+    return tables.join_static(rows)
+
+
+def build_model(
+    layout: InputLayout, feats: ItemFeatures, rc: RetrievalConfig, num_mean: np.ndarray, num_std: np.ndarray
+) -> TwoTower:
+    sizes = dict(zip(layout.item_cat, layout.item_cat_sizes))
+    emb = ItemEmbeddings(sizes["item_id_idx"], sizes["creator_id_idx"], sizes["category_idx"], rc.id_dim, rc.feature_dim)
+    user = UserTower(
+        layout.user_cat_sizes, emb, torch.from_numpy(feats.item_creator), torch.from_numpy(feats.item_category),
+        layout.history_length, rc.id_dim, rc.feature_dim, list(rc.hidden), rc.embedding_dim, rc.dropout,
+    )
+    item = ItemTower(
+        emb, layout.item_cat_sizes[3:], torch.from_numpy(num_mean), torch.from_numpy(num_std),
+        rc.id_dim, rc.feature_dim, list(rc.hidden), rc.embedding_dim, rc.dropout,
+    )
+    return TwoTower(user, item)
+
+
+def _val_inputs(es: EvalSet, rows: pd.DataFrame, layout: InputLayout, feats: ItemFeatures, block: int) -> ValInputs:
+    ua = layout.user_arrays(rows.iloc[es.first_row])
+    return ValInputs(
+        es,
+        torch.from_numpy(ua["user_cat"]),
+        torch.from_numpy(ua["history"]),
+        torch.from_numpy(feats.cat[es.candidates]),
+        torch.from_numpy(np.ascontiguousarray(feats.num[block, es.candidates])),
+    )
+
+
+def _random_inputs(layout: InputLayout, num_mean: np.ndarray, num_std: np.ndarray, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+
+    def ints(sizes: list[int], b: int) -> torch.Tensor:
+        return torch.stack([torch.randint(0, s, (b,), generator=gen) for s in sizes], dim=1)
+
+    def user(b: int) -> dict[str, torch.Tensor]:
+        hist = torch.randint(0, layout.item_cat_sizes[0], (b, layout.history_length), generator=gen)
+        hist[torch.rand(hist.shape, generator=gen) < 0.5] = 0  # padding as in real histories
+        return {"user_cat": ints(layout.user_cat_sizes, b), "history": hist}
+
+    def item(b: int) -> dict[str, torch.Tensor]:
+        noise = torch.randn(b, len(layout.item_num), generator=gen)
+        num = torch.from_numpy(num_mean) + noise * torch.from_numpy(num_std)
+        return {"item_cat": ints(layout.item_cat_sizes, b), "item_num": num.to(torch.float32)}
+
+    return user, item
+
+
+def onnx_vectors(path: Path, feeds: dict[str, np.ndarray], batch: int = 8192) -> np.ndarray:
+    sess = session(path, threads=0)
+    n = len(next(iter(feeds.values())))
+    out = [sess.run(None, {k: v[i : i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+class _ActiveRunLogger:
+    """Lightning's MLFlowLogger bound to the CLI's active run; it must not end that run when fit ends."""
+
+    @staticmethod
+    def make():
+        import mlflow
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        run = mlflow.active_run()
+        if run is None:
+            return None
+
+        class Logger(MLFlowLogger):
+            def finalize(self, status: str = "success") -> None:  # the CLI owns the run's lifecycle
+                return None
+
+        return Logger(run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())
+
+
+def _history_callback():
+    class History(L.Callback):
+        def __init__(self):
+            self.rows: list[dict[str, float]] = []
+
+        def on_train_epoch_end(self, trainer, pl_module):  # after this epoch's validation
+            m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("retrieval/val_")}
+            self.rows.append({"epoch": trainer.current_epoch, **m})
+
+    return History()
+
+
+def fit_retrieval(
+    cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: bool = False, progress: bool = True
+) -> dict:
+    rc = cfg.retrieval
+    rc.validate(cfg.data.binary_signals)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if not resume and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # a fresh fit must not pick up or version against old checkpoints
+    seed = cfg.seed if rc.seed is None else rc.seed
+    L.seed_everything(seed, workers=True, verbose=False)
+    if rc.num_threads > 0:
+        torch.set_num_threads(rc.num_threads)
+    t_start = time.perf_counter()
+
+    signal = rc.positive_signal
+    layout = InputLayout.from_tables(tables)
+    rows = load_interactions(tables)
+    feats = ItemFeatures(cfg, tables, layout, rows)
+    split = tables.manifest["split"]
+    starts = list(split["block_starts"])
+    valid_block, test_block = starts.index(split["valid_start"]), starts.index(split["test_start"])
+    train, valid, test = (rows[rows["period"] == p] for p in ("train", "valid", "test"))
+    positives = train[train[signal] > 0]
+    if positives.empty:
+        raise ValueError(f"no training positives: no train-period row has {signal} > 0")
+    tt = train_tensors(positives, layout, feats)
+    freq = np.bincount(tt.item_row.numpy(), minlength=len(feats.item_ids)) / len(tt)
+    num = train[layout.item_num].to_numpy(np.float64)
+    num_mean = np.nan_to_num(np.nanmean(num, axis=0)).astype(np.float32)
+    num_std = np.nan_to_num(np.nanstd(num, axis=0)).astype(np.float32)
+    num_std[num_std < 1e-6] = 1.0
+
+    val_es = make_eval_set(train, valid, feats.item_ids, signal)
+    if val_es.n_users == 0:
+        raise ValueError(f"the validation period has no user with a {signal} positive on a train item: "
+                         "early stopping needs one; widen split.valid_* ")
+    val = _val_inputs(val_es, valid, layout, feats, valid_block)
+    model = build_model(layout, feats, rc, num_mean, num_std)
+    task = RetrievalTask(
+        model, rc, torch.tensor(feats.cat), torch.from_numpy(feats.num), torch.from_numpy(freq),
+        torch.from_numpy(feats.vocab_rows.astype(np.int64)), val,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(range(len(tt)), generator=gen), rc.batch_size, drop_last=False
+    )
+    train_dl = torch.utils.data.DataLoader(BatchDataset(tt), sampler=sampler, batch_size=None)
+    val_dl = torch.utils.data.DataLoader([0], batch_size=1)
+
+    throughput, history = Throughput(), _history_callback()
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=task.val_metric, mode="max",
+                                 save_last=True, save_top_k=1)
+    callbacks = [checkpoint, EarlyStopping(task.val_metric, mode="max", patience=rc.patience), throughput, history]
+    logger = _ActiveRunLogger.make()
+    trainer = L.Trainer(
+        max_epochs=rc.max_epochs, min_epochs=rc.min_epochs, accelerator=rc.accelerator, devices=1,
+        logger=logger if logger is not None else False, callbacks=callbacks, enable_progress_bar=progress,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=out_dir,
+    )
+    resumed_from = None
+    ckpt_path = None
+    if resume and last.exists():
+        ckpt_path = str(last)
+        resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
+        trainer.fit(task, train_dataloaders=train_dl, val_dataloaders=val_dl, ckpt_path=ckpt_path)
+    train_seconds = time.perf_counter() - t_start
+
+    best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else ckpt_dir / "best.ckpt"
+    best = torch.load(best_path, map_location="cpu", weights_only=False)
+    task.load_state_dict(best["state_dict"], strict=False)
+    model = task.model.cpu().eval()
+
+    # ---- evaluation: validation (the selection set) and test, each against both baselines
+    kw = dict(recall_ks=list(rc.eval_ks), ndcg_ks=list(rc.ndcg_ks))
+    uv_val, iv_val = tower_vectors(model, _val_inputs(val_es, valid, layout, feats, valid_block))
+    val_metrics, _ = evaluate_all(
+        val_es, uv_val, iv_val,
+        popularity_scores(train, feats.item_ids, val_es, signal, int(split["valid_start"] - rc.recent_days * DAY_MS)),
+        **kw,
+    )
+    seen = rows[rows["period"] != "test"]
+    test_es = make_eval_set(seen, test, feats.item_ids, signal)
+    uv, iv = tower_vectors(model, _val_inputs(test_es, test, layout, feats, test_block))
+    baselines = popularity_scores(seen, feats.item_ids, test_es, signal, int(split["test_start"] - rc.recent_days * DAY_MS))
+    metrics, curves = evaluate_all(test_es, uv, iv, baselines, **kw)
+    plot_curves(curves, out_dir / "recall_vs_k.png", f"test period: Recall@K ({metrics['test_users']} users)")
+
+    # ---- export, catalogue vectors, index
+    user_make, item_make = _random_inputs(layout, num_mean, num_std, seed)
+    export_onnx(model.user_tower, user_make(2), out_dir / USER_ONNX, ["user_vec"])
+    export_onnx(model.item_tower, item_make(2), out_dir / ITEM_ONNX, ["item_vec"])
+    parity = {
+        "user_tower": check_parity(model.user_tower, out_dir / USER_ONNX, user_make).max_abs_diff,
+        "item_tower": check_parity(model.item_tower, out_dir / ITEM_ONNX, item_make).max_abs_diff,
+    }
+    if max(parity.values()) > PARITY_TOL:
+        raise RuntimeError(f"ONNX parity failed: max abs diff {parity} > {PARITY_TOL}")
+    item_vectors = onnx_vectors(out_dir / ITEM_ONNX, layout.item_arrays(tables.items))
+    np.save(out_dir / ITEM_VECTORS, item_vectors)
+    index = build_and_measure(
+        item_vectors, uv, rc.index_factory, out_dir / INDEX, rc.index_recall_k, rc.hnsw_ef_search, rc.ivf_nprobe, seed
+    )
+
+    best_epoch = int(best["epoch"])
+    training = {
+        "epochs": int(trainer.current_epoch),
+        "best_epoch": best_epoch,
+        "stopped_early": bool(trainer.current_epoch < rc.max_epochs),
+        "resumed_from_epoch": resumed_from,
+        "epochs_run_now": len(throughput.epochs),
+        "train_positives": len(tt),
+        "samples_per_s": round(throughput.samples_per_s, 1),
+        "wall_seconds": round(train_seconds, 1),
+        "val_history": history.rows,
+    }
+    metrics = {**metrics, "valid": val_metrics, "training": training,
+               "protocol": {"signal": signal, "seen_periods": ["train", "valid"], "evaluated_period": "test",
+                            "recent_days": rc.recent_days}}
+    (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+    if history.rows:
+        _plot_history(history.rows, out_dir / "val_recall_by_epoch.png", task.val_metric)
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "embedding_dim": rc.embedding_dim,
+        "similarity": "inner product of L2-normalised vectors",
+        "temperature": rc.temperature,
+        "positive_signal": signal,
+        "opset": OPSET,
+        **layout.to_json(rc.embedding_dim),
+        "files": {"user_tower": USER_ONNX, "item_tower": ITEM_ONNX, "item_vectors": ITEM_VECTORS, "index": INDEX},
+        "item_vectors": {"file": ITEM_VECTORS, "dtype": "float32", "shape": list(item_vectors.shape),
+                         "row_order": "items.parquet rows (row i = items.parquet row i)",
+                         "features": "serving snapshot of items.parquet",
+                         "item_ids": feats.item_ids.tolist()},
+        "index": {"file": INDEX, "factory": index.factory, "metric": "inner_product", "ntotal": index.ntotal,
+                  "search_params": index.search_params, "rows": "same as item_vectors",
+                  f"recall@{index.k}_vs_exact": index.recall_vs_exact, "recall_queries": index.queries,
+                  "recall_query_source": "test-period users' query vectors"},
+        "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOL},
+        "config": asdict(rc),
+        "training": {k: v for k, v in training.items() if k != "val_history"},
+        "metrics": {k: metrics[k] for k in ("model", "baselines", "test_users")},
+    }
+    (out_dir / META).write_text(json.dumps(meta, indent=2))
+    _log_mlflow(out_dir, metrics, index, parity)
+    return metrics
+
+
+def _plot_history(rows: list[dict], path: Path, key: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["epoch"] for r in rows], [r.get(key, np.nan) for r in rows], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mlflow_name(name: str) -> str:
+    return name.replace("@", "_at_")
+
+
+def _log_mlflow(out_dir: Path, metrics: dict, index, parity: dict) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    flat = {}
+    for name, v in metrics["model"].items():
+        flat[f"retrieval/test/model/{_mlflow_name(name)}"] = v
+    for b, vals in metrics["baselines"].items():
+        for name, v in vals.items():
+            flat[f"retrieval/test/{b}/{_mlflow_name(name)}"] = v
+    flat["retrieval/test_users"] = metrics["test_users"]
+    flat["retrieval/index_recall_vs_exact"] = index.recall_vs_exact
+    flat["retrieval/parity_max_abs_diff"] = max(parity.values())
+    flat["retrieval/samples_per_s_mean"] = metrics["training"]["samples_per_s"]
+    mlflow.log_metrics({k: float(v) for k, v in flat.items() if v == v})
+    # Tags, not params: a resumed fit may log them again with other values.
+    mlflow.set_tags({"retrieval.train_positives": metrics["training"]["train_positives"],
+                     "retrieval.best_epoch": metrics["training"]["best_epoch"],
+                     "retrieval.candidates": metrics.get("candidates", 0)})
+    for f in sorted(out_dir.iterdir()):
+        if f.is_file():
+            mlflow.log_artifact(str(f), artifact_path="retrieval")

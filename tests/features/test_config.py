@@ -49,7 +49,7 @@ def test_other_layer_sections_are_carried_not_rejected(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(text)
     cfg = load_config(path)
-    assert cfg.other == {"retrieval": {"embedding_dim": 32}}
+    assert cfg.other["retrieval"] == {"embedding_dim": 32}
     assert to_dict(cfg)["retrieval"] == {"embedding_dim": 32}
 
 

@@ -32,6 +32,7 @@ class RetrievalConfig:
     recent_days: float = 2.0  # window of the recent-popularity baseline, before the evaluated period
     index_factory: str = "Flat"
     hnsw_ef_search: int = 128  # used when the factory string builds an HNSW index
+    hnsw_ef_construction: int = 200  # HNSW build-time breadth (FAISS default 40): better graph, faster queries
     ivf_nprobe: int = 16  # used when the factory string builds an IVF index
     index_recall_k: int = 100
     num_threads: int = 0  # torch intra-op threads for training; 0 = leave torch's default

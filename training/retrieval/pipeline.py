@@ -238,7 +238,8 @@ def fit_retrieval(
     item_vectors = onnx_vectors(out_dir / ITEM_ONNX, layout.item_arrays(tables.items))
     np.save(out_dir / ITEM_VECTORS, item_vectors)
     index = build_and_measure(
-        item_vectors, uv, rc.index_factory, out_dir / INDEX, rc.index_recall_k, rc.hnsw_ef_search, rc.ivf_nprobe, seed
+        item_vectors, uv, rc.index_factory, out_dir / INDEX, rc.index_recall_k, rc.hnsw_ef_search, rc.ivf_nprobe, seed,
+        rc.hnsw_ef_construction,
     )
 
     best_epoch = int(best["epoch"])

@@ -1,0 +1,102 @@
+"""Ranking metrics against sklearn and plain loops."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from training.ranking.metrics import auc, ece, gauc, logloss, ndcg_at_k, xauc
+
+
+@pytest.fixture
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    n = 600
+    users = rng.integers(0, 40, n)
+    p = np.round(rng.random(n), 2)  # rounding makes ties
+    y = (rng.random(n) < 0.3 * p + 0.2 * (users % 3 == 0)).astype(int)
+    return y, p, users
+
+
+def test_auc_and_logloss_match_sklearn(data):
+    y, p, _ = data
+    assert auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert logloss(y, p) == pytest.approx(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)), rel=1e-9)
+    assert math.isnan(auc(np.zeros(5), np.arange(5.0)))
+
+
+def test_gauc_matches_plain_loop(data):
+    y, p, users = data
+    num = den = 0.0
+    n_groups = 0
+    for u in np.unique(users):
+        m = users == u
+        if 0 < y[m].sum() < m.sum():
+            pairs = [(a, b) for a, b in itertools.product(p[m][y[m] == 1], p[m][y[m] == 0])]
+            user_auc = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs])
+            num += m.sum() * user_auc
+            den += m.sum()
+            n_groups += 1
+    value, groups = gauc(y, p, users)
+    assert groups == n_groups
+    assert value == pytest.approx(num / den, abs=1e-12)
+
+
+def test_ece_matches_loop(data):
+    y, p, _ = data
+    bins = 10
+    total = 0.0
+    for b in range(bins):
+        m = (p >= b / bins) & (p < (b + 1) / bins) if b < bins - 1 else (p >= b / bins)
+        if m.any():
+            total += m.sum() / len(p) * abs(y[m].mean() - p[m].mean())
+    assert ece(y, p, bins) == pytest.approx(total, abs=1e-12)
+    # A perfectly calibrated constant predictor has ECE 0; a shifted one has ECE = the shift.
+    assert ece(y, np.full(len(y), y.mean()), bins) == pytest.approx(0.0, abs=1e-12)
+    assert ece(y, np.full(len(y), y.mean() + 0.05), bins) == pytest.approx(0.05, abs=1e-12)
+
+
+def test_xauc_matches_pair_loop():
+    rng = np.random.default_rng(5)
+    w = rng.integers(0, 30, 150).astype(float)  # ties in truth
+    pred = np.round(w + rng.normal(0, 8, 150))  # ties in prediction
+    good = pairs = 0.0
+    for i in range(len(w)):
+        for j in range(i + 1, len(w)):
+            if w[i] == w[j]:
+                continue
+            pairs += 1
+            s = np.sign(w[i] - w[j]) * np.sign(pred[i] - pred[j])
+            good += 1.0 if s > 0 else 0.5 if s == 0 else 0.0
+    assert xauc(w, pred) == pytest.approx(good / pairs, abs=1e-12)
+
+
+def test_ndcg_matches_loop():
+    rng = np.random.default_rng(9)
+    n = 300
+    users = rng.integers(0, 25, n)
+    users[-1] = 99  # a one-impression user is left out
+    gains = np.where(rng.random(n) < 0.3, rng.integers(1, 4, n), 0).astype(float)
+    scores = gains + rng.normal(0, 1.5, n)
+    k = 5
+    vals = []
+    for u in np.unique(users):
+        idx = np.flatnonzero(users == u)
+        if len(idx) < 2:
+            continue
+        order = idx[np.argsort(-scores[idx], kind="stable")]
+        ideal = np.sort(gains[idx])[::-1]
+        disc = 1 / np.log2(np.arange(2, k + 2))
+        idcg = float(np.sum(ideal[:k] * disc[: len(ideal[:k])]))
+        if idcg > 0:
+            vals.append(float(np.sum(gains[order][:k] * disc[: len(order[:k])])) / idcg)
+    value, n_users = ndcg_at_k(scores, gains, users, k)
+    assert n_users == len(vals)
+    assert value == pytest.approx(np.mean(vals), abs=1e-12)
+    assert ndcg_at_k(gains, gains, users, k)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        ndcg_at_k(scores, gains - 1, users, k)

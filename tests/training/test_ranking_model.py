@@ -1,0 +1,171 @@
+"""Ranker modules: shapes, gates against a loop, the D2Q watch-time round trip, ONNX parity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from features.config import ConfigError
+from training.onnx_export import check_parity, export_onnx
+from training.ranking.config import RankingConfig
+from training.ranking.data import FeatureLayout
+from training.ranking.model import GatedLevel, Gates, NumericNormalizer, Ranker, RankerScorer, RankerSpec, embedding_dims
+from training.ranking.pipeline import random_inputs
+from training.ranking.watch_time import WatchTimeDecoder, WatchTimeQuantiles
+
+HEADS = ["click", "like", "hate", "watch_time"]
+SIZES = [50, 3, 7, 120, 30, 5, 25]  # user, user attr, user attr, item, creator, item attr, hour
+N_NUM = 5
+
+
+def layout() -> FeatureLayout:
+    cols = [f"c{i}_idx" for i in range(len(SIZES))]
+    vocabs = ["user_id", "a", "b", "item_id", "creator_id", "c", "hour"]
+    num = ["r1", "r2", "n1", "is_fan", "duration_ms"]
+    return FeatureLayout(cols, vocabs, SIZES, ["x"] * len(SIZES), num, ["x"] * N_NUM, "history", 6, "item_id")
+
+
+def make_spec(arch: str, levels: int = 1) -> RankerSpec:
+    return RankerSpec(SIZES, embedding_dims(SIZES, 8, 3, 20), item_position=3, n_num=N_NUM, heads=HEADS,
+                      architecture=arch, expert_hidden=[16, 12], num_experts=3, shared_experts=2, task_experts=1,
+                      ple_levels=levels, tower_hidden=8, dropout=0.0)
+
+
+def num_reference(n: int = 400) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.stack([rng.random(n) * 0.1, rng.random(n), rng.poisson(30, n), rng.integers(0, 2, n),
+                     rng.lognormal(10, 1, n)], axis=1).astype(np.float32)
+
+
+def wtq_fixture() -> WatchTimeQuantiles:
+    rng = np.random.default_rng(1)
+    dur = rng.lognormal(10, 1, 5000)
+    watch = dur * rng.beta(0.8, 1.5, 5000) * np.where(rng.random(5000) < 0.1, 0, 1)
+    return WatchTimeQuantiles.fit(dur, watch, 8, 41)
+
+
+@pytest.mark.parametrize("arch,levels", [("mmoe", 1), ("ple", 1), ("ple", 2)])
+@torch.no_grad()
+def test_forward_shapes_and_gates(arch, levels):
+    torch.manual_seed(0)
+    model = Ranker(make_spec(arch, levels)).eval()
+    inputs = random_inputs(layout(), num_reference(), seed=0)(11)
+    logits = model(*inputs.values())
+    assert logits.shape == (11, len(HEADS))
+    x = torch.cat([model.embedding(inputs["cat"], inputs["hist"]), model.numeric(inputs["num"])], dim=1)
+    for i, level in enumerate(model.levels):
+        g = level.gates(x if x.dim() == 2 else x[: level.n_gates])
+        n_gates = len(HEADS) + (1 if arch == "ple" and i < levels - 1 else 0)
+        assert g.shape == (n_gates, 11, level.experts.n)
+        torch.testing.assert_close(g.sum(-1), torch.ones(n_gates, 11))
+        assert float((g * (level.gates.mask_add < 0)).max()) < 1e-6  # masked experts get no weight
+        x = level(x)
+        assert x.shape == (n_gates, 11, 12)
+
+
+def test_gated_level_matches_expert_loop():
+    torch.manual_seed(1)
+    level = GatedLevel(10, [6, 4], 0.0, [0, 0, 0], torch.ones(2, 3)).eval()
+    x = torch.randn(9, 10)
+    out = level(x)
+    gates = level.gates(x)
+    for t in range(2):
+        expect = torch.zeros(9, 4)
+        for k in range(3):
+            h = x
+            for w, b in zip(level.experts.weights, level.experts.biases):
+                h = torch.relu(h @ w[k] + b[k, 0])
+            expect += gates[t, :, k : k + 1] * h
+        torch.testing.assert_close(out[t], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_ple_gate_mask_only_own_and_shared_experts():
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    gates = Gates(2, 5, mask)
+    with torch.no_grad():
+        gates.weight.normal_()
+    g = gates(torch.randn(7, 5))
+    assert float(g[0, :, 1].max()) < 1e-6 and float(g[1, :, 0].max()) < 1e-6
+    assert float(g[0, :, 0].min()) > 0 and float(g[1, :, 2].min()) > 0
+
+
+def test_watch_time_quantile_round_trip():
+    rng = np.random.default_rng(2)
+    dur = rng.lognormal(10, 1, 20000)
+    watch = dur * rng.beta(0.8, 1.5, 20000)
+    wtq = WatchTimeQuantiles.fit(dur, watch, 10, 101)
+    q = wtq.encode(dur, watch)
+    assert q.min() >= 0 and q.max() <= 1
+    np.testing.assert_allclose(wtq.decode(dur, q), watch, rtol=1e-6, atol=1e-3)
+    # Debiased: the target is ~uniform inside every bucket and nearly uncorrelated with length,
+    # while raw watch time is strongly correlated with it.
+    b = wtq.bucket(dur)
+    for k in np.unique(b):
+        assert abs(q[b == k].mean() - 0.5) < 0.05
+    assert abs(np.corrcoef(q, np.log(dur))[0, 1]) < 0.1 < np.corrcoef(np.log1p(watch), np.log(dur))[0, 1]
+    # The exported torch decoder agrees with numpy.
+    levels = rng.random(500)
+    got = WatchTimeDecoder(wtq)(torch.tensor(dur[:500], dtype=torch.float32), torch.tensor(levels, dtype=torch.float32))
+    np.testing.assert_allclose(got.numpy(), wtq.decode(dur[:500], levels), rtol=1e-4)
+    assert WatchTimeQuantiles.from_json(wtq.to_json()).encode(dur[:50], watch[:50]) == pytest.approx(q[:50], abs=1e-3)
+
+
+def test_numeric_normalizer_handles_nan_and_heavy_tails():
+    ref = num_reference()
+    norm = NumericNormalizer(N_NUM)
+    stats = NumericNormalizer.statistics(ref)
+    assert stats["log_mask"].tolist() == [0, 0, 1, 0, 1]  # counts and durations, not rates or flags
+    norm.set_statistics(stats)
+    z = norm(torch.from_numpy(ref)).numpy()
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
+    x = torch.from_numpy(ref[:3].copy())
+    x[0, 2] = float("nan")
+    assert float(norm(x)[0, 2]) == 0.0
+
+
+@pytest.mark.parametrize("arch,levels", [("mmoe", 1), ("ple", 2)])
+def test_onnx_parity(arch, levels, tmp_path: Path):
+    torch.manual_seed(2)
+    model = Ranker(make_spec(arch, levels))
+    model.numeric.set_statistics(NumericNormalizer.statistics(num_reference()))
+    model.set_head_bias(np.array([0.4, 0.02, 0.001, 0.5]))
+    scorer = RankerScorer(model, 3, wtq_fixture(), duration_position=4).eval()
+    make = random_inputs(layout(), num_reference(), seed=0)
+    path = export_onnx(scorer, make(4), tmp_path / "r.onnx", scorer.output_names)
+    report = check_parity(scorer, path, random_inputs(layout(), num_reference(), seed=11), batch_sizes=(1, 9, 300))
+    assert report.outputs == ["scores", "watch_time_s"]
+    assert report.max_abs_diff < 1e-4
+
+
+def test_out_of_vocabulary_indices_read_oov_row():
+    torch.manual_seed(3)
+    model = Ranker(make_spec("mmoe")).eval()
+    inputs = random_inputs(layout(), num_reference(), seed=0)(4)
+    oov = {k: v.clone() for k, v in inputs.items()}
+    oov["cat"][:, 3] = 10_000  # beyond the item vocab
+    zero = {k: v.clone() for k, v in inputs.items()}
+    zero["cat"][:, 3] = 0
+    torch.testing.assert_close(model(*oov.values()), model(*zero.values()))
+
+
+def test_config_names_heads_it_does_not_know():
+    rc = RankingConfig(scenarios={"feed": {"click": 1.0, "clik": 2.0}})
+    with pytest.raises(ConfigError, match="scenarios.feed names 'clik'"):
+        rc.resolve_heads(["click", "like"], None)
+    with pytest.raises(ConfigError, match="loss_weights names 'watch_time'"):
+        RankingConfig(loss_weights={"watch_time": 2.0}, scenarios={}).resolve_heads(["click"], None)
+    assert RankingConfig(scenarios={}).resolve_heads(["click"], "watch_time") == [("click", "binary"), ("watch_time", "watch_time")]
+
+
+def test_platt_recovers_scale_and_bias_and_keeps_order():
+    from training.ranking.pipeline import platt
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 2, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-(0.5 * x - 3.0)))).astype(float)  # rare positives
+    a, b = platt(x, y)
+    assert a == pytest.approx(0.5, abs=0.08) and b == pytest.approx(-3.0, abs=0.25)
+    assert platt(x, np.zeros_like(x)) == (1.0, 0.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_lightning() -> None:
+    # Lightning's per-Trainer banners ("GPU available", tips) would repeat for every model we fit.
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main() -> int:
+    _quiet_lightning()
     ap = argparse.ArgumentParser(prog="python -m training", description="feedstack training and evaluation")
     sub = ap.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="build features, train, evaluate, export, index, bundle, register")

@@ -1,0 +1,378 @@
+"""Load a verified bundle into request-ready arrays: ONNX sessions, the FAISS index and the feature tables
+as numpy matrices laid out exactly as ``retrieval.json`` and ``ranking.json`` say.
+
+Nothing here imports torch or ``training``: the two JSON files are the whole recipe for building the
+towers' and the ranker's input tensors from a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.bundle import BundleError, verify_bundle
+
+DAY_MS = 86_400_000
+
+
+def resolve_bundle(source: str, download_dir: str | None = None, tracking_uri: str | None = None) -> tuple[Path, str | None]:
+    """A local bundle directory for ``source`` (a path, or ``models:/<name>@<alias>`` / ``models:/<name>/<v>``)
+    and the registry version when it came from MLflow."""
+    if not source.startswith("models:/"):
+        return Path(source), None
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    version = None
+    try:
+        ref = source[len("models:/"):]
+        client = mlflow.MlflowClient()
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        elif "/" in ref:
+            version = ref.split("/", 1)[1]
+    except Exception as e:  # noqa: BLE001 - a missing model or alias is a bundle the caller must refuse
+        raise BundleError(f"cannot resolve {source} in the MLflow registry: {e}") from None
+    dst = Path(download_dir) if download_dir else Path(tempfile.mkdtemp(prefix="feedstack-bundle-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
+    except Exception as e:  # noqa: BLE001
+        raise BundleError(f"cannot download {source}: {e}") from None
+    if not (local / "manifest.json").exists() and (local / "bundle" / "manifest.json").exists():
+        local = local / "bundle"
+    return local, version
+
+
+# --------------------------------------------------------------------------- the JSON recipes
+
+
+@dataclass
+class TowerInput:
+    name: str
+    dtype: str
+    columns: list[str]
+
+
+@dataclass
+class RetrievalSpec:
+    user_inputs: list[TowerInput]
+    user_output: str | None
+    search_params: dict[str, int]
+    history_column: str
+
+    @classmethod
+    def parse(cls, meta: dict[str, Any], history_column: str) -> "RetrievalSpec":
+        try:
+            tower = meta["user_tower"]
+            inputs = [TowerInput(i["name"], i.get("dtype", "int64"), list(i["columns"])) for i in tower["inputs"]]
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"retrieval/retrieval.json lacks the user tower's input spec: {e!r}") from None
+        out = tower.get("output", {})
+        params = meta.get("search_params") or meta.get("index", {}).get("search_params") or {}
+        return cls(inputs, out.get("name") if isinstance(out, dict) else None, dict(params), history_column)
+
+
+@dataclass
+class RankingSpec:
+    cat_columns: list[str]
+    cat_sources: list[str]  # "request:<vocab>", "users:<col>", "items:<col>"
+    num_columns: list[str]
+    num_sources: list[str]  # "items:<col>", "users:<col>", "fans:<col>"
+    history_column: str
+    history_length: int
+    heads: list[str]
+    head_kinds: list[str]
+    scenarios: dict[str, dict[str, float]]
+    input_names: dict[str, str]  # role (cat, hist, num) -> ONNX input name
+    scores_output: str
+    watch_output: str | None
+
+    @classmethod
+    def parse(cls, meta: dict[str, Any]) -> "RankingSpec":
+        layout = meta.get("layout") or meta.get("features") or meta
+        try:
+            heads_raw = meta["heads"]
+            heads = [h["name"] if isinstance(h, dict) else str(h) for h in heads_raw]
+            kinds = [h.get("kind", "binary") if isinstance(h, dict) else "binary" for h in heads_raw]
+            if isinstance(meta.get("head_kinds"), (list, dict)):
+                hk = meta["head_kinds"]
+                kinds = [hk[h] for h in heads] if isinstance(hk, dict) else list(hk)
+            spec = cls(
+                cat_columns=list(layout["cat_columns"]), cat_sources=list(layout["cat_sources"]),
+                num_columns=list(layout["num_columns"]), num_sources=list(layout["num_sources"]),
+                history_column=layout["history_column"], history_length=int(layout["history_length"]),
+                heads=heads, head_kinds=kinds,
+                scenarios={k: {h: float(w) for h, w in v.items()} for k, v in (meta.get("scenarios") or {}).items()},
+                input_names={"cat": "cat", "hist": "hist", "num": "num"},
+                scores_output="scores", watch_output=None,
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise BundleError(f"ranking/ranking.json lacks a field serving needs: {e!r}") from None
+        if not spec.scenarios:
+            raise BundleError("ranking/ranking.json defines no fusion scenarios")
+        return spec
+
+
+# --------------------------------------------------------------------------- the loaded bundle
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _id_map(ids: np.ndarray) -> dict[str, int]:
+    return {str(v): i for i, v in enumerate(ids)}
+
+
+@dataclass
+class Bundle:
+    """Everything a request needs, as arrays. Item rows are items.parquet rows (= FAISS ids)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    version: str
+    registry_version: str | None
+    retrieval: RetrievalSpec
+    ranking: RankingSpec
+    user_tower: Any
+    ranker: Any
+    index: Any
+    # catalogue (N items)
+    item_ids: np.ndarray  # (N,) str
+    item_row: dict[str, int]
+    creator_ids: np.ndarray  # (C,) str
+    item_creator: np.ndarray  # (N,) creator code
+    item_category: np.ndarray  # (N,) category code
+    visible: np.ndarray  # (N,) bool
+    high_quality: np.ndarray  # (N,) bool, creator flagged high-quality
+    upload_ts: np.ndarray  # (N,) float ms, NaN unknown
+    popular: np.ndarray  # rows by popularity x quality (cold-start fallback)
+    idx_category: np.ndarray  # item_id_idx -> category code, for the user's history
+    # users (U)
+    user_row: dict[str, int]
+    user_cols: dict[str, np.ndarray]  # column -> (U,) values
+    history: np.ndarray  # (U, L) int64
+    # fans, CSR by user row: creator codes sorted within a user, values (is_fan, is_iron_fan, interactions)
+    fan_ptr: np.ndarray
+    fan_creator: np.ndarray
+    fan_values: np.ndarray  # (F, 3) float32
+    fan_columns: list[str]
+    # encoders for request:* sources
+    vocab_maps: dict[str, dict[str, int]]
+    # ranker inputs laid out once: positions of each source kind in cat / num
+    item_cat: np.ndarray  # (N, #item cat cols)
+    item_cat_pos: np.ndarray
+    item_num: np.ndarray  # (N, #item num cols)
+    item_num_pos: np.ndarray
+    user_cat_cols: list[str]
+    user_cat_pos: np.ndarray
+    user_num_cols: list[str]
+    user_num_pos: np.ndarray
+    fan_num_pos: np.ndarray
+    fan_num_which: np.ndarray  # which fan value feeds each fan position
+    request_cat: list[tuple[int, str]]  # (position, vocab name)
+    utc_offset_hours: float
+    data_end_ms: float
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def heads(self) -> list[str]:
+        return self.ranking.heads
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "registry_version": self.registry_version, "path": str(self.path),
+            "git_revision": self.manifest.get("git_revision"), "dataset": self.manifest.get("dataset"),
+            "heads": self.heads, "scenarios": sorted(self.ranking.scenarios), "items": self.n_items,
+            "index_ntotal": int(self.index.ntotal),
+        }
+
+
+def load_bundle(path: str | Path, *, registry_version: str | None = None, onnx_threads: int = 1) -> Bundle:
+    """Verify (checksums, format version, components) and load; raises BundleError on any problem."""
+    import faiss
+
+    path = Path(path)
+    manifest = verify_bundle(path)
+    try:
+        return _load(path, manifest, registry_version, onnx_threads, faiss)
+    except BundleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bundle that verifies but cannot load is still refused
+        raise BundleError(f"bundle {path} could not be loaded: {type(e).__name__}: {e}") from e
+
+
+def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, onnx_threads: int, faiss) -> Bundle:
+    fdir = path / "features"
+    fman = json.loads((fdir / "manifest.json").read_text())
+    spec = manifest.get("feature_spec") or fman["feature_spec"]
+    hist_col = spec["history"]["column"]
+    rmeta = json.loads((path / "retrieval" / "retrieval.json").read_text())
+    kmeta = json.loads((path / "ranking" / "ranking.json").read_text())
+    rspec = RetrievalSpec.parse(rmeta, hist_col)
+    kspec = RankingSpec.parse(kmeta)
+
+    items = pd.read_parquet(fdir / "items.parquet")
+    users = pd.read_parquet(fdir / "users.parquet")
+    fans = pd.read_parquet(fdir / "fans.parquet")
+    vocab_raw = json.loads((fdir / "vocab.json").read_text())
+
+    user_tower = _session(path / "retrieval" / "user_tower.onnx", onnx_threads)
+    ranker = _session(path / "ranking" / "ranker.onnx", onnx_threads)
+    index = faiss.read_index(str(path / "retrieval" / "index.faiss"))
+    if index.ntotal != len(items):
+        raise BundleError(f"index.faiss holds {index.ntotal} vectors, items.parquet {len(items)} rows: rows must match")
+    _apply_search_params(index, rspec.search_params, faiss)
+    _bind_ranker_io(kspec, ranker)
+
+    item_ids = items["item_id"].astype(str).to_numpy()
+    creator_code, creator_ids = pd.factorize(items["creator_id"].astype(str), sort=False)
+    category = items["category_idx"].to_numpy(np.int64) if "category_idx" in items else np.zeros(len(items), np.int64)
+    visible = items["visible"].to_numpy(bool) if "visible" in items else np.ones(len(items), bool)
+    hq = items["creator_high_quality"].to_numpy(bool) if "creator_high_quality" in items else np.zeros(len(items), bool)
+    upload = items["upload_ts"].to_numpy(np.float64) if "upload_ts" in items else np.full(len(items), np.nan)
+    pop = np.zeros(len(items))
+    for col in ("item_n", "item_quality"):
+        if col in items:
+            v = items[col].to_numpy(np.float64)
+            pop += (v - np.nanmean(v)) / (np.nanstd(v) or 1.0)
+    popular = np.argsort(-np.nan_to_num(pop, nan=-1e9), kind="stable")
+    item_idx = items["item_id_idx"].to_numpy(np.int64)
+    idx_category = np.zeros(int(item_idx.max(initial=0)) + 1, dtype=np.int64)
+    idx_category[item_idx[item_idx > 0]] = category[item_idx > 0]
+
+    user_ids = users["user_id"].astype(str).to_numpy()
+    length = int(spec["history"]["length"])
+    h = users[hist_col].to_numpy() if hist_col in users else np.array([])
+    history = np.stack(h).astype(np.int64) if len(h) else np.zeros((len(users), length), np.int64)
+    if history.shape != (len(users), length):
+        raise BundleError(f"users.parquet '{hist_col}' has shape {history.shape}, expected ({len(users)}, {length})")
+    needed_user_cols = {c for t in rspec.user_inputs for c in t.columns if c != hist_col}
+    needed_user_cols |= {s.split(":", 1)[1] for s in kspec.cat_sources + kspec.num_sources if s.startswith("users:")}
+    missing = sorted(c for c in needed_user_cols if c not in users.columns)
+    if missing:
+        raise BundleError(f"users.parquet lacks columns the models read: {missing}")
+    user_cols = {c: users[c].to_numpy() for c in needed_user_cols}
+    user_row = _id_map(user_ids)
+
+    # Fans as CSR over user rows, creator codes sorted within each user.
+    fan_cols = [c for c in ("is_fan", "is_iron_fan", "fan_interactions") if c in fans.columns]
+    fu = pd.Index(user_ids).get_indexer(fans["user_id"].astype(str))
+    fc = pd.Index(creator_ids).get_indexer(fans["creator_id"].astype(str))
+    ok = (fu >= 0) & (fc >= 0)
+    fu, fc = fu[ok], fc[ok]
+    vals = fans.loc[ok, fan_cols].to_numpy(np.float32)
+    order = np.lexsort((fc, fu))
+    fan_ptr = np.zeros(len(users) + 1, dtype=np.int64)
+    np.add.at(fan_ptr, fu + 1, 1)
+    fan_ptr = np.cumsum(fan_ptr)
+
+    # Ranker layout: which positions of cat / num come from where.
+    item_cat_cols, item_cat_pos, user_cat_cols, user_cat_pos, request_cat = [], [], [], [], []
+    for pos, src in enumerate(kspec.cat_sources):
+        kind, _, name = src.partition(":")
+        if kind == "items":
+            item_cat_cols.append(name); item_cat_pos.append(pos)
+        elif kind == "users":
+            user_cat_cols.append(name); user_cat_pos.append(pos)
+        elif kind == "request":
+            if name not in vocab_raw:
+                raise BundleError(f"ranking.json source '{src}' names no vocabulary in vocab.json")
+            request_cat.append((pos, name))
+        else:
+            raise BundleError(f"ranking.json: unknown categorical source '{src}'")
+    item_num_cols, item_num_pos, user_num_cols, user_num_pos, fan_pos, fan_which = [], [], [], [], [], []
+    for pos, src in enumerate(kspec.num_sources):
+        kind, _, name = src.partition(":")
+        if kind == "items":
+            item_num_cols.append(name); item_num_pos.append(pos)
+        elif kind == "users":
+            user_num_cols.append(name); user_num_pos.append(pos)
+        elif kind == "fans":
+            if name not in fan_cols:
+                raise BundleError(f"ranking.json source '{src}': fans.parquet has no column '{name}'")
+            fan_pos.append(pos); fan_which.append(fan_cols.index(name))
+        else:
+            raise BundleError(f"ranking.json: unknown numeric source '{src}'")
+    missing = sorted(c for c in item_cat_cols + item_num_cols if c not in items.columns)
+    if missing:
+        raise BundleError(f"items.parquet lacks columns the ranker reads: {missing}")
+    cfg = manifest.get("config") or {}
+    tr = manifest.get("time_range") or [0, 0]
+    digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()[:12]
+    version = f"{registry_version}-{digest}" if registry_version else digest
+    vocab_maps = {name: {str(v): i + 1 for i, v in enumerate(ids)} for name, ids in vocab_raw.items()
+                  if name in {n for _, n in request_cat}}
+    return Bundle(
+        path=path, manifest=manifest, version=version, registry_version=registry_version,
+        retrieval=rspec, ranking=kspec, user_tower=user_tower, ranker=ranker, index=index,
+        item_ids=item_ids, item_row=_id_map(item_ids), creator_ids=np.asarray(creator_ids, dtype=object).astype(str),
+        item_creator=creator_code.astype(np.int64), item_category=category, visible=visible, high_quality=hq,
+        upload_ts=upload, popular=popular, idx_category=idx_category,
+        user_row=user_row, user_cols=user_cols, history=history,
+        fan_ptr=fan_ptr, fan_creator=fc[order].astype(np.int64), fan_values=vals[order], fan_columns=fan_cols,
+        vocab_maps=vocab_maps,
+        item_cat=np.ascontiguousarray(items[item_cat_cols].to_numpy(np.int64)), item_cat_pos=np.array(item_cat_pos, np.int64),
+        item_num=np.ascontiguousarray(items[item_num_cols].to_numpy(np.float32)), item_num_pos=np.array(item_num_pos, np.int64),
+        user_cat_cols=user_cat_cols, user_cat_pos=np.array(user_cat_pos, np.int64),
+        user_num_cols=user_num_cols, user_num_pos=np.array(user_num_pos, np.int64),
+        fan_num_pos=np.array(fan_pos, np.int64), fan_num_which=np.array(fan_which, np.int64),
+        request_cat=request_cat,
+        utc_offset_hours=float((cfg.get("data") or {}).get("utc_offset_hours", 0.0)),
+        data_end_ms=float(tr[1] or 0),
+    )
+
+
+def _apply_search_params(index, params: dict[str, int], faiss) -> None:
+    if not params:
+        return
+    try:
+        ps = faiss.ParameterSpace()
+        for k, v in params.items():
+            ps.set_index_parameter(index, k, v)
+    except RuntimeError as e:
+        raise BundleError(f"retrieval.json search_params {params} do not apply to the index: {e}") from None
+
+
+def _bind_ranker_io(spec: RankingSpec, sess) -> None:
+    """Map the roles cat / hist / num to the ranker's ONNX input names, and find its outputs."""
+    names = [i.name for i in sess.get_inputs()]
+    roles = {}
+    for role, aliases in (("cat", ("cat", "categorical", "cat_idx")), ("hist", ("hist", "history")),
+                          ("num", ("num", "numeric", "dense"))):
+        hit = next((n for n in names if n in aliases), None)
+        if hit is None:
+            raise BundleError(f"ranker.onnx has no '{role}' input; its inputs are {names}")
+        roles[role] = hit
+    if len(names) != 3:
+        raise BundleError(f"ranker.onnx takes inputs {names}; serving builds only cat, hist and num")
+    spec.input_names = roles
+    outs = [o.name for o in sess.get_outputs()]
+    spec.scores_output = "scores" if "scores" in outs else outs[0]
+    spec.watch_output = next((o for o in outs if o != spec.scores_output and "watch" in o), None)
+    shape = next(o.shape for o in sess.get_outputs() if o.name == spec.scores_output)
+    if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != len(spec.heads)):
+        raise BundleError(f"ranker output '{spec.scores_output}' has shape {shape}, ranking.json lists {len(spec.heads)} heads")

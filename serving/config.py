@@ -1,0 +1,71 @@
+"""Serving configuration: the `serving:` and `policy:` sections (typed), read from a YAML file, from the
+bundle's own recipe (``manifest.json`` carries the training config, other layers' sections included), or
+left at their defaults. Environment variables name the bundle and the admin token, so that the CLI and
+the Docker image can hand them to ``bentoml serve`` workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from features.config import ConfigError, from_dict, load_raw
+from serving.policy import PolicyConfig, load_policy
+
+ENV_BUNDLE = "FEEDSTACK_BUNDLE"  # bundle directory or models:/<name>@<alias> URI
+ENV_CONFIG = "FEEDSTACK_SERVING_CONFIG"  # optional YAML with serving: / policy: sections
+ENV_ADMIN_TOKEN = "FEEDSTACK_ADMIN_TOKEN"
+DEFAULT_BUNDLE = "models:/feedstack@production"
+
+# Request limits are part of the API schema (pydantic Field limits), so they are constants, not config.
+MAX_K = 200
+MAX_ITEM_IDS = 1000
+MAX_EXCLUDE = 1000
+MAX_ID_LENGTH = 128
+
+
+@dataclass
+class ServingConfig:
+    candidates: int = 500  # retrieved from FAISS per request, then ranked
+    default_scenario: str = "feed"
+    cold_start: Literal["tower", "popular"] = "tower"  # unknown user: user tower on OOV features, or popularity x quality
+    onnx_threads: int = 1  # intra-op threads per ONNX session (1 keeps single-request latency predictable)
+    faiss_threads: int = 1
+    admin_token: str | None = None  # FEEDSTACK_ADMIN_TOKEN wins; no token at all = admin endpoints refuse
+    download_dir: str | None = None  # where models:/ bundles are downloaded (default: a temp dir)
+    tracking_uri: str | None = None  # MLflow tracking URI for models:/ (default: MLflow's own default)
+    fresh_reference: Literal["bundle", "now"] = "bundle"  # "fresh" items are measured from the data's end or now
+    hour_from: Literal["now", "bundle"] = "now"  # hour context feature when the request gives none
+
+    def __post_init__(self) -> None:
+        if self.candidates < 1:
+            raise ConfigError(f"serving.candidates must be >= 1, got {self.candidates}")
+        if self.onnx_threads < 1 or self.faiss_threads < 1:
+            raise ConfigError("serving.onnx_threads and serving.faiss_threads must be >= 1")
+
+    def token(self) -> str | None:
+        return os.environ.get(ENV_ADMIN_TOKEN) or self.admin_token
+
+
+@dataclass
+class ServeSettings:
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+
+def settings_from_raw(raw: dict[str, Any] | None) -> ServeSettings:
+    """Build the serving settings from a whole config mapping (other sections are ignored here)."""
+    raw = raw or {}
+    serving = from_dict(ServingConfig, raw.get("serving") or {}, "serving")
+    return ServeSettings(serving, load_policy(raw.get("policy")))
+
+
+def load_settings(path: str | Path | None, manifest: dict[str, Any] | None = None) -> ServeSettings:
+    """A YAML file wins; else the bundle's recipe; else the defaults."""
+    if path:
+        return settings_from_raw(load_raw(path))
+    if manifest is not None and isinstance(manifest.get("config"), dict):
+        return settings_from_raw(manifest["config"])
+    return ServeSettings()

@@ -1,0 +1,504 @@
+"""The feed policy: what turns ranked candidates into a page. Plain numpy, no HTTP, no bundle.
+
+Used by the service (:class:`serving.recommender.Recommender`) and by the offline evaluator
+(:mod:`serving.offline`). Steps, in order, each configurable per scenario and each leaving a reason tag on
+the items it placed:
+
+1. governance   blocked items / creators and non-visible items are removed first (no tag: never served)
+2. fusion       final score = weighted sum of head predictions (or a product of powers); hate weighs < 0
+3. fans_first   fresh items of creators the user is an iron fan of take the first slots       -> "fan"
+4. quality      at least ``min_share`` of the page comes from high-quality creators           -> "quality_support"
+5. exposure     under-exposed creators get a score boost; the boost strength is steered so the
+                Gini coefficient of creator exposure stays under ``gini_target``              -> "exposure_boost"
+6. diversity    at most ``max_per_creator`` items per creator; a category is not repeated within
+                ``category_window`` consecutive slots
+7. exploration  ``slots`` items of categories the user has not engaged with                   -> "exploration"
+
+Items placed on score alone carry "relevance". Creator exposure lives in :class:`ExposureTracker`
+(exponentially decaying counts, one per creator), owned by the caller so that one tracker can follow a
+whole service or a whole offline run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from features.config import ConfigError, from_dict, to_dict
+
+REASONS = ("relevance", "fan", "quality_support", "exposure_boost", "exploration")
+
+
+# --------------------------------------------------------------------------- config (the `policy:` section)
+
+
+@dataclass
+class FusionStep:
+    mode: Literal["sum", "product"] = "sum"  # product: prod(p_h ** w_h), hate's negative weight divides
+    # Per-head weight overrides of the bundle's scenario weights (head -> weight); empty = the bundle's.
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FansFirstStep:
+    enabled: bool = True
+    slots: int = 2  # priority slots at the top of the page
+    fresh_days: float | None = 30.0  # item uploaded within this many days of the reference time; null = any age
+
+
+@dataclass
+class QualityStep:
+    enabled: bool = True
+    min_share: float = 0.25  # of the page, from creators flagged high-quality in the bundle
+
+
+@dataclass
+class ExposureStep:
+    enabled: bool = True
+    strength: float = 1.0  # scales the controller's boost for this scenario (0 = no boost)
+
+
+@dataclass
+class DiversityStep:
+    enabled: bool = True
+    max_per_creator: int = 2
+    category_window: int = 2  # the same category is not placed twice within this many consecutive slots
+
+
+@dataclass
+class ExplorationStep:
+    enabled: bool = True
+    slots: int = 1  # items from categories new to the user, spread over the page
+
+
+@dataclass
+class PolicySteps:
+    """Everything that may differ per scenario."""
+
+    fusion: FusionStep = field(default_factory=FusionStep)
+    fans_first: FansFirstStep = field(default_factory=FansFirstStep)
+    quality: QualityStep = field(default_factory=QualityStep)
+    exposure: ExposureStep = field(default_factory=ExposureStep)
+    diversity: DiversityStep = field(default_factory=DiversityStep)
+    exploration: ExplorationStep = field(default_factory=ExplorationStep)
+
+    def validate(self, where: str) -> None:
+        if self.fans_first.slots < 0 or self.exploration.slots < 0:
+            raise ConfigError(f"{where}: fans_first.slots and exploration.slots must be >= 0")
+        if self.fans_first.fresh_days is not None and self.fans_first.fresh_days < 0:
+            raise ConfigError(f"{where}.fans_first.fresh_days must be >= 0, got {self.fans_first.fresh_days}")
+        if not 0 <= self.quality.min_share <= 1:
+            raise ConfigError(f"{where}.quality.min_share must be in [0, 1], got {self.quality.min_share}")
+        if self.diversity.max_per_creator < 1:
+            raise ConfigError(f"{where}.diversity.max_per_creator must be >= 1, got {self.diversity.max_per_creator}")
+        if self.diversity.category_window < 0:
+            raise ConfigError(f"{where}.diversity.category_window must be >= 0")
+        if self.exposure.strength < 0:
+            raise ConfigError(f"{where}.exposure.strength must be >= 0, got {self.exposure.strength}")
+
+
+@dataclass
+class GovernanceConfig:
+    blocked_items: list[str] = field(default_factory=list)
+    blocked_creators: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExposureControl:
+    """The service-wide exposure tracker and its Gini controller (shared by all scenarios)."""
+
+    half_life_pages: float = 2000.0  # a page's exposure counts half after this many later pages
+    gini_target: float = 0.6
+    update_every: int = 50  # pages between Gini recomputations / controller steps
+    gain: float = 0.25  # multiplicative step of the boost strength per update
+    initial_boost: float = 0.5
+    max_boost: float = 8.0  # in units of the candidates' score spread (std)
+
+
+@dataclass
+class PolicyConfig(PolicySteps):
+    governance: GovernanceConfig = field(default_factory=GovernanceConfig)
+    exposure_control: ExposureControl = field(default_factory=ExposureControl)
+    # scenario -> partial overrides of the steps above, e.g. {commerce: {fans_first: {slots: 0}}}
+    scenarios: dict[str, Any] = field(default_factory=dict)
+    _resolved: dict[str, PolicySteps] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate("policy")
+        c = self.exposure_control
+        if c.half_life_pages <= 0 or c.update_every < 1 or not 0 < c.gini_target <= 1 or c.gain <= 0:
+            raise ConfigError("policy.exposure_control: half_life_pages > 0, update_every >= 1, "
+                              "0 < gini_target <= 1 and gain > 0 are required")
+        base = {k: v for k, v in to_dict(self).items() if k in _STEP_KEYS}
+        for name, override in self.scenarios.items():
+            where = f"policy.scenarios.{name}"
+            if not isinstance(override, dict):
+                raise ConfigError(f"{where}: expected a mapping of step overrides, got {override!r}")
+            merged = {k: dict(v) for k, v in base.items()}
+            for step, values in override.items():
+                if step not in _STEP_KEYS:
+                    raise ConfigError(f"unknown config key '{where}.{step}'; known keys here: {sorted(_STEP_KEYS)}")
+                if not isinstance(values, dict):
+                    raise ConfigError(f"{where}.{step}: expected a mapping, got {values!r}")
+                merged[step].update(values)
+            steps = from_dict(PolicySteps, merged, where)
+            steps.validate(where)
+            self._resolved[name] = steps
+
+    def for_scenario(self, scenario: str) -> PolicySteps:
+        """The steps of ``scenario``: the defaults with that scenario's overrides applied."""
+        return self._resolved.get(scenario, self)
+
+    @classmethod
+    def engagement_only(cls) -> "PolicyConfig":
+        """Governance and fusion only: the baseline the other steps are compared against."""
+        return cls(fans_first=FansFirstStep(enabled=False), quality=QualityStep(enabled=False),
+                   exposure=ExposureStep(enabled=False), diversity=DiversityStep(enabled=False),
+                   exploration=ExplorationStep(enabled=False))
+
+
+_STEP_KEYS = frozenset({"fusion", "fans_first", "quality", "exposure", "diversity", "exploration"})
+
+
+def load_policy(raw: dict[str, Any] | None) -> PolicyConfig:
+    return from_dict(PolicyConfig, raw or {}, "policy")
+
+
+# --------------------------------------------------------------------------- math helpers
+
+
+def gini(x: np.ndarray) -> float:
+    """Gini coefficient of non-negative values (0 = equal, -> 1 = concentrated on one)."""
+    v = np.sort(np.asarray(x, dtype=np.float64))
+    n, total = len(v), float(v.sum())
+    if n == 0 or total <= 0:
+        return 0.0
+    ranks = np.arange(1, n + 1, dtype=np.float64)
+    return float(2.0 * (ranks * v).sum() / (n * total) - (n + 1) / n)
+
+
+def fuse(preds: np.ndarray, weights: np.ndarray, mode: str = "sum") -> np.ndarray:
+    """preds (n, T) head predictions in [0, 1], weights (T,) -> (n,) fused score."""
+    if mode == "sum":
+        return preds @ weights
+    return np.exp(np.log(np.clip(preds, 1e-6, 1.0)) @ weights)
+
+
+# --------------------------------------------------------------------------- exposure
+
+
+class ExposureTracker:
+    """Creator exposure over an exponentially decaying window of served pages, and the boost controller.
+
+    Counts are stored scaled by ``2 ** (page / half_life)`` so that recording a page touches only its
+    creators; the true decayed count is ``stored / scale``. Every ``update_every`` pages the Gini of
+    exposure over all creators is recomputed and the boost strength moves up (Gini above target) or down.
+    Thread-safe: the service records pages from several request threads.
+    """
+
+    def __init__(self, n_creators: int, control: ExposureControl, eligible: np.ndarray | None = None):
+        self.control = control
+        self.counts = np.zeros(n_creators, dtype=np.float64)
+        self.pages = 0
+        self.boost = control.initial_boost
+        self.current_gini = 0.0
+        self._log_scale = 0.0  # log2 of the current scale
+        self._lock = threading.Lock()
+        # Creators that can be served at all (visible items): the population the Gini is taken over.
+        self.eligible = np.ones(n_creators, dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+
+    @property
+    def eligible(self) -> np.ndarray:
+        return self._eligible
+
+    @eligible.setter
+    def eligible(self, mask: np.ndarray) -> None:
+        # The running sum over eligible creators keeps the mean exposure O(1) per request.
+        self._eligible = np.asarray(mask, dtype=bool)
+        self._n_eligible = int(self._eligible.sum())
+        self._eligible_stored = float(self.counts[self._eligible].sum())
+
+    @property
+    def n_creators(self) -> int:
+        return len(self.counts)
+
+    def exposure(self) -> np.ndarray:
+        """(C,) decayed exposure counts."""
+        return self.counts * 2.0 ** (-self._log_scale)
+
+    def mean_exposure(self) -> float:
+        n = self._n_eligible
+        return self._eligible_stored * 2.0 ** (-self._log_scale) / n if n else 0.0
+
+    def under_exposure(self, creators: np.ndarray) -> np.ndarray:
+        """(n,) in [0, 1]: 1 = never shown, 0 = at or above the mean exposure of eligible creators."""
+        mean = self.mean_exposure()
+        if mean <= 0:
+            return np.zeros(len(creators))
+        e = self.counts[creators] * 2.0 ** (-self._log_scale)
+        return np.clip(1.0 - e / mean, 0.0, 1.0)
+
+    def record(self, creators: np.ndarray) -> None:
+        with self._lock:
+            self.pages += 1
+            self._log_scale += 1.0 / self.control.half_life_pages
+            if self._log_scale > 500:  # renormalise long before float64 overflows
+                self.counts *= 2.0 ** (-self._log_scale)
+                self._eligible_stored *= 2.0 ** (-self._log_scale)
+                self._log_scale = 0.0
+            creators = np.asarray(creators, dtype=np.int64)
+            w = 2.0 ** self._log_scale
+            np.add.at(self.counts, creators, w)
+            self._eligible_stored += w * float(self._eligible[creators].sum())
+            if self.pages % self.control.update_every == 0:
+                self._step()
+
+    def _step(self) -> None:
+        c = self.control
+        self.current_gini = gini(self.exposure()[self.eligible])
+        factor = 1.0 + c.gain
+        if self.current_gini > c.gini_target:
+            self.boost = min(c.max_boost, max(self.boost, 1e-3) * factor)
+        else:
+            self.boost = self.boost / factor
+
+    def remap(self, old_ids: np.ndarray, new_ids: np.ndarray, eligible: np.ndarray) -> "ExposureTracker":
+        """A tracker for a new creator id order (bundle reload) carrying the counts over by creator id."""
+        import pandas as pd
+
+        new = ExposureTracker(len(new_ids), self.control, eligible)
+        pos = pd.Index(old_ids).get_indexer(pd.Index(new_ids))
+        with self._lock:
+            ok = pos >= 0
+            new.counts[ok] = self.counts[pos[ok]]
+            new._log_scale, new.pages, new.boost, new.current_gini = (
+                self._log_scale, self.pages, self.boost, self.current_gini)
+        new.eligible = eligible  # recompute the running sum over the carried counts
+        return new
+
+
+# --------------------------------------------------------------------------- the page
+
+
+@dataclass
+class Candidates:
+    """One request's ranked candidates, aligned arrays of length n (after retrieval and ranking)."""
+
+    creator: np.ndarray  # (n,) int64 creator code (0..C-1)
+    category: np.ndarray  # (n,) int64 category code
+    preds: np.ndarray  # (n, T) float32 head predictions
+    allowed: np.ndarray  # (n,) bool: visible, not blocked, not excluded (governance input)
+    high_quality: np.ndarray  # (n,) bool creator is high-quality
+    fan_fresh: np.ndarray  # (n,) bool user is an iron fan of the creator and the item is fresh
+    new_category: np.ndarray  # (n,) bool the user has not engaged with this category
+
+
+@dataclass
+class Page:
+    index: np.ndarray  # (k',) positions into the candidates, in page order
+    score: np.ndarray  # (k',) final score (fused + exposure boost)
+    fused: np.ndarray  # (k',) fused score alone
+    reasons: list[list[str]]
+    stats: dict[str, Any]
+
+
+class FeedPolicy:
+    """Turns candidates into a page. ``heads`` is the bundle's head order; ``scenarios`` its fusion weights."""
+
+    def __init__(self, config: PolicyConfig, heads: list[str], scenarios: dict[str, dict[str, float]]):
+        self.config = config
+        self.heads = list(heads)
+        self.weights: dict[str, np.ndarray] = {}
+        for name, w in scenarios.items():
+            steps = config.for_scenario(name)
+            merged = {**w, **steps.fusion.weights}
+            unknown = sorted(set(merged) - set(self.heads))
+            if unknown:
+                raise ConfigError(f"fusion weights of scenario '{name}' name unknown heads {unknown}; heads: {self.heads}")
+            self.weights[name] = np.array([merged.get(h, 0.0) for h in self.heads], dtype=np.float32)
+        for name in config.scenarios:
+            if name not in self.weights:
+                raise ConfigError(f"policy.scenarios.{name}: no such scenario in the bundle; known: {sorted(self.weights)}")
+
+    @property
+    def scenarios(self) -> list[str]:
+        return sorted(self.weights)
+
+    @staticmethod
+    def _fill(order: list[int], category: list[int], n_fill: int, window: int, can_take, take,
+              recent: list[int]) -> list[int]:
+        body: list[int] = []
+        deferred: dict[int, deque[int]] = {}  # category -> ranks (positions in ``order``) waiting
+        heap: list[tuple[int, int]] = []  # (rank of the queue's head, category), one entry per non-empty queue
+        scan = 0
+
+        def pop_head(cat: int) -> None:
+            q = deferred[cat]
+            q.popleft()
+            if q:
+                heapq.heappush(heap, (q[0], cat))
+
+        while len(body) < n_fill:
+            chosen = -1
+            stash = []
+            while heap:  # a deferred item outranks anything still unscanned
+                r, cat = heap[0]
+                if not can_take(order[r]):
+                    heapq.heappop(heap)
+                    pop_head(cat)
+                elif cat in recent:
+                    stash.append(heapq.heappop(heap))
+                else:
+                    heapq.heappop(heap)
+                    pop_head(cat)
+                    chosen = order[r]
+                    break
+            for e in stash:
+                heapq.heappush(heap, e)
+            while chosen < 0 and scan < len(order):
+                i, r = order[scan], scan
+                scan += 1
+                if not can_take(i):
+                    continue
+                if window and category[i] in recent:
+                    q = deferred.setdefault(category[i], deque())
+                    q.append(r)
+                    if len(q) == 1:
+                        heapq.heappush(heap, (r, category[i]))
+                    continue
+                chosen = i
+            while chosen < 0 and heap:  # only repeats left: relax the window, best first
+                r, cat = heapq.heappop(heap)
+                pop_head(cat)
+                if can_take(order[r]):
+                    chosen = order[r]
+            if chosen < 0:
+                break
+            take(chosen, "relevance")
+            body.append(chosen)
+            if window:
+                recent.append(category[chosen])
+                del recent[:-window]
+        return body
+
+    def page(self, c: Candidates, k: int, scenario: str, exposure: ExposureTracker | None = None) -> Page:
+        steps = self.config.for_scenario(scenario)
+        keep = np.flatnonzero(c.allowed)  # 1. governance: nothing else ever sees a filtered item
+        n = len(keep)
+        creator, category = c.creator[keep], c.category[keep]
+        fused = fuse(c.preds[keep].astype(np.float32), self.weights[scenario], steps.fusion.mode)  # 2. fusion
+        score = fused.astype(np.float64)
+        boosted = np.zeros(n, dtype=bool)
+        if exposure is not None and steps.exposure.enabled and steps.exposure.strength > 0 and n > 1:  # 5.
+            spread = float(fused.std()) or 1.0
+            bonus = exposure.boost * steps.exposure.strength * spread * exposure.under_exposure(creator)
+            score = score + bonus
+            boosted = bonus > 0
+        order_np = np.argsort(-score, kind="stable")
+        order = order_np.tolist()
+        k = min(k, n)
+        cre = creator.tolist()
+        cat_l = category.tolist()
+        taken: set[int] = set()
+        per_creator: dict[int, int] = {}
+        cap = steps.diversity.max_per_creator if steps.diversity.enabled else n
+        reasons: dict[int, str] = {}
+
+        def can_take(i: int) -> bool:
+            return i not in taken and per_creator.get(cre[i], 0) < cap
+
+        def take(i: int, why: str) -> None:
+            taken.add(i)
+            per_creator[cre[i]] = per_creator.get(cre[i], 0) + 1
+            reasons[i] = why
+
+        def release(i: int) -> None:
+            taken.discard(i)
+            per_creator[cre[i]] -= 1
+            reasons.pop(i, None)
+
+        # 3. fans-first: the best fresh items of iron-fan creators, at the top.
+        head: list[int] = []
+        if steps.fans_first.enabled and steps.fans_first.slots > 0:
+            for i in order_np[c.fan_fresh[keep][order_np]].tolist():
+                if len(head) >= min(steps.fans_first.slots, k):
+                    break
+                if can_take(i):
+                    take(i, "fan")
+                    head.append(i)
+        # 7. exploration (chosen before the fill so the fill cannot use up the creator cap).
+        explore: list[int] = []
+        n_explore = min(steps.exploration.slots, k - len(head)) if steps.exploration.enabled else 0
+        if n_explore > 0:
+            seen_cats: set[int] = set()
+            for i in order_np[c.new_category[keep][order_np]].tolist():
+                if len(explore) >= n_explore:
+                    break
+                if cat_l[i] not in seen_cats and can_take(i):
+                    take(i, "exploration")
+                    explore.append(i)
+                    seen_cats.add(cat_l[i])
+        # 6. diversity fill, greedy in score order under the creator cap; an item whose category is among
+        # the last `window` placed is deferred (per-category queues, heads in a heap keyed by score rank)
+        # and placed as soon as its category is allowed again, before any lower-ranked item.
+        window = steps.diversity.category_window if steps.diversity.enabled else 0
+        body = self._fill(order, cat_l, k - len(head) - len(explore), window, can_take, take,
+                          [cat_l[i] for i in head][-window:] if window else [])
+        # 4. quality support: swap the lowest body items for the best unused high-quality ones.
+        hq = c.high_quality[keep]
+        if steps.quality.enabled and steps.quality.min_share > 0 and k > 0:
+            need = math.ceil(steps.quality.min_share * k - 1e-9)
+            have = int(hq[head + explore + body].sum()) if k else 0
+            if have < need:
+                pos = len(body) - 1
+                for cand in order_np[hq[order_np]].tolist():
+                    if have >= need:
+                        break
+                    if cand in taken:
+                        continue
+                    while pos >= 0 and hq[body[pos]]:
+                        pos -= 1
+                    if pos < 0:
+                        break
+                    old = body[pos]
+                    release(old)
+                    if can_take(cand):
+                        take(cand, "quality_support")
+                        body[pos] = cand
+                        have += 1
+                        pos -= 1
+                    else:  # creator cap: put the old item back and try the next candidate
+                        take(old, "relevance")
+        # Assemble: fan slots, then the body with exploration items spread evenly through it.
+        final = list(head)
+        total = len(body) + len(explore)
+        slots = {round((j + 1) * total / (len(explore) + 1)) for j in range(len(explore))}
+        rest_body, rest_explore = list(body), list(explore)
+        for p in range(total):
+            if rest_explore and (p in slots or not rest_body):
+                final.append(rest_explore.pop(0))
+            else:
+                final.append(rest_body.pop(0))
+        idx = np.array(final, dtype=np.int64)
+        # Items whose boost lifted them into the page past a better-fused item are tagged as such.
+        tags: list[list[str]] = []
+        if boosted.any() and len(idx):
+            fused_rank = np.empty(n, dtype=np.int64)
+            fused_rank[np.argsort(-fused, kind="stable")] = np.arange(n)
+            cutoff = len(idx)
+        for i in idx.tolist():
+            t = [reasons[i]]
+            if boosted[i] and fused_rank[i] >= cutoff:
+                t.append("exposure_boost")
+            tags.append(t)
+        if exposure is not None:
+            exposure.record(creator[idx])
+        stats = {"candidates": int(len(c.allowed)), "filtered": int(len(c.allowed) - n),
+                 "boost": float(exposure.boost) if exposure is not None else 0.0}
+        return Page(keep[idx], score[idx], fused[idx].astype(np.float64), tags, stats)

@@ -1,0 +1,315 @@
+"""The request path as a plain class: retrieval (ONNX user tower + FAISS), ranking (ONNX), the feed policy,
+governance state (blocks) and bundle reload. The BentoML service only translates HTTP to these calls.
+
+Thread-safety: a request reads ``self._state`` once; admin changes build a new state object and swap
+the reference, so a request never sees half of a change.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from features.bundle import BundleError
+from serving.bundle import DAY_MS, Bundle, load_bundle, resolve_bundle
+from serving.config import ServeSettings
+from serving.policy import Candidates, ExposureTracker, FeedPolicy
+
+
+class RequestError(ValueError):
+    """A request a client got wrong; ``field`` names the offending field."""
+
+    def __init__(self, field_name: str, message: str, status: int = 422):
+        super().__init__(message)
+        self.field = field_name
+        self.status = status
+
+
+@dataclass
+class ScoredItem:
+    item_id: str
+    creator_id: str
+    score: float
+    predictions: dict[str, float]
+    reasons: list[str]
+
+
+@dataclass
+class Result:
+    items: list[ScoredItem]
+    bundle_version: str
+    scenario: str
+    cold_start: bool
+    candidates: int
+    unknown_item_ids: list[str] = field(default_factory=list)
+    filtered_item_ids: list[str] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    bundle: Bundle
+    policy: FeedPolicy
+    servable: np.ndarray  # (N,) bool: visible and not blocked (item or creator)
+    blocked_items: frozenset[str]
+    blocked_creators: frozenset[str]
+
+
+def _servable(b: Bundle, items: frozenset[str], creators: frozenset[str]) -> np.ndarray:
+    mask = b.visible.copy()
+    if items:
+        rows = [b.item_row[i] for i in items if i in b.item_row]
+        mask[rows] = False
+    if creators:
+        cmask = np.isin(b.creator_ids, list(creators))
+        mask &= ~cmask[b.item_creator]
+    return mask
+
+
+class Recommender:
+    def __init__(self, bundle: Bundle, settings: ServeSettings):
+        self.settings = settings
+        gov = settings.policy.governance
+        self._admin_lock = threading.Lock()
+        self._state = self._make_state(bundle, frozenset(gov.blocked_items), frozenset(gov.blocked_creators))
+        self.exposure = ExposureTracker(len(bundle.creator_ids), settings.policy.exposure_control,
+                                        self._eligible_creators(self._state))
+        self._configure_threads()
+
+    # ------------------------------------------------------------------ construction and admin
+
+    @classmethod
+    def from_source(cls, source: str, settings: ServeSettings) -> "Recommender":
+        s = settings.serving
+        path, version = resolve_bundle(source, s.download_dir, s.tracking_uri)
+        return cls(load_bundle(path, registry_version=version, onnx_threads=s.onnx_threads), settings)
+
+    def _configure_threads(self) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(self.settings.serving.faiss_threads)
+
+    def _make_state(self, bundle: Bundle, items: frozenset[str], creators: frozenset[str]) -> _State:
+        policy = FeedPolicy(self.settings.policy, bundle.heads, bundle.ranking.scenarios)
+        return _State(bundle, policy, _servable(bundle, items, creators), items, creators)
+
+    @staticmethod
+    def _eligible_creators(st: _State) -> np.ndarray:
+        b = st.bundle
+        eligible = np.zeros(len(b.creator_ids), dtype=bool)
+        eligible[b.item_creator[st.servable]] = True
+        return eligible
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._state.bundle
+
+    @property
+    def scenarios(self) -> list[str]:
+        return self._state.policy.scenarios
+
+    def block(self, item_ids: Sequence[str] = (), creator_ids: Sequence[str] = (), unblock: bool = False) -> dict[str, Any]:
+        with self._admin_lock:
+            st = self._state
+            items, creators = set(st.blocked_items), set(st.blocked_creators)
+            if unblock:
+                items -= set(item_ids)
+                creators -= set(creator_ids)
+            else:
+                items |= set(item_ids)
+                creators |= set(creator_ids)
+            new = _State(st.bundle, st.policy, _servable(st.bundle, frozenset(items), frozenset(creators)),
+                         frozenset(items), frozenset(creators))
+            self._state = new
+            self.exposure.eligible = self._eligible_creators(new)
+        return {"blocked_items": sorted(new.blocked_items), "blocked_creators": sorted(new.blocked_creators),
+                "servable_items": int(new.servable.sum())}
+
+    def reload(self, source: str) -> dict[str, Any]:
+        """Load, verify and swap in a bundle; on any problem raise BundleError and keep the old one."""
+        s = self.settings.serving
+        path, version = resolve_bundle(source, s.download_dir, s.tracking_uri)
+        bundle = load_bundle(path, registry_version=version, onnx_threads=s.onnx_threads)
+        with self._admin_lock:
+            old = self._state
+            new = self._make_state(bundle, old.blocked_items, old.blocked_creators)
+            self.exposure = self.exposure.remap(old.bundle.creator_ids, bundle.creator_ids, self._eligible_creators(new))
+            self._state = new
+        return bundle.describe()
+
+    # ------------------------------------------------------------------ request path
+
+    def _scenario(self, st: _State, scenario: str | None) -> str:
+        name = scenario or self.settings.serving.default_scenario
+        if name not in st.policy.weights:
+            if scenario is None:  # the configured default is absent from this bundle: take its first
+                return st.policy.scenarios[0]
+            raise RequestError("scenario", f"scenario: unknown scenario '{name}'; known: {st.policy.scenarios}")
+        return name
+
+    def _user(self, b: Bundle, user_id: str) -> tuple[int, np.ndarray]:
+        row = b.user_row.get(user_id, -1)
+        hist = b.history[row] if row >= 0 else np.zeros(b.history.shape[1], np.int64)
+        return row, hist
+
+    def _user_vector(self, b: Bundle, row: int, hist: np.ndarray) -> np.ndarray:
+        feeds = {}
+        for inp in b.retrieval.user_inputs:
+            dtype = np.float32 if "float" in inp.dtype else np.int64
+            if inp.columns == [b.retrieval.history_column]:
+                feeds[inp.name] = hist.reshape(1, -1).astype(dtype)
+            elif row >= 0:
+                feeds[inp.name] = np.array([[b.user_cols[c][row] for c in inp.columns]], dtype=dtype)
+            else:  # unknown user: every attribute at its OOV / default value
+                feeds[inp.name] = np.zeros((1, len(inp.columns)), dtype=dtype)
+        out = b.user_tower.run([b.retrieval.user_output] if b.retrieval.user_output else None, feeds)[0]
+        return np.ascontiguousarray(out, dtype=np.float32).reshape(1, -1)
+
+    def _retrieve(self, st: _State, row: int, hist: np.ndarray, n: int) -> tuple[np.ndarray, bool]:
+        b = st.bundle
+        cold = row < 0
+        if cold and self.settings.serving.cold_start == "popular":
+            pop = b.popular[st.servable[b.popular]]
+            return pop[:n], True
+        vec = self._user_vector(b, row, hist)
+        _, ids = b.index.search(vec, min(n, b.n_items))
+        ids = ids[0]
+        return ids[ids >= 0].astype(np.int64), cold
+
+    def _context_codes(self, b: Bundle, context: dict[str, Any] | None) -> list[tuple[int, int]]:
+        ctx = context or {}
+        out = []
+        for pos, name in b.request_cat:
+            if name == "user_id":
+                continue  # filled per request from the user id
+            if name in ctx:
+                value = ctx[name]
+            elif name == "hour":
+                now_ms = time.time() * 1000 if self.settings.serving.hour_from == "now" else b.data_end_ms
+                value = int(((now_ms / 3_600_000) + b.utc_offset_hours) % 24)
+            else:
+                value = None
+            out.append((pos, b.vocab_maps[name].get(str(value), 0) if value is not None else 0))
+        return out
+
+    def _rank(self, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
+              context: dict[str, Any] | None) -> np.ndarray:
+        """(n, T) head predictions for catalogue rows ``rows``."""
+        n = len(rows)
+        k = b.ranking
+        cat = np.zeros((n, len(k.cat_sources)), dtype=np.int64)
+        cat[:, b.item_cat_pos] = b.item_cat[rows]
+        if row >= 0 and len(b.user_cat_pos):
+            cat[:, b.user_cat_pos] = np.array([b.user_cols[c][row] for c in b.user_cat_cols], dtype=np.int64)
+        for pos, name in b.request_cat:
+            if name == "user_id":
+                cat[:, pos] = b.vocab_maps["user_id"].get(user_id, 0)
+        for pos, code in self._context_codes(b, context):
+            cat[:, pos] = code
+        num = np.zeros((n, len(k.num_sources)), dtype=np.float32)
+        num[:, b.item_num_pos] = b.item_num[rows]
+        if len(b.user_num_pos):
+            num[:, b.user_num_pos] = (np.array([b.user_cols[c][row] for c in b.user_num_cols], dtype=np.float32)
+                                      if row >= 0 else np.nan)
+        if row >= 0 and len(b.fan_num_pos):
+            lo, hi = b.fan_ptr[row], b.fan_ptr[row + 1]
+            if hi > lo:
+                codes = b.fan_creator[lo:hi]
+                cand = b.item_creator[rows]
+                pos = np.minimum(np.searchsorted(codes, cand), len(codes) - 1)
+                hit = codes[pos] == cand
+                if hit.any():
+                    vals = b.fan_values[lo:hi][pos[hit]]
+                    num[np.ix_(np.flatnonzero(hit), b.fan_num_pos)] = vals[:, b.fan_num_which]
+        hist_mat = np.ascontiguousarray(np.broadcast_to(hist, (n, len(hist))))
+        names = k.input_names
+        out = b.ranker.run([k.scores_output], {names["cat"]: cat, names["hist"]: hist_mat, names["num"]: num})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def _candidates(self, st: _State, row: int, hist: np.ndarray, rows: np.ndarray, preds: np.ndarray,
+                    scenario: str, excluded: np.ndarray | None) -> Candidates:
+        b = st.bundle
+        allowed = st.servable[rows]
+        if excluded is not None and len(excluded):
+            allowed &= ~np.isin(rows, excluded)
+        creator = b.item_creator[rows]
+        steps = self.settings.policy.for_scenario(scenario)
+        fan_fresh = np.zeros(len(rows), dtype=bool)
+        if row >= 0 and steps.fans_first.enabled and "is_iron_fan" in b.fan_columns:
+            lo, hi = b.fan_ptr[row], b.fan_ptr[row + 1]
+            if hi > lo:
+                iron = b.fan_creator[lo:hi][b.fan_values[lo:hi, b.fan_columns.index("is_iron_fan")] > 0]
+                fan_fresh = np.isin(creator, iron)
+                days = steps.fans_first.fresh_days
+                if days is not None and fan_fresh.any():
+                    ref = b.data_end_ms if self.settings.serving.fresh_reference == "bundle" else time.time() * 1000
+                    up = b.upload_ts[rows]
+                    fan_fresh &= np.isnan(up) | (up >= ref - days * DAY_MS)
+        seen = b.idx_category[hist[(hist > 0) & (hist < len(b.idx_category))]]
+        category = b.item_category[rows]
+        return Candidates(creator=creator, category=category, preds=preds, allowed=allowed,
+                          high_quality=b.high_quality[rows], fan_fresh=fan_fresh,
+                          new_category=~np.isin(category, seen))
+
+    def _items(self, b: Bundle, rows: np.ndarray, preds: np.ndarray, scores: np.ndarray,
+               reasons: list[list[str]]) -> list[ScoredItem]:
+        heads = b.heads
+        creators = b.creator_ids[b.item_creator[rows]]
+        ids = b.item_ids[rows]
+        return [ScoredItem(str(ids[j]), str(creators[j]), float(scores[j]),
+                           dict(zip(heads, preds[j].tolist())), reasons[j]) for j in range(len(rows))]
+
+    def recommend(self, user_id: str, k: int, scenario: str | None = None,
+                  exclude_item_ids: Sequence[str] = (), context: dict[str, Any] | None = None) -> Result:
+        st = self._state
+        b = st.bundle
+        name = self._scenario(st, scenario)
+        t0 = time.perf_counter()
+        row, hist = self._user(b, user_id)
+        excluded = np.array([b.item_row[i] for i in exclude_item_ids if i in b.item_row], dtype=np.int64)
+        n = self.settings.serving.candidates + len(excluded)
+        rows, cold = self._retrieve(st, row, hist, n)
+        t1 = time.perf_counter()
+        preds = self._rank(b, user_id, row, hist, rows, context) if len(rows) else np.zeros((0, len(b.heads)), np.float32)
+        t2 = time.perf_counter()
+        cands = self._candidates(st, row, hist, rows, preds, name, excluded)
+        page = st.policy.page(cands, k, name, self.exposure)
+        t3 = time.perf_counter()
+        sel = rows[page.index]
+        items = self._items(b, sel, preds[page.index], page.score, page.reasons)
+        timings = {"retrieval": (t1 - t0) * 1e3, "ranking": (t2 - t1) * 1e3, "policy": (t3 - t2) * 1e3}
+        return Result(items, b.version, name, cold, int(len(rows)), timings_ms=timings)
+
+    def rank(self, user_id: str, item_ids: Sequence[str], scenario: str | None = None,
+             context: dict[str, Any] | None = None) -> Result:
+        """Score given candidates: governance, then fusion (no page policy: every allowed item comes back)."""
+        st = self._state
+        b = st.bundle
+        name = self._scenario(st, scenario)
+        seen: set[str] = set()
+        unknown, filtered, keep = [], [], []
+        for i in item_ids:
+            if i in seen:
+                continue
+            seen.add(i)
+            r = b.item_row.get(i, -1)
+            if r < 0:
+                unknown.append(i)
+            elif not st.servable[r]:
+                filtered.append(i)
+            else:
+                keep.append(r)
+        rows = np.array(keep, dtype=np.int64)
+        row, hist = self._user(b, user_id)
+        preds = self._rank(b, user_id, row, hist, rows, context) if len(rows) else np.zeros((0, len(b.heads)), np.float32)
+        from serving.policy import fuse
+
+        steps = self.settings.policy.for_scenario(name)
+        score = fuse(preds, st.policy.weights[name], steps.fusion.mode)
+        order = np.argsort(-score, kind="stable")
+        items = self._items(b, rows[order], preds[order], score[order], [["relevance"] for _ in order])
+        return Result(items, b.version, name, row < 0, len(rows), unknown, filtered)

@@ -1,0 +1,182 @@
+"""The service over HTTP: one real ``bentoml serve`` (started through ``python -m serving``) on a free
+loopback port for the module, plus the same app in process through ``to_asgi()``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(serving_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    port = _free_port()
+    logf = tmp_path_factory.mktemp("server") / "serve.log"
+    env = {**os.environ, "FEEDSTACK_ADMIN_TOKEN": TOKEN, "BENTOML_DO_NOT_TRACK": "true"}
+    with open(logf, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "serving", "--bundle", str(serving_bundle), "--port", str(port)],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base, timeout=30)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not become ready:\n{logf.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield client
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def some_user(serving_bundle: Path) -> str:
+    import pandas as pd
+
+    return str(pd.read_parquet(serving_bundle / "features" / "users.parquet", columns=["user_id"])["user_id"].iloc[0])
+
+
+def test_recommend_over_http(server: httpx.Client, some_user: str):
+    r = server.post("/recommend", json={"user_id": some_user, "k": 10, "scenario": "feed", "context": {"tab": 1}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["items"]) == 10 and body["bundle_version"] and body["cold_start"] is False
+    item = body["items"][0]
+    assert set(item) == {"item_id", "creator_id", "score", "predictions", "reasons"}
+    assert "hate" in item["predictions"] and item["reasons"]
+    cold = server.post("/recommend", json={"user_id": "never-seen-user", "k": 5}).json()
+    assert cold["cold_start"] is True and len(cold["items"]) == 5
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"user_id": "1", "k": 0}, 400, "k"),
+    ({"user_id": "1", "k": 100000}, 400, "k"),
+    ({"user_id": "1", "k": "5"}, 400, "k"),
+    ({"k": 5}, 400, "user_id"),
+    ({"user_id": "1", "colour": "red"}, 400, "colour"),
+    ({"user_id": "1", "exclude_item_ids": ["x"] * 1001}, 400, "exclude_item_ids"),
+    ({"user_id": "1", "scenario": "nope"}, 422, "scenario"),
+])
+def test_bad_requests_get_4xx_naming_the_field(server: httpx.Client, body: dict, status: int, field: str):
+    r = server.post("/recommend", json=body)
+    assert r.status_code == status, r.text
+    assert field in r.text
+
+
+def test_malformed_json_is_a_400(server: httpx.Client):
+    r = server.post("/recommend", content=b'{"user_id": "1", "k": ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "json" in r.text.lower()
+
+
+def test_rank_reports_unknown_ids(server: httpx.Client, some_user: str):
+    rec = server.post("/recommend", json={"user_id": some_user, "k": 3}).json()
+    ids = [i["item_id"] for i in rec["items"]]
+    r = server.post("/rank", json={"user_id": some_user, "item_ids": ids + ["no-such-item"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["unknown_item_ids"] == ["no-such-item"] and sorted(i["item_id"] for i in body["items"]) == sorted(ids)
+    assert server.post("/rank", json={"user_id": some_user, "item_ids": []}).status_code == 400
+
+
+def test_health_metrics_and_openapi(server: httpx.Client, some_user: str):
+    assert server.get("/livez").status_code == 200 and server.get("/readyz").status_code == 200
+    server.post("/recommend", json={"user_id": some_user, "k": 5})
+    text = server.get("/metrics").text
+    for name in ("feedstack_request_latency_seconds_bucket", "feedstack_candidates_count", "feedstack_bundle_info",
+                 "feedstack_creator_exposure_gini", "bentoml_service_request_duration_seconds"):
+        assert name in text, name
+    version = server.post("/bundle", json={}).json()["version"]
+    assert f'feedstack_bundle_info{{version="{version}"}} 1.0' in text
+    spec = server.get("/docs.json").json()
+    assert {"/recommend", "/rank", "/admin/block", "/admin/reload"} <= set(spec["paths"])
+    assert server.get("/").status_code == 200
+
+
+def test_admin_needs_the_token_and_blocks_under_load(server: httpx.Client, some_user: str):
+    assert server.post("/admin/block", json={"item_ids": ["x"]}).status_code == 401
+    assert server.post("/admin/block", json={"item_ids": ["x"]}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    first = server.post("/recommend", json={"user_id": some_user, "k": 10}).json()["items"]
+    item, creator = first[0]["item_id"], first[1]["creator_id"]
+    r = server.post("/admin/block", json={"item_ids": [item], "creator_ids": [creator]}, headers=AUTH)
+    assert r.status_code == 200 and item in r.json()["blocked_items"]
+
+    def page(_: int) -> list[dict]:
+        resp = server.post("/recommend", json={"user_id": some_user, "k": 20})
+        assert resp.status_code == 200
+        return resp.json()["items"]
+
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            pages = list(ex.map(page, range(24)))
+        for p in pages:
+            assert item not in {i["item_id"] for i in p} and creator not in {i["creator_id"] for i in p}
+        ranked = server.post("/rank", json={"user_id": some_user, "item_ids": [item]}).json()
+        assert ranked["filtered_item_ids"] == [item] and ranked["items"] == []
+    finally:
+        server.post("/admin/block", json={"item_ids": [item], "creator_ids": [creator], "unblock": True}, headers=AUTH)
+
+
+def test_reload_refuses_a_corrupt_bundle_and_keeps_serving(server: httpx.Client, serving_bundle: Path,
+                                                           tmp_path: Path, some_user: str):
+    version = server.post("/bundle", json={}).json()["version"]
+    bad = tmp_path / "bad"
+    shutil.copytree(serving_bundle, bad)
+    (bad / "retrieval" / "retrieval.json").write_text(json.dumps({"tampered": True}))
+    r = server.post("/admin/reload", json={"bundle": str(bad)}, headers=AUTH)
+    assert r.status_code == 422 and "checksum mismatch for retrieval/retrieval.json" in r.json()["error"]
+    ok = server.post("/recommend", json={"user_id": some_user, "k": 5})
+    assert ok.status_code == 200 and ok.json()["bundle_version"] == version
+    good = server.post("/admin/reload", json={"bundle": str(serving_bundle)}, headers=AUTH)
+    assert good.status_code == 200 and good.json()["version"] == version
+
+
+def test_same_app_in_process_via_to_asgi_starts_unready_and_recovers(serving_bundle: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch, some_user: str):
+    """One in-process app per test process (BentoML's metrics middleware registers global collectors)."""
+    from starlette.testclient import TestClient
+
+    monkeypatch.setenv("FEEDSTACK_BUNDLE", str(tmp_path / "missing"))
+    monkeypatch.setenv("FEEDSTACK_ADMIN_TOKEN", TOKEN)
+    from serving.service import Feedstack
+
+    with TestClient(Feedstack.to_asgi()) as c:
+        assert c.get("/readyz").status_code == 503
+        r = c.post("/recommend", json={"user_id": some_user})
+        assert r.status_code == 503 and "bundle directory not found" in r.json()["error"]
+        assert c.post("/admin/reload", json={"bundle": str(serving_bundle)}).status_code == 401
+        assert c.post("/admin/reload", json={"bundle": str(serving_bundle)}, headers=AUTH).status_code == 200
+        assert c.get("/readyz").status_code == 200
+        r = c.post("/recommend", json={"user_id": some_user, "k": 4})
+        assert r.status_code == 200 and len(r.json()["items"]) == 4
+        assert c.post("/recommend", json={"user_id": some_user, "k": -1}).status_code == 400

@@ -1,0 +1,160 @@
+"""The request path in process (no HTTP): loading, retrieval + ranking + policy, cold start, governance,
+reload of a corrupt bundle, and the import boundary (serving needs neither torch nor training)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from features.bundle import BundleError
+from serving.bundle import load_bundle
+from serving.config import ServeSettings, settings_from_raw
+from serving.recommender import Recommender, RequestError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def rec(serving_bundle: Path) -> Recommender:
+    return Recommender(load_bundle(serving_bundle), ServeSettings())
+
+
+def test_recommend_returns_a_governed_page(rec: Recommender):
+    b = rec.bundle
+    user = next(iter(b.user_row))
+    r = rec.recommend(user, 10)
+    assert len(r.items) == 10 and not r.cold_start
+    assert r.bundle_version == b.version and r.candidates > 10
+    ids = [i.item_id for i in r.items]
+    assert len(set(ids)) == 10
+    rows = [b.item_row[i] for i in ids]
+    assert b.visible[rows].all()
+    for it in r.items:
+        assert set(it.predictions) == set(b.heads)
+        assert it.reasons and it.creator_id == b.creator_ids[b.item_creator[b.item_row[it.item_id]]]
+    scores = [i.score for i in r.items]
+    assert all(np.isfinite(scores))
+
+
+def test_unknown_user_gets_a_cold_start_feed(rec: Recommender):
+    r = rec.recommend("no-such-user", 5)
+    assert r.cold_start and len(r.items) == 5
+    pop = Recommender(rec.bundle, settings_from_raw({"serving": {"cold_start": "popular"}}))
+    r2 = pop.recommend("no-such-user", 5)
+    assert r2.cold_start and len(r2.items) == 5
+
+
+def test_unknown_scenario_names_the_field(rec: Recommender):
+    with pytest.raises(RequestError, match="unknown scenario 'nope'") as e:
+        rec.recommend(next(iter(rec.bundle.user_row)), 5, scenario="nope")
+    assert e.value.field == "scenario"
+
+
+def test_exclude_and_block_take_effect(rec: Recommender):
+    user = next(iter(rec.bundle.user_row))
+    first = rec.recommend(user, 10)
+    top = first.items[0]
+    r = rec.recommend(user, 10, exclude_item_ids=[top.item_id])
+    assert top.item_id not in {i.item_id for i in r.items}
+    rec.block(item_ids=[first.items[1].item_id], creator_ids=[first.items[2].creator_id])
+    try:
+        for _ in range(3):
+            r = rec.recommend(user, 10)
+            assert first.items[1].item_id not in {i.item_id for i in r.items}
+            assert first.items[2].creator_id not in {i.creator_id for i in r.items}
+        ranked = rec.rank(user, [first.items[1].item_id, first.items[3].item_id, "no-such-item"])
+        assert ranked.unknown_item_ids == ["no-such-item"]
+        assert ranked.filtered_item_ids == [first.items[1].item_id]
+    finally:
+        rec.block(item_ids=[first.items[1].item_id], creator_ids=[first.items[2].creator_id], unblock=True)
+
+
+def test_rank_orders_given_items_by_fused_score(rec: Recommender):
+    b = rec.bundle
+    user = next(iter(b.user_row))
+    ids = [str(i) for i in b.item_ids[b.visible][:30]]
+    r = rec.rank(user, ids + ids[:3], scenario="commerce")
+    assert len(r.items) == 30 and r.scenario == "commerce"
+    scores = [i.score for i in r.items]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_corrupt_bundle_is_refused_and_the_old_one_keeps_serving(serving_bundle: Path, tmp_path: Path):
+    rec = Recommender(load_bundle(serving_bundle), ServeSettings())
+    bad = tmp_path / "bad"
+    shutil.copytree(serving_bundle, bad)
+    with open(bad / "ranking" / "ranker.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00corrupt\x00")
+    version = rec.bundle.version
+    with pytest.raises(BundleError, match="checksum mismatch for ranking/ranker.onnx"):
+        rec.reload(str(bad))
+    assert rec.bundle.version == version
+    assert len(rec.recommend(next(iter(rec.bundle.user_row)), 5).items) == 5
+    wrong = tmp_path / "wrong_format"
+    shutil.copytree(serving_bundle, wrong)
+    m = json.loads((wrong / "manifest.json").read_text())
+    m["format_version"] = 99
+    (wrong / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format_version 99"):
+        rec.reload(str(wrong))
+    info = rec.reload(str(serving_bundle))
+    assert info["version"] == version
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_serving_imports_neither_training_nor_torch():
+    for path in sorted((REPO / "serving").rglob("*.py")):
+        bad = _imports(path) & {"training", "torch", "lightning", "pytorch_lightning"}
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+    code = ("import sys, serving.service, serving.recommender, serving.policy, serving.__main__; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', 'training')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={"BENTOML_DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_loads_models_uri_from_the_mlflow_registry(serving_bundle: Path, tmp_path: Path):
+    """models:/feedstack@production resolves through the registry, downloads, verifies and serves."""
+    import mlflow
+
+    from serving.bundle import resolve_bundle
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.create_experiment("serving-test", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp) as run:
+            mlflow.log_artifacts(str(serving_bundle), "bundle")
+            source = mlflow.get_artifact_uri("bundle")
+        client = mlflow.MlflowClient()
+        client.create_registered_model("feedstack")
+        mv = client.create_model_version("feedstack", source=source, run_id=run.info.run_id)
+        client.set_registered_model_alias("feedstack", "production", mv.version)
+        path, version = resolve_bundle("models:/feedstack@production", str(tmp_path / "dl"), uri)
+        assert version == str(mv.version)
+        bundle = load_bundle(path, registry_version=version)
+        assert bundle.version.startswith(f"{mv.version}-")
+        assert len(Recommender(bundle, ServeSettings()).recommend("u", 3).items) == 3
+        with pytest.raises(BundleError, match="cannot resolve models:/feedstack@staging"):
+            resolve_bundle("models:/feedstack@staging", str(tmp_path / "dl2"), uri)
+    finally:
+        mlflow.set_tracking_uri(None)

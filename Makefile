@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONFIG ?= configs/kuairand.yaml
 SET    ?=
 
-.PHONY: setup test features fit main clean
+.PHONY: setup test features fit main serve clean
 
 setup: $(VENV)/.installed
 
@@ -24,9 +24,13 @@ features: setup
 fit: setup
 	$(PY) -m training fit --config $(CONFIG) $(SET)
 
-# The main job: features, training, export, index, registry (and, once serving lands, the service).
+# The main job: features, training, evaluation, ONNX, FAISS, bundle, MLflow registry, then the MLflow UI
+# and the BentoML service on localhost with an example request (MAIN_SMOKE=1 stops after the request).
 main: setup
-	$(PY) -m features build --config $(CONFIG) $(SET)
+	scripts/main.sh --config $(CONFIG) $(SET)
+
+serve: setup
+	$(PY) -m serving --bundle models:/feedstack@production --port 3000
 
 clean:
 	rm -rf runs

@@ -42,14 +42,22 @@ body="{\"user_id\": \"$user\", \"k\": 10, \"scenario\": \"feed\"}"
 cat <<MSG
 
 feedstack is up.
-  service   http://127.0.0.1:$SERVE_PORT        (OpenAPI: http://127.0.0.1:$SERVE_PORT/docs, metrics: /metrics)
+  service   http://127.0.0.1:$SERVE_PORT        (OpenAPI page at /, spec /docs.json, metrics /metrics)
   MLflow UI http://127.0.0.1:$MLFLOW_PORT       (experiment "feedstack", model "feedstack" alias "production")
 
 example request:
   curl -s -X POST http://127.0.0.1:$SERVE_PORT/recommend -H 'content-type: application/json' -d '$body'
 
 MSG
-curl -s -X POST "http://127.0.0.1:$SERVE_PORT/recommend" -H 'content-type: application/json' -d "$body" | "$PY" -m json.tool | head -40
+curl -s -X POST "http://127.0.0.1:$SERVE_PORT/recommend" -H "content-type: application/json" -d "$body" > runs/example-response.json
+"$PY" - <<PY
+import json
+r = json.load(open("runs/example-response.json"))
+for i in r["items"]:
+    p = i["predictions"]
+    print(f"  {i['item_id']:>8}  creator {i['creator_id']:>8}  score {i['score']:6.3f}  click {p['click']:.3f}  long_view {p['long_view']:.3f}  watch {(i.get('watch_time_ms') or 0)/1000:5.1f}s  {','.join(i['reasons'])}")
+print(f"bundle {r['bundle_version']}, {r['candidates']} candidates, cold_start={r['cold_start']}; full JSON in runs/example-response.json")
+PY
 if [ "${MAIN_SMOKE:-0}" = "1" ]; then exit 0; fi
 echo "(Ctrl-C stops both servers)"
 wait

@@ -72,7 +72,7 @@ def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, signal
             rows, first = np.unique(item_rows, return_index=True)
             labels = {s: rows_df[s].to_numpy(np.float64)[first] for s in signals}
             row, hist = rec._user(bundle, user)
-            preds = rec._rank(bundle, user, row, hist, rows, None)
+            preds, _ = rec._score(bundle, user, row, hist, rows, None)
             cands = rec._candidates(st, row, hist, rows, preds, name, None)
             page = st.policy.page(cands, k, name, rec.exposure)
             sel = rows[page.index]

@@ -36,6 +36,7 @@ class ScoredItem:
     score: float
     predictions: dict[str, float]
     reasons: list[str]
+    watch_time_ms: float | None = None  # the watch-time head decoded to milliseconds, when the ranker has one
 
 
 @dataclass
@@ -197,8 +198,8 @@ class Recommender:
         return out
 
     def _rank(self, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
-              context: dict[str, Any] | None) -> np.ndarray:
-        """(n, T) head predictions for catalogue rows ``rows``."""
+              context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n, T) head predictions for catalogue rows ``rows``, and (n,) expected watch time in ms (or None)."""
         n = len(rows)
         k = b.ranking
         cat = np.zeros((n, len(k.cat_sources)), dtype=np.int64)
@@ -227,8 +228,17 @@ class Recommender:
                     num[np.ix_(np.flatnonzero(hit), b.fan_num_pos)] = vals[:, b.fan_num_which]
         hist_mat = np.ascontiguousarray(np.broadcast_to(hist, (n, len(hist))))
         names = k.input_names
-        out = b.ranker.run([k.scores_output], {names["cat"]: cat, names["hist"]: hist_mat, names["num"]: num})[0]
-        return np.asarray(out, dtype=np.float32)
+        outputs = [k.scores_output] + ([k.watch_output] if k.watch_output else [])
+        out = b.ranker.run(outputs, {names["cat"]: cat, names["hist"]: hist_mat, names["num"]: num})
+        # The ranker emits watch time in seconds (float32 ms would lose the parity tolerance to rounding).
+        watch_ms = np.asarray(out[1], dtype=np.float64).reshape(-1) * 1000.0 if k.watch_output else None
+        return np.asarray(out[0], dtype=np.float32), watch_ms
+
+    def _score(self, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
+               context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        if not len(rows):
+            return np.zeros((0, len(b.heads)), np.float32), None
+        return self._rank(b, user_id, row, hist, rows, context)
 
     def _candidates(self, st: _State, row: int, hist: np.ndarray, rows: np.ndarray, preds: np.ndarray,
                     scenario: str, excluded: np.ndarray | None) -> Candidates:
@@ -256,12 +266,13 @@ class Recommender:
                           new_category=~np.isin(category, seen))
 
     def _items(self, b: Bundle, rows: np.ndarray, preds: np.ndarray, scores: np.ndarray,
-               reasons: list[list[str]]) -> list[ScoredItem]:
+               reasons: list[list[str]], watch_ms: np.ndarray | None) -> list[ScoredItem]:
         heads = b.heads
         creators = b.creator_ids[b.item_creator[rows]]
         ids = b.item_ids[rows]
-        return [ScoredItem(str(ids[j]), str(creators[j]), float(scores[j]),
-                           dict(zip(heads, preds[j].tolist())), reasons[j]) for j in range(len(rows))]
+        return [ScoredItem(str(ids[j]), str(creators[j]), float(scores[j]), dict(zip(heads, preds[j].tolist())),
+                           reasons[j], None if watch_ms is None else round(float(watch_ms[j]), 1))
+                for j in range(len(rows))]
 
     def recommend(self, user_id: str, k: int, scenario: str | None = None,
                   exclude_item_ids: Sequence[str] = (), context: dict[str, Any] | None = None) -> Result:
@@ -274,13 +285,14 @@ class Recommender:
         n = self.settings.serving.candidates + len(excluded)
         rows, cold = self._retrieve(st, row, hist, n)
         t1 = time.perf_counter()
-        preds = self._rank(b, user_id, row, hist, rows, context) if len(rows) else np.zeros((0, len(b.heads)), np.float32)
+        preds, watch_ms = self._score(b, user_id, row, hist, rows, context)
         t2 = time.perf_counter()
         cands = self._candidates(st, row, hist, rows, preds, name, excluded)
         page = st.policy.page(cands, k, name, self.exposure)
         t3 = time.perf_counter()
         sel = rows[page.index]
-        items = self._items(b, sel, preds[page.index], page.score, page.reasons)
+        items = self._items(b, sel, preds[page.index], page.score, page.reasons,
+                            None if watch_ms is None else watch_ms[page.index])
         timings = {"retrieval": (t1 - t0) * 1e3, "ranking": (t2 - t1) * 1e3, "policy": (t3 - t2) * 1e3}
         return Result(items, b.version, name, cold, int(len(rows)), timings_ms=timings)
 
@@ -305,11 +317,12 @@ class Recommender:
                 keep.append(r)
         rows = np.array(keep, dtype=np.int64)
         row, hist = self._user(b, user_id)
-        preds = self._rank(b, user_id, row, hist, rows, context) if len(rows) else np.zeros((0, len(b.heads)), np.float32)
+        preds, watch_ms = self._score(b, user_id, row, hist, rows, context)
         from serving.policy import fuse
 
         steps = self.settings.policy.for_scenario(name)
         score = fuse(preds, st.policy.weights[name], steps.fusion.mode)
         order = np.argsort(-score, kind="stable")
-        items = self._items(b, rows[order], preds[order], score[order], [["relevance"] for _ in order])
+        items = self._items(b, rows[order], preds[order], score[order], [["relevance"] for _ in order],
+                            None if watch_ms is None else watch_ms[order])
         return Result(items, b.version, name, row < 0, len(rows), unknown, filtered)

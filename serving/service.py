@@ -67,6 +67,7 @@ class Item(BaseModel):
     score: float = Field(description="final score: fused head predictions plus any exposure boost")
     predictions: dict[str, float] = Field(description="per-head prediction")
     reasons: list[str] = Field(description="policy reasons: relevance, fan, quality_support, exposure_boost, exploration")
+    watch_time_ms: float | None = Field(None, description="expected watch time (ms), decoded from the watch-time head")
 
 
 class RecommendResponse(BaseModel):
@@ -107,7 +108,7 @@ def _body(result: Result, **extra: Any) -> Response:
     """The response schema's JSON written directly: the hot path skips pydantic's output validation (the
     annotation still documents the schema in OpenAPI)."""
     items = [{"item_id": i.item_id, "creator_id": i.creator_id, "score": i.score, "predictions": i.predictions,
-              "reasons": i.reasons} for i in result.items]
+              "reasons": i.reasons, "watch_time_ms": i.watch_time_ms} for i in result.items]
     body = {"items": items, "bundle_version": result.bundle_version, "scenario": result.scenario,
             "cold_start": result.cold_start, "candidates": result.candidates, **extra}
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")

@@ -73,8 +73,9 @@ def test_recommend_over_http(server: httpx.Client, some_user: str):
     body = r.json()
     assert len(body["items"]) == 10 and body["bundle_version"] and body["cold_start"] is False
     item = body["items"][0]
-    assert set(item) == {"item_id", "creator_id", "score", "predictions", "reasons"}
+    assert set(item) == {"item_id", "creator_id", "score", "predictions", "reasons", "watch_time_ms"}
     assert "hate" in item["predictions"] and item["reasons"]
+    assert all(i["watch_time_ms"] > 0 for i in body["items"])
     cold = server.post("/recommend", json={"user_id": "never-seen-user", "k": 5}).json()
     assert cold["cold_start"] is True and len(cold["items"]) == 5
 

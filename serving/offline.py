@@ -1,19 +1,55 @@
-"""Offline evaluation of the feed policy with the same code the service runs.
+"""Offline evaluation of the feed policy with the code the service runs, on a held-out period or a later log.
 
-    python -m serving.offline --bundle runs/kuairand/bundle [--config configs/kuairand.yaml] [--k 20] --out policy.json
+    python -m serving.offline --bundle runs/full/bundle [--period valid|test] [--k 20] [--out policy.json]
+    python -m training evaluate-policy --bundle runs/full/bundle [--log LATER.csv] --out policy.json   # + MLflow, plot
 
-Every test-period user known to the bundle gets one page built from the items they were shown in the test
-period (so every served item has real feedback): ranked by the bundle's ranker, then either the
-configured policy or the engagement-only baseline (governance + fusion). Per arm: NDCG@k of the real
-signals, creator exposure Gini and Lorenz curve, item coverage, high-quality share, fan delivery and
-governance leaks (must be 0).
+Protocol (every number of one run comes from this; keep it so runs compare):
+
+* **Impressions.** Either the bundle's own ``features/interactions.parquet`` rows of one period
+  (``test`` by default, ``valid`` for tuning), or a later log in the dataset's raw layout (read by the
+  training CLI with the bundle's stored config). Only users and items the bundle knows are kept (a
+  counted report says how many were not).
+* **Features as of the period start.** The bundle's tables are the serving snapshot taken at the end of
+  its data, which *includes* its valid and test periods. For its own period the evaluator therefore
+  serves from a *period view* of the bundle: each evaluated user's history, the quality aggregates of the
+  items shown in the period and the user's fan relations to those items' creators are replaced by the
+  time-correct values stored on the user's first period row (computed from data before the period).
+  Residual look-ahead, the same in every arm: items with no impression in the period keep their snapshot
+  aggregates, the high-quality creator flag and fan relations of pairs absent from the period keep their
+  snapshot values. With ``--log`` the snapshot is exactly what serving would have used: no view.
+* **Candidates as production sees them.** For each user: the FAISS top-``serving.candidates`` (500) of the
+  bundle's user tower, united with the items the user was shown in the period (so that items with real
+  feedback compete), ranked by the bundle's ONNX ranker with the context (tab, hour) of the user's first
+  period impression. Retrieval and ranking run once per user and are shared by every arm.
+* **One page per user, in time order.** Users are served in the order of their first period impression;
+  each arm (engagement-only = governance + fusion + top-k; the configured policy; any extra configs) has
+  its own :class:`~serving.recommender.Recommender` and so its own exposure tracker, starting empty and
+  evolving page by page as in production. Pages are built by ``Recommender._candidates`` and
+  ``FeedPolicy.page``, the calls ``Recommender.recommend`` makes.
+* **Engagement.** NDCG@k of the real signals: gains are the user's logged labels (``long_view``,
+  ``click``, and ``weighted`` = max(0, sum of the scenario's fusion weights over the logged binary
+  signals)); candidates without a logged impression gain 0; the ideal ranking is the user's logged,
+  servable items by gain. Users without a positive for a gain are skipped for that gain.
+* **Exposure.** One count per page slot, summed over the run (no decay). Gini and Lorenz curve over
+  *creators with any candidate* (every creator with at least one servable candidate for some user, zeros
+  included: the population the policy could have reached; the headline), over *served creators* (exposure
+  > 0 only) and over the *catalogue* (every creator with a servable item).
+* **Coverage**: distinct served items / distinct servable candidates, and the same for creators.
+  **Quality share**: share of page slots from high-quality creators. **Fan delivery**: among pages whose
+  candidates held a servable fresh item of a creator the user is an iron fan of (fans-first's own test,
+  whatever the arm's config), the share that served one. **Governance leaks**: served items that are not
+  visible or are blocked (item or creator) by the configured governance, checked against the bundle and
+  the config directly, not through the service's mask.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +61,16 @@ from serving.config import ServeSettings, load_settings
 from serving.policy import PolicyConfig, gini
 from serving.recommender import Recommender
 
+BASELINE = "engagement_only"
+POLICY = "policy"
+GAINS = ("long_view", "click", "weighted")
 
-def _ndcg(gains: np.ndarray, all_gains: np.ndarray, k: int) -> float:
-    disc = 1.0 / np.log2(np.arange(2, k + 2))
-    dcg = float((gains[:k] * disc[: len(gains[:k])]).sum())
-    ideal = np.sort(all_gains)[::-1][:k]
-    idcg = float((ideal * disc[: len(ideal)]).sum())
-    return dcg / idcg if idcg > 0 else float("nan")
+
+# --------------------------------------------------------------------------- small metrics
 
 
 def lorenz(x: np.ndarray, points: int = 11) -> list[float]:
-    """Share of exposure held by the least-exposed fraction q of creators, q = 0, 0.1, ..., 1."""
+    """Share of exposure held by the least-exposed fraction q of creators, q = 0, 1/(points-1), ..., 1."""
     v = np.sort(np.asarray(x, np.float64))
     if v.sum() <= 0:
         return [0.0] * points
@@ -44,78 +79,305 @@ def lorenz(x: np.ndarray, points: int = 11) -> list[float]:
     return [round(float(np.interp(p * len(v), np.arange(len(v) + 1), cum)), 4) for p in q]
 
 
-def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, signals: tuple[str, ...] = ("long_view", "click"),
-                    scenario: str | None = None, max_users: int | None = None) -> dict[str, Any]:
+def ndcg(page_gains: np.ndarray, ideal_gains: np.ndarray, k: int) -> np.ndarray:
+    """page_gains (k', G) gains of the served page in order, ideal_gains (m, G) -> (G,) NDCG@k (NaN: no positive)."""
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (page_gains[:k] * disc[: min(k, len(page_gains)), None]).sum(axis=0)
+    ideal = -np.sort(-ideal_gains, axis=0)[:k]
+    idcg = (ideal * disc[: len(ideal), None]).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), np.nan)
+
+
+# --------------------------------------------------------------------------- impressions and the period view
+
+
+def period_log(bundle: Bundle, period: str = "test") -> pd.DataFrame:
+    """The bundle's own rows of ``period`` (time-correct features included)."""
     path = bundle.path / "features" / "interactions.parquet"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the offline policy evaluation needs the bundle's test-period log")
-    cols = ["user_id", "item_id", "period", *signals]
-    log = pd.read_parquet(path, columns=cols)
-    log = log[(log["period"] == "test") & log["user_id"].astype(str).isin(bundle.user_row.keys())]
-    log = log[log["item_id"].astype(str).isin(bundle.item_row.keys())]
-    groups = list(log.groupby(log["user_id"].astype(str), sort=True))
-    if max_users:
-        groups = groups[:max_users]
-    arms = {"policy": Recommender(bundle, settings),
-            "engagement_only": Recommender(bundle, ServeSettings(settings.serving, PolicyConfig.engagement_only()))}
-    out: dict[str, Any] = {"users": len(groups), "k": k, "signals": list(signals)}
-    for arm, rec in arms.items():
-        st = rec._state
-        name = rec._scenario(st, scenario)
-        ndcg = {s: [] for s in signals}
-        served_items: set[int] = set()
-        candidate_items: set[int] = set()
-        creator_counts = np.zeros(len(bundle.creator_ids))
-        hq_share, fan_pages, fan_possible, leaks = [], 0, 0, 0
-        for user, rows_df in groups:
-            item_rows = np.array([bundle.item_row[str(i)] for i in rows_df["item_id"]], dtype=np.int64)
-            rows, first = np.unique(item_rows, return_index=True)
-            labels = {s: rows_df[s].to_numpy(np.float64)[first] for s in signals}
-            row, hist = rec._user(bundle, user)
-            preds, _ = rec._score(bundle, user, row, hist, rows, None)
-            cands = rec._candidates(st, row, hist, rows, preds, name, None)
-            page = st.policy.page(cands, k, name, rec.exposure)
-            sel = rows[page.index]
-            allowed = cands.allowed
-            for s in signals:
-                ndcg[s].append(_ndcg(labels[s][page.index], labels[s][allowed], k))
-            candidate_items.update(rows[allowed].tolist())
-            served_items.update(sel.tolist())
-            np.add.at(creator_counts, bundle.item_creator[sel], 1)
-            leaks += int((~st.servable[sel]).sum())
-            if len(sel):
-                hq_share.append(float(bundle.high_quality[sel].mean()))
-            if (cands.fan_fresh & allowed).any():
-                fan_possible += 1
-                fan_pages += bool(cands.fan_fresh[page.index].any())
-        exposed = creator_counts[creator_counts > 0]
-        pool = np.zeros(len(bundle.creator_ids))
-        pool[bundle.item_creator[list(candidate_items)]] = 1
-        population = creator_counts[pool > 0]  # creators that had a chance to be served
-        out[arm] = {
-            **{f"ndcg@{k}_{s}": round(float(np.nanmean(v)), 4) if v else None for s, v in ndcg.items()},
-            "creator_gini": round(gini(population), 4), "creator_gini_served": round(gini(exposed), 4),
-            "lorenz": lorenz(population), "coverage": round(len(served_items) / max(1, len(candidate_items)), 4),
-            "quality_share": round(float(np.mean(hq_share)), 4) if hq_share else None,
-            "fan_delivery": round(fan_pages / fan_possible, 4) if fan_possible else None,
-            "governance_leaks": leaks,
-        }
+        raise FileNotFoundError(f"{path} is missing: the offline policy evaluation needs the bundle's period log")
+    log = pd.read_parquet(path, filters=[("period", "==", period)])
+    if not len(log):
+        raise ValueError(f"{path} has no rows with period == '{period}'")
+    return log
+
+
+def period_view(bundle: Bundle, log: pd.DataFrame) -> tuple[Bundle, dict[str, int]]:
+    """``bundle`` with user history, item aggregates and fan relations as of the start of ``log``'s period.
+
+    Uses the time-correct values stored on each user's / item's / (user, creator)'s first row of ``log``.
+    ONNX sessions and the index are shared, not copied.
+    """
+    log = log.sort_values("ts", kind="stable")
+    note = {"users": 0, "items": 0, "fan_pairs": 0, "fan_pairs_not_in_snapshot": 0}
+    history = bundle.history
+    if "history" in log:
+        first = log.drop_duplicates("user_id")
+        urow = np.array([bundle.user_row.get(str(u), -1) for u in first["user_id"]])
+        ok = urow >= 0
+        history = bundle.history.copy()
+        history[urow[ok]] = np.stack(first["history"].to_numpy()[ok]).astype(np.int64)
+        note["users"] = int(ok.sum())
+    item_num = bundle.item_num
+    item_cols = [s.split(":", 1)[1] for s in bundle.ranking.num_sources if s.startswith("items:")]
+    present = [j for j, c in enumerate(item_cols) if c in log]
+    if present:
+        first = log.drop_duplicates("item_id")
+        irow = np.array([bundle.item_row.get(str(i), -1) for i in first["item_id"]])
+        ok = irow >= 0
+        item_num = bundle.item_num.copy()
+        vals = first[[item_cols[j] for j in present]].to_numpy(np.float32)[ok]
+        item_num[np.ix_(irow[ok], present)] = vals
+        note["items"] = int(ok.sum())
+    fan_values = bundle.fan_values
+    fan_cols = [c for c in bundle.fan_columns if c in log]
+    if fan_cols and "creator_id" in log:
+        fan_values = bundle.fan_values.copy()
+        pairs = log.drop_duplicates(["user_id", "creator_id"])
+        cidx = pd.Index(bundle.creator_ids)
+        creators = cidx.get_indexer(pairs["creator_id"].astype(str))
+        vals = pairs[fan_cols].to_numpy(np.float32)
+        which = [bundle.fan_columns.index(c) for c in fan_cols]
+        for u, c, v in zip(pairs["user_id"].astype(str), creators, vals):
+            row = bundle.user_row.get(u, -1)
+            if row < 0 or c < 0:
+                continue
+            lo, hi = bundle.fan_ptr[row], bundle.fan_ptr[row + 1]
+            pos = lo + int(np.searchsorted(bundle.fan_creator[lo:hi], c))
+            if pos < hi and bundle.fan_creator[pos] == c:
+                fan_values[pos, which] = v
+                note["fan_pairs"] += 1
+            elif v.any():  # a relation the snapshot lost (an iron fan who lapsed later): left out, counted
+                note["fan_pairs_not_in_snapshot"] += 1
+    start = float(log["ts"].min())
+    view = dataclasses.replace(bundle, history=history, item_num=item_num, fan_values=fan_values,
+                               data_end_ms=min(bundle.data_end_ms, start) if bundle.data_end_ms else start)
+    return view, note
+
+
+# --------------------------------------------------------------------------- candidates, shared by all arms
+
+
+@dataclass
+class UserCase:
+    """One user's request: ranked candidates and the logged truth. Arrays aligned over n candidates."""
+
+    user_id: str
+    row: int  # bundle user row
+    hist: np.ndarray  # (L,) the user's history (item_id_idx)
+    rows: np.ndarray  # (n,) catalogue rows: retrieval top-N, then logged items not retrieved
+    preds: np.ndarray  # (n, T) ranker head predictions
+    gains: np.ndarray  # (n, G) logged gains (0 = no impression)
+    logged: np.ndarray  # (n,) bool the user was shown the item in the period
+    fan_fresh: np.ndarray  # (n,) bool fresh item of an iron-fan creator (fans-first's own test)
+
+
+def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = None,
+                  max_users: int | None = None, fan_probe: Recommender | None = None) -> tuple[list[UserCase], dict[str, Any]]:
+    """Retrieve and rank once per known user of ``log``, users in the order of their first impression."""
+    st = rec._state
+    b = st.bundle
+    name = rec._scenario(st, scenario)
+    weights = dict(zip(b.heads, st.policy.weights[name].tolist()))
+    binary = [h for h, kind in zip(b.heads, b.ranking.head_kinds) if kind == "binary" and h in log]
+    for s in ("long_view", "click"):
+        if s not in log:
+            raise ValueError(f"the log has no '{s}' column; its columns: {sorted(log.columns)}")
+    log = log.sort_values("ts", kind="stable")
+    uid, iid = log["user_id"].astype(str), log["item_id"].astype(str)
+    urow = uid.map(b.user_row).fillna(-1).astype(np.int64).to_numpy()
+    irow = iid.map(b.item_row).fillna(-1).astype(np.int64).to_numpy()
+    report = {"impressions": int(len(log)), "users": int(uid.nunique()),
+              "unknown_users": int(uid[urow < 0].nunique()), "unknown_user_impressions": int((urow < 0).sum()),
+              "unknown_item_impressions": int(((irow < 0) & (urow >= 0)).sum())}
+    keep = (urow >= 0) & (irow >= 0)
+    sig = log.loc[keep, binary].to_numpy(np.float32)
+    w = np.array([weights.get(h, 0.0) for h in binary], np.float32)
+    gains_all = np.column_stack([sig[:, binary.index("long_view")], sig[:, binary.index("click")],
+                                 np.maximum(sig @ w, 0.0)])
+    kept = log.loc[keep]
+    ctx_names = [n for _, n in b.request_cat if n != "user_id" and n in kept]
+    ctx_vals = {n: kept[n].astype(str).to_numpy() for n in ctx_names}
+    irow_k, uid_k = irow[keep], uid.to_numpy()[keep]
+    codes, order_users = pd.factorize(uid_k, sort=False)  # first-appearance order = time order
+    by_user = np.argsort(codes, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=len(order_users)))]
+    n_users = len(order_users) if max_users is None else min(max_users, len(order_users))
+    probe = fan_probe or rec
+    cases: list[UserCase] = []
+    for u in range(n_users):
+        idx = by_user[bounds[u]:bounds[u + 1]]
+        user = str(order_users[u])
+        row, hist = rec._user(b, user)
+        retrieved, _ = rec._retrieve(st, row, hist, rec.settings.serving.candidates)
+        logged_rows, first = np.unique(irow_k[idx], return_index=True)
+        extra = logged_rows[~np.isin(logged_rows, retrieved)]
+        rows = np.concatenate([retrieved, extra])
+        gains = np.zeros((len(rows), len(GAINS)), np.float32)
+        pos = pd.Index(rows).get_indexer(irow_k[idx])
+        np.maximum.at(gains, pos, gains_all[idx])  # an item shown twice gains its best outcome
+        logged = np.zeros(len(rows), bool)
+        logged[pos] = True
+        ctx = {n: ctx_vals[n][idx[0]] for n in ctx_names}
+        preds, _ = rec._score(b, user, row, hist, rows, ctx)
+        probe_st = probe._state
+        fan = probe._candidates(probe_st, row, hist, rows, preds, name, None).fan_fresh
+        cases.append(UserCase(user, row, hist, rows, preds, gains, logged, fan))
+    report["evaluated_users"] = len(cases)
+    report["evaluated_impressions"] = int(sum(c.logged.sum() for c in cases))
+    report["gain_signals"] = {"weighted": {h: float(weights.get(h, 0.0)) for h in binary}}
+    return cases, report
+
+
+# --------------------------------------------------------------------------- one arm
+
+
+def _forbidden(bundle: Bundle, policy: PolicyConfig) -> np.ndarray:
+    """(N,) bool: what governance must never serve, from the bundle and the config directly."""
+    bad = ~bundle.visible.astype(bool)
+    bad |= np.isin(bundle.item_ids, list(policy.governance.blocked_items))
+    bad |= np.isin(bundle.creator_ids, list(policy.governance.blocked_creators))[bundle.item_creator]
+    return bad
+
+
+def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """Serve every case in order through ``rec`` (its tracker evolves); the arm's metrics and (C,) exposure."""
+    st = rec._state
+    b = st.bundle
+    name = rec._scenario(st, scenario)
+    forbidden = _forbidden(b, rec.settings.policy)
+    n_creators = len(b.creator_ids)
+    exposure = np.zeros(n_creators)
+    reachable = np.zeros(n_creators, bool)
+    served_items: set[int] = set()
+    candidate_items: set[int] = set()
+    scores, slots, hq_slots, leaks, fan_possible, fan_served = [], 0, 0, 0, 0, 0
+    reasons: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for c in cases:
+        cands = rec._candidates(st, c.row, c.hist, c.rows, c.preds, name, None)
+        page = st.policy.page(cands, k, name, rec.exposure)
+        sel = c.rows[page.index]
+        allowed = cands.allowed
+        scores.append(ndcg(c.gains[page.index], c.gains[allowed & c.logged], k))
+        reachable[cands.creator[allowed]] = True
+        candidate_items.update(c.rows[allowed].tolist())
+        served_items.update(sel.tolist())
+        np.add.at(exposure, b.item_creator[sel], 1.0)
+        slots += len(sel)
+        hq_slots += int(b.high_quality[sel].sum())
+        leaks += int(forbidden[sel].sum())
+        if (c.fan_fresh & allowed).any():
+            fan_possible += 1
+            fan_served += bool(c.fan_fresh[page.index].any())
+        for tags in page.reasons:
+            for t in tags:
+                reasons[t] = reasons.get(t, 0) + 1
+    seconds = time.perf_counter() - t0
+    nd = np.array(scores).reshape(-1, len(GAINS))
+    catalogue = np.zeros(n_creators, bool)
+    catalogue[b.item_creator[st.servable]] = True
+    served_creators = exposure > 0
+    out = {
+        **{f"ndcg@{k}_{g}": round(float(np.nanmean(nd[:, j])), 5) if np.isfinite(nd[:, j]).any() else None
+           for j, g in enumerate(GAINS)},
+        **{f"ndcg_users_{g}": int(np.isfinite(nd[:, j]).sum()) for j, g in enumerate(GAINS)},
+        "creator_gini": round(gini(exposure[reachable]), 4),
+        "creator_gini_served": round(gini(exposure[served_creators]), 4),
+        "creator_gini_catalogue": round(gini(exposure[catalogue]), 4),
+        "top1pct_creator_share": round(float(np.sort(exposure)[::-1][: max(1, int(0.01 * reachable.sum()))].sum()
+                                             / max(1.0, exposure.sum())), 4),
+        "lorenz": lorenz(exposure[reachable], 101),
+        "item_coverage": round(len(served_items) / max(1, len(candidate_items)), 4),
+        "creator_coverage": round(int(served_creators.sum()) / max(1, int(reachable.sum())), 4),
+        "served_items": len(served_items), "candidate_items": len(candidate_items),
+        "served_creators": int(served_creators.sum()), "creators_with_candidates": int(reachable.sum()),
+        "quality_share": round(hq_slots / slots, 4) if slots else None,
+        "fan_delivery": round(fan_served / fan_possible, 4) if fan_possible else None,
+        "fan_pages_possible": fan_possible,
+        "governance_leaks": leaks,
+        "pages": len(cases), "slots": slots,
+        "reason_share": {t: round(n / max(1, slots), 4) for t, n in sorted(reasons.items())},
+        "tracker": {"boost": round(float(rec.exposure.boost), 4), "gini": round(float(rec.exposure.current_gini), 4)},
+        "policy_ms_per_page": round(1e3 * seconds / max(1, len(cases)), 3),
+    }
+    return out, exposure
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+
+
+def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log: pd.DataFrame | None = None,
+                    period: str = "test", scenario: str | None = None, max_users: int | None = None,
+                    extra: dict[str, PolicyConfig] | None = None, source: str | None = None) -> dict[str, Any]:
+    """Engagement-only vs ``settings.policy`` (and ``extra`` named configs) on one period or later log.
+
+    ``log``: canonical impressions of a later log (user_id, item_id, ts, signals, context); when None the
+    bundle's own ``period`` rows are used, served from :func:`period_view`.
+    """
+    t0 = time.perf_counter()
+    if log is None:
+        log = period_log(bundle, period)
+        view, note = period_view(bundle, log)
+        data = {"source": f"{bundle.path}/features/interactions.parquet", "period": period, "period_view": note}
+    else:
+        view = bundle
+        data = {"source": source or "later log", "period": None, "period_view": None}
+    configs = {BASELINE: PolicyConfig.engagement_only(settings.policy), POLICY: settings.policy, **(extra or {})}
+    recs = {arm: Recommender(view, ServeSettings(settings.serving, cfg)) for arm, cfg in configs.items()}
+    probe_cfg = dataclasses.replace(settings.policy, fans_first=dataclasses.replace(settings.policy.fans_first, enabled=True))
+    probe = Recommender(view, ServeSettings(settings.serving, probe_cfg))
+    cases, report = prepare_cases(recs[POLICY], log, scenario, max_users, probe)
+    data.update(report)
+    if log is not None and len(log):
+        data["time_range"] = [int(log["ts"].min()), int(log["ts"].max())]
+    t1 = time.perf_counter()
+    out: dict[str, Any] = {"protocol": "serving.offline (see its docstring)", "k": k, "gains": list(GAINS),
+                           "scenario": recs[POLICY]._scenario(recs[POLICY]._state, scenario),
+                           "candidates": settings.serving.candidates, "data": data, "users": len(cases)}
+    exposure: dict[str, np.ndarray] = {}
+    for arm, rec in recs.items():
+        out[arm], exposure[arm] = serve_arm(rec, cases, k, scenario)
+    base = out[BASELINE]
+    rel: dict[str, Any] = {}
+    for arm in recs:
+        if arm == BASELINE:
+            continue
+        r = {"creator_gini": _rel(out[arm]["creator_gini"], base["creator_gini"])}
+        for g in GAINS:
+            key = f"ndcg@{k}_{g}"
+            r[key] = _rel(out[arm][key], base[key])
+        r["max_ndcg_loss"] = round(max(0.0, *(-(r[f"ndcg@{k}_{g}"] or 0.0) for g in GAINS)), 4)
+        r["passes_bar"] = bool(r["creator_gini"] is not None and r["creator_gini"] <= -0.25
+                               and r["max_ndcg_loss"] <= 0.03 and out[arm]["governance_leaks"] == 0)
+        rel[arm] = r
+    out["relative_to_engagement_only"] = rel
+    out["bar"] = {"gini_reduction_at_least": 0.25, "ndcg_loss_at_most": 0.03, "governance_leaks": 0}
+    out["seconds"] = {"retrieve_and_rank": round(t1 - t0, 1), "total": round(time.perf_counter() - t0, 1)}
     return out
+
+
+def _rel(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round((a - b) / b, 4)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serving.offline", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True)
-    ap.add_argument("--config", default=None)
+    ap.add_argument("--config", default=None, help="YAML with serving: / policy: (default: the bundle's recipe)")
+    ap.add_argument("--period", choices=("valid", "test"), default="test")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--scenario", default=None)
     ap.add_argument("--max-users", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     bundle = load_bundle(args.bundle)
-    result = evaluate_policy(bundle, load_settings(args.config, bundle.manifest), args.k, scenario=args.scenario,
-                             max_users=args.max_users)
+    result = evaluate_policy(bundle, load_settings(args.config, bundle.manifest), args.k, period=args.period,
+                             scenario=args.scenario, max_users=args.max_users)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text)

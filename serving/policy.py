@@ -21,6 +21,7 @@ whole service or a whole offline run.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import threading
@@ -156,11 +157,21 @@ class PolicyConfig(PolicySteps):
         return self._resolved.get(scenario, self)
 
     @classmethod
-    def engagement_only(cls) -> "PolicyConfig":
-        """Governance and fusion only: the baseline the other steps are compared against."""
-        return cls(fans_first=FansFirstStep(enabled=False), quality=QualityStep(enabled=False),
-                   exposure=ExposureStep(enabled=False), diversity=DiversityStep(enabled=False),
-                   exploration=ExplorationStep(enabled=False))
+    def engagement_only(cls, base: "PolicyConfig | None" = None) -> "PolicyConfig":
+        """Governance and fusion only: the baseline the other steps are compared against.
+
+        With ``base``, its governance, fusion (scenario fusion overrides included) and exposure control are
+        kept, so that the baseline differs from ``base`` only by the page steps it switches off.
+        """
+        if base is None:
+            return cls(fans_first=FansFirstStep(enabled=False), quality=QualityStep(enabled=False),
+                       exposure=ExposureStep(enabled=False), diversity=DiversityStep(enabled=False),
+                       exploration=ExplorationStep(enabled=False))
+        raw = {f.name: to_dict(getattr(base, f.name)) for f in dataclasses.fields(base) if f.init}
+        for step in _STEP_KEYS - {"fusion"}:
+            raw[step]["enabled"] = False
+        raw["scenarios"] = {name: {k: v for k, v in o.items() if k == "fusion"} for name, o in base.scenarios.items()}
+        return load_policy(raw)
 
 
 _STEP_KEYS = frozenset({"fusion", "fans_first", "quality", "exposure", "diversity", "exploration"})

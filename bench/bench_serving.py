@@ -10,9 +10,10 @@ Phases (each bounded in requests and seconds):
   p99 < 60 ms at c=8.
 - --synthetic-items N: the same on an N-item catalogue made from the bundle's items (ids replicated, item
   vectors jittered around the real ones) with an HNSW index (p99 < 12 ms at c=1 for 1M).
-- --naive: in process on the same catalogue, the straightforward path: exact FAISS search, ranker features
-  joined with pandas (the training-side FeatureLayout), ONNX ranker, sort. Reported as naive p50 / service
-  p50 (target >= 3).
+- --naive: in process on the same catalogue, the naive path of the issue: PyTorch eager user tower and
+  ranker (weights from the run's stage checkpoints, <bundle>/../{retrieval,ranking}/checkpoints), exact
+  FAISS search, numpy feature gathers (bench/naive_path.py). Reported as naive p50 / service p50 (target
+  >= 3).
 - --soak-seconds S: open-loop at half the c=8 rate; errors and server RSS growth.
 A one-line JSON summary is printed last.
 """
@@ -220,58 +221,6 @@ def synthetic_bundle(base: Path, n_items: int, factory: str, ef_search: int, cac
     return out
 
 
-def naive_p50(bundle: Path, users: list[str], n: int, k: int, candidates: int, max_seconds: float) -> dict:
-    """Exact search + pandas feature join (training's FeatureLayout) + ONNX ranker + sort, in process."""
-    import faiss
-    import onnxruntime as ort
-
-    from features.tables import FeatureTables
-    from training.ranking.data import FeatureLayout
-
-    tables = FeatureTables.load(bundle / "features")
-    meta = json.loads((bundle / "ranking" / "ranking.json").read_text())
-    layout = FeatureLayout.from_json(meta["layout"])
-    heads = [h["name"] for h in meta["heads"]]
-    w = np.array([meta["scenarios"]["feed"].get(h, 0.0) for h in heads], np.float32)
-    x = np.load(bundle / "retrieval" / "item_vectors.npy")
-    exact = faiss.IndexFlatIP(x.shape[1])
-    exact.add(x)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    user_tower = ort.InferenceSession(str(bundle / "retrieval" / "user_tower.onnx"), opts)
-    ranker = ort.InferenceSession(str(bundle / "ranking" / "ranker.onnx"), opts)
-    rmeta = json.loads((bundle / "retrieval" / "retrieval.json").read_text())
-    ucols = rmeta["user_tower"]["inputs"][0]["columns"]
-    users_df = tables.users.set_index("user_id")
-    faiss.omp_set_num_threads(1)
-    lat, search = [], []
-    deadline = time.monotonic() + max_seconds
-    rng = np.random.default_rng(1)
-    for _ in range(n):
-        if time.monotonic() > deadline:
-            break
-        u = users[int(rng.integers(len(users)))]
-        t0 = time.perf_counter()
-        row = users_df.loc[u]
-        uv = user_tower.run(None, {"user_cat": row[ucols].to_numpy(np.int64).reshape(1, -1),
-                                   "history": np.asarray(row["history"], np.int64).reshape(1, -1)})[0]
-        ts = time.perf_counter()
-        _, ids = exact.search(np.ascontiguousarray(uv, np.float32), candidates)
-        search.append(time.perf_counter() - ts)
-        cand = tables.items.iloc[ids[0][ids[0] >= 0]]
-        rows = pd.DataFrame({"user_id": u, "item_id": cand["item_id"].to_numpy(), "creator_id": cand["creator_id"].to_numpy()})
-        rows = layout.prepare(tables.attach_snapshot(rows), tables)
-        scores = ranker.run(["scores"], layout.arrays(rows))[0]
-        fused = scores @ w
-        keep = cand["visible"].to_numpy()
-        order = np.argsort(-np.where(keep, fused, -np.inf))[:k]
-        _ = cand["item_id"].to_numpy()[order].tolist()
-        lat.append(time.perf_counter() - t0)
-    a = np.array(lat) * 1e3
-    return {"requests": len(a), "p50_ms": round(float(np.median(a)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
-            "exact_search_p50_ms": round(float(np.median(search)) * 1e3, 3)}
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -340,7 +289,10 @@ def main() -> int:
         if summary["synthetic"].get("c1"):
             checks["synthetic_c1_p99_lt_12ms"] = summary["synthetic"]["c1"]["p99_ms"] < 12
         if args.naive:
-            naive = naive_p50(big, users, args.naive_requests, args.k, args.candidates, args.max_seconds)
+            from naive_path import naive_eager_p50
+
+            naive = naive_eager_p50(big, bundle, bundle.parent, users, args.naive_requests, args.k, args.candidates,
+                                    args.max_seconds)
             service = summary["synthetic"]["c1"]["p50_ms"]
             summary["naive"] = {**naive, "ratio_p50": round(naive["p50_ms"] / service, 2)}
             checks["service_ge_3x_naive_p50"] = summary["naive"]["ratio_p50"] >= 3

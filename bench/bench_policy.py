@@ -39,7 +39,7 @@ def main() -> int:
     settings = load_settings(args.config, bundle.manifest)
     settings.serving.candidates = args.candidates
     full = Recommender(bundle, settings)
-    base = Recommender(bundle, ServeSettings(settings.serving, PolicyConfig.engagement_only()))
+    base = Recommender(bundle, ServeSettings(settings.serving, PolicyConfig.engagement_only(settings.policy)))
     rng = np.random.default_rng(0)
     users = list(bundle.user_row)
     picks = [users[i] for i in rng.integers(0, len(users), args.requests)]

@@ -171,6 +171,7 @@ class UserCase:
     gains: np.ndarray  # (n, G) logged gains (0 = no impression)
     logged: np.ndarray  # (n,) bool the user was shown the item in the period
     fan_fresh: np.ndarray  # (n,) bool fresh item of an iron-fan creator (fans-first's own test)
+    retrieved: int  # rows[:retrieved] came from FAISS, the rest are logged items retrieval missed
 
 
 def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = None,
@@ -194,8 +195,8 @@ def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = No
     keep = (urow >= 0) & (irow >= 0)
     sig = log.loc[keep, binary].to_numpy(np.float32)
     w = np.array([weights.get(h, 0.0) for h in binary], np.float32)
-    gains_all = np.column_stack([sig[:, binary.index("long_view")], sig[:, binary.index("click")],
-                                 np.maximum(sig @ w, 0.0)])
+    gains_all = np.column_stack([log.loc[keep, "long_view"].to_numpy(np.float32),
+                                 log.loc[keep, "click"].to_numpy(np.float32), np.maximum(sig @ w, 0.0)])
     kept = log.loc[keep]
     ctx_names = [n for _, n in b.request_cat if n != "user_id" and n in kept]
     ctx_vals = {n: kept[n].astype(str).to_numpy() for n in ctx_names}
@@ -223,7 +224,7 @@ def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = No
         preds, _ = rec._score(b, user, row, hist, rows, ctx)
         probe_st = probe._state
         fan = probe._candidates(probe_st, row, hist, rows, preds, name, None).fan_fresh
-        cases.append(UserCase(user, row, hist, rows, preds, gains, logged, fan))
+        cases.append(UserCase(user, row, hist, rows, preds, gains, logged, fan, len(retrieved)))
     report["evaluated_users"] = len(cases)
     report["evaluated_impressions"] = int(sum(c.logged.sum() for c in cases))
     report["gain_signals"] = {"weighted": {h: float(weights.get(h, 0.0)) for h in binary}}
@@ -241,19 +242,25 @@ def _forbidden(bundle: Bundle, policy: PolicyConfig) -> np.ndarray:
     return bad
 
 
-def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | None = None) -> tuple[dict[str, Any], np.ndarray]:
-    """Serve every case in order through ``rec`` (its tracker evolves); the arm's metrics and (C,) exposure."""
+def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | None = None,
+              forbidden: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """Serve every case in order through ``rec`` (its tracker evolves); the arm's metrics and (C,) exposure.
+
+    ``forbidden`` (N,) bool: catalogue rows counted as governance leaks when served (default: not visible
+    or blocked by ``rec``'s governance config).
+    """
     st = rec._state
     b = st.bundle
     name = rec._scenario(st, scenario)
-    forbidden = _forbidden(b, rec.settings.policy)
+    forbidden = _forbidden(b, rec.settings.policy) if forbidden is None else forbidden
     n_creators = len(b.creator_ids)
     exposure = np.zeros(n_creators)
     reachable = np.zeros(n_creators, bool)
-    served_items: set[int] = set()
-    candidate_items: set[int] = set()
+    served_items = np.zeros(b.n_items, bool)
+    candidate_items = np.zeros(b.n_items, bool)
     scores, slots, hq_slots, leaks, fan_possible, fan_served = [], 0, 0, 0, 0, 0
     reasons: dict[str, int] = {}
+    logged_slots, positive_slots, appended_positive_slots = 0, 0, 0
     t0 = time.perf_counter()
     for c in cases:
         cands = rec._candidates(st, c.row, c.hist, c.rows, c.preds, name, None)
@@ -262,8 +269,8 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
         allowed = cands.allowed
         scores.append(ndcg(c.gains[page.index], c.gains[allowed & c.logged], k))
         reachable[cands.creator[allowed]] = True
-        candidate_items.update(c.rows[allowed].tolist())
-        served_items.update(sel.tolist())
+        candidate_items[c.rows[allowed]] = True
+        served_items[sel] = True
         np.add.at(exposure, b.item_creator[sel], 1.0)
         slots += len(sel)
         hq_slots += int(b.high_quality[sel].sum())
@@ -271,6 +278,10 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
         if (c.fan_fresh & allowed).any():
             fan_possible += 1
             fan_served += bool(c.fan_fresh[page.index].any())
+        pos = c.gains[page.index, 0] > 0
+        logged_slots += int(c.logged[page.index].sum())
+        positive_slots += int(pos.sum())
+        appended_positive_slots += int((pos & (page.index >= c.retrieved)).sum())
         for tags in page.reasons:
             for t in tags:
                 reasons[t] = reasons.get(t, 0) + 1
@@ -289,14 +300,19 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
         "top1pct_creator_share": round(float(np.sort(exposure)[::-1][: max(1, int(0.01 * reachable.sum()))].sum()
                                              / max(1.0, exposure.sum())), 4),
         "lorenz": lorenz(exposure[reachable], 101),
-        "item_coverage": round(len(served_items) / max(1, len(candidate_items)), 4),
+        "item_coverage": round(int(served_items.sum()) / max(1, int(candidate_items.sum())), 4),
         "creator_coverage": round(int(served_creators.sum()) / max(1, int(reachable.sum())), 4),
-        "served_items": len(served_items), "candidate_items": len(candidate_items),
+        "served_items": int(served_items.sum()), "candidate_items": int(candidate_items.sum()),
         "served_creators": int(served_creators.sum()), "creators_with_candidates": int(reachable.sum()),
         "quality_share": round(hq_slots / slots, 4) if slots else None,
         "fan_delivery": round(fan_served / fan_possible, 4) if fan_possible else None,
         "fan_pages_possible": fan_possible,
         "governance_leaks": leaks,
+        # Selection-bias check: served slots that had a logged impression, the long-view rate among them,
+        # and the share of long-view slots that retrieval alone would not have offered.
+        "logged_slot_share": round(logged_slots / max(1, slots), 4),
+        "long_view_rate_of_logged_slots": round(positive_slots / logged_slots, 4) if logged_slots else None,
+        "long_view_slots_from_appended": round(appended_positive_slots / positive_slots, 4) if positive_slots else None,
         "pages": len(cases), "slots": slots,
         "reason_share": {t: round(n / max(1, slots), 4) for t, n in sorted(reasons.items())},
         "tracker": {"boost": round(float(rec.exposure.boost), 4), "gini": round(float(rec.exposure.current_gini), 4)},

@@ -2,6 +2,7 @@
 
     python -m training fit --config configs/kuairand.yaml [--stage all|retrieval|ranking] [--resume] [--set k=v]
     python -m training evaluate --bundle runs/kuairand/bundle --log LATER.csv --out metrics.json
+    python -m training evaluate-policy --bundle runs/full/bundle [--log LATER.csv] --out policy.json
 """
 
 from __future__ import annotations
@@ -125,7 +126,13 @@ def main() -> int:
     ev.add_argument("--out", default="metrics.json", help="where to write the metrics JSON")
     ev.add_argument("--config", default=None, help="dataset config for the log (default: the bundle's own)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    from training.policy_eval import add_arguments as add_policy_eval_arguments, run as evaluate_policy
+
+    pe = sub.add_parser("evaluate-policy", help="feed policy vs engagement-only, offline (serving.offline protocol)")
+    add_policy_eval_arguments(pe)
     args = ap.parse_args()
+    if args.command == "evaluate-policy":
+        return evaluate_policy(args)
     return _fit(args) if args.command == "fit" else _evaluate(args)
 
 

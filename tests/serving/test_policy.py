@@ -252,3 +252,30 @@ def test_diversity_fill_matches_a_plain_greedy_loop():
             return out
 
         assert run_fast() == run_loop(), trial
+
+
+def test_exposure_controller_steers_the_boost_toward_the_gini_target():
+    """Above the target the boost grows by (1 + gain) per update up to max_boost; below it, it shrinks."""
+    control = ExposureControl(half_life_pages=1000, gini_target=0.5, update_every=1, gain=0.5, initial_boost=1.0,
+                              max_boost=2.0)
+    t = ExposureTracker(10, control)
+    for step in range(3):  # one creator takes every slot: Gini 0.9 > 0.5
+        t.record(np.array([0]))
+    assert t.current_gini == pytest.approx(0.9) and t.boost == pytest.approx(2.0)  # 1.5, 2.25 -> capped at 2.0
+    for _ in range(200):  # every creator equally often: Gini falls under the target, the boost decays
+        t.record(np.arange(10))
+    assert t.current_gini < 0.5 and t.boost < 1e-3
+
+
+def test_engagement_only_keeps_governance_and_fusion_of_its_base():
+    base = load_policy({"governance": {"blocked_items": ["i1"], "blocked_creators": ["c9"]},
+                        "fusion": {"weights": {"hate": -50.0}}, "quality": {"min_share": 0.5},
+                        "scenarios": {"commerce": {"fusion": {"mode": "product"}, "fans_first": {"slots": 0}}}})
+    eo = PolicyConfig.engagement_only(base)
+    assert eo.governance == base.governance and eo.fusion == base.fusion
+    assert eo.for_scenario("commerce").fusion.mode == "product"
+    for steps in (eo, eo.for_scenario("commerce")):
+        assert not any(s.enabled for s in (steps.fans_first, steps.quality, steps.exposure, steps.diversity,
+                                           steps.exploration))
+    pol = FeedPolicy(eo, HEADS, SCENARIOS)
+    np.testing.assert_allclose(pol.weights["feed"], [1.0, 2.0, -50.0])

@@ -1,0 +1,159 @@
+"""``python -m training evaluate-policy``: the offline feed-policy evaluation of :mod:`serving.offline`, with
+the later log read through the bundle's dataset config, a Lorenz plot, and an MLflow run.
+
+    python -m training evaluate-policy --bundle runs/full/bundle [--period valid|test | --log LATER.csv]
+        [--policy-config configs/kuairand.yaml] [--strengths 0.5,2] --out policy.json [--plot docs/policy_lorenz.png]
+
+The protocol (candidates, time order, period view, metric definitions) is in ``serving.offline``'s
+docstring; this module only wires inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from features.config import apply_overrides, from_dict, load_config, load_raw, to_dict
+from serving.offline import BASELINE, GAINS, POLICY, evaluate_policy
+from serving.policy import PolicyConfig, load_policy
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--bundle", required=True, help="bundle directory")
+    ap.add_argument("--log", default=None, help="later log in the dataset's raw layout (default: the bundle's own period)")
+    ap.add_argument("--period", choices=("valid", "test"), default="test", help="bundle period when --log is omitted")
+    ap.add_argument("--out", default="policy_eval.json", help="where to write the metrics JSON")
+    ap.add_argument("--plot", default=None, help="Lorenz curve PNG (default: beside --out)")
+    ap.add_argument("--policy-config", default=None,
+                    help="YAML whose policy: / serving: sections are evaluated (default: the bundle's recipe)")
+    ap.add_argument("--config", default=None, help="dataset config for --log (default: the bundle's own)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--scenario", default=None)
+    ap.add_argument("--max-users", type=int, default=None)
+    ap.add_argument("--strengths", default=None,
+                    help="extra arms: the policy with exposure.strength scaled by each value (comma-separated)")
+    ap.add_argument("--no-mlflow", action="store_true")
+
+
+def strength_arms(policy: PolicyConfig, strengths: list[float]) -> dict[str, PolicyConfig]:
+    """The policy with its exposure strength (base and every scenario) multiplied by each factor."""
+    raw = {k: v for k, v in to_dict(policy).items() if not k.startswith("_")}
+    arms = {}
+    for f in strengths:
+        r = copy.deepcopy(raw)
+        r["exposure"]["strength"] = r["exposure"]["strength"] * f
+        for o in r["scenarios"].values():
+            if "exposure" in o and "strength" in o["exposure"]:
+                o["exposure"]["strength"] *= f
+        arms[f"policy_x{f:g}"] = load_policy(r)
+    return arms
+
+
+def lorenz_plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in result if isinstance(result[a], dict) and "lorenz" in result[a]]
+    fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=100)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--", label="equality")
+    for arm in arms:
+        curve = result[arm]["lorenz"]
+        q = [i / (len(curve) - 1) for i in range(len(curve))]
+        ax.plot(q, curve, lw=1.8 if arm in (BASELINE, POLICY) else 0.9,
+                label=f"{arm.replace('_', ' ')} (Gini {result[arm]['creator_gini']:.3f})")
+    ax.set_xlabel("share of creators (least exposed first)")
+    ax.set_ylabel("share of page slots")
+    data = result["data"]
+    period = data.get("period") or "later log"
+    ax.set_title(f"Creator exposure, {period}: {result['users']} users, k={result['k']}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def table(result: dict[str, Any]) -> str:
+    k = result["k"]
+    arms = [a for a in result if isinstance(result[a], dict) and "creator_gini" in result[a]]
+    cols = [*(f"ndcg@{k}_{g}" for g in GAINS), "creator_gini", "creator_gini_served", "item_coverage",
+            "creator_coverage", "quality_share", "fan_delivery", "governance_leaks"]
+    lines = ["| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for a in arms:
+        lines.append(f"| {a} | " + " | ".join(str(result[a][c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from features.bundle import verify_bundle
+    from serving.bundle import load_bundle
+    from serving.config import load_settings, settings_from_raw
+    from training.config import TrainConfig
+
+    bundle_dir = Path(args.bundle)
+    manifest = verify_bundle(bundle_dir, require=("features",))
+    bundle = load_bundle(bundle_dir, onnx_threads=2)
+    settings = (settings_from_raw(load_raw(args.policy_config)) if args.policy_config
+                else load_settings(None, bundle.manifest))
+    extra = strength_arms(settings.policy, [float(s) for s in args.strengths.split(",")]) if args.strengths else None
+    log, source = None, None
+    if args.log:
+        from features.external import read_later_log
+        from features.tables import FeatureTables
+
+        if args.config:
+            cfg = load_config(args.config, args.overrides, TrainConfig)
+        else:  # parse the log with the dataset config the bundle was trained on
+            cfg = from_dict(TrainConfig, apply_overrides(manifest["config"], args.overrides))
+            cfg.validate()
+        log, report = read_later_log(cfg, args.log, FeatureTables.load(bundle_dir / "features"))
+        source = args.log
+    result = evaluate_policy(bundle, settings, args.k, log=log, period=args.period, scenario=args.scenario,
+                             max_users=args.max_users, extra=extra, source=source)
+    if args.log:
+        result["data"]["later_log_report"] = report
+    result["bundle"] = {"path": str(bundle_dir), "version": bundle.version, "git_revision": manifest.get("git_revision")}
+    result["policy_config"] = {k: v for k, v in to_dict(settings.policy).items() if not k.startswith("_")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot = lorenz_plot(result, Path(args.plot) if args.plot else out.with_name(out.stem + "_lorenz.png"))
+    print(table(result))
+    print(json.dumps(result["relative_to_engagement_only"], indent=2))
+    if not args.no_mlflow:
+        _log_mlflow(result, out, plot)
+    print(f"wrote {out} and {plot}")
+    return 0
+
+
+def _log_mlflow(result: dict[str, Any], out: Path, plot: Path) -> None:
+    import mlflow
+
+    from training.tracking import mlflow_run
+
+    params = {"k": result["k"], "period": result["data"]["period"], "source": result["data"]["source"],
+              "bundle": result["bundle"], "scenario": result["scenario"], "policy": result["policy_config"]}
+    with mlflow_run("evaluate-policy", params, tags={"kind": "policy-eval"}):
+        for arm, m in result.items():
+            if not (isinstance(m, dict) and "creator_gini" in m):
+                continue
+            mlflow.log_metrics({f"{arm}.{key.replace('@', '_at_')}": float(v) for key, v in m.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for arm, r in result["relative_to_engagement_only"].items():
+            mlflow.log_metrics({f"{arm}.rel.{key.replace('@', '_at_')}": float(v) for key, v in r.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_artifact(str(out))
+        mlflow.log_artifact(str(plot))
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "policy_table.md"
+            p.write_text(table(result) + "\n")
+            mlflow.log_artifact(str(p))

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.config import DEFAULT_BUNDLE, ENV_ADMIN_TOKEN, ENV_BUNDLE, ENV_CONFIG
+from serving.config import DEFAULT_BUNDLE, ENV_ADMIN_TOKEN, ENV_BUNDLE, ENV_CONFIG, ENV_STATE_DIR
 
 
 def build_command(host: str, port: int) -> list[str]:
@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         env[ENV_ADMIN_TOKEN] = args.admin_token
     if args.workers:
         env["FEEDSTACK_WORKERS"] = str(args.workers)
+    if ENV_STATE_DIR not in env:  # shared by the workers: an admin block must reach all of them
+        import tempfile
+
+        env[ENV_STATE_DIR] = tempfile.mkdtemp(prefix="feedstack-state-")
     if args.threads:
         env["FEEDSTACK_THREADS"] = str(args.threads)
     repo = Path(__file__).resolve().parents[1]

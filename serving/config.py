@@ -17,6 +17,7 @@ from serving.policy import PolicyConfig, load_policy
 ENV_BUNDLE = "FEEDSTACK_BUNDLE"  # bundle directory or models:/<name>@<alias> URI
 ENV_CONFIG = "FEEDSTACK_SERVING_CONFIG"  # optional YAML with serving: / policy: sections
 ENV_ADMIN_TOKEN = "FEEDSTACK_ADMIN_TOKEN"
+ENV_STATE_DIR = "FEEDSTACK_STATE_DIR"  # folder the worker processes share admin state through
 DEFAULT_BUNDLE = "models:/feedstack@production"
 
 # Request limits are part of the API schema (pydantic Field limits), so they are constants, not config.

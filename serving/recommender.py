@@ -75,7 +75,7 @@ class Recommender:
     def __init__(self, bundle: Bundle, settings: ServeSettings):
         self.settings = settings
         gov = settings.policy.governance
-        self._admin_lock = threading.Lock()
+        self._admin_lock = threading.RLock()  # block() calls set_blocked() under it
         self._state = self._make_state(bundle, frozenset(gov.blocked_items), frozenset(gov.blocked_creators))
         self.exposure = ExposureTracker(len(bundle.creator_ids), settings.policy.exposure_control,
                                         self._eligible_creators(self._state))
@@ -123,6 +123,13 @@ class Recommender:
             else:
                 items |= set(item_ids)
                 creators |= set(creator_ids)
+            return self.set_blocked(items, creators)
+
+    def set_blocked(self, items: Sequence[str] | set[str], creators: Sequence[str] | set[str]) -> dict[str, Any]:
+        """Replace the whole blocklist (what another worker published, or what block() computed)."""
+        items, creators = set(items), set(creators)
+        with self._admin_lock:
+            st = self._state
             new = _State(st.bundle, st.policy, _servable(st.bundle, frozenset(items), frozenset(creators)),
                          frozenset(items), frozenset(creators))
             self._state = new

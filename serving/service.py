@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,8 +29,8 @@ from starlette.responses import JSONResponse, Response
 
 from features.bundle import BundleError
 from serving.config import (
-    DEFAULT_BUNDLE, ENV_BUNDLE, ENV_CONFIG, MAX_EXCLUDE, MAX_ID_LENGTH, MAX_ITEM_IDS, MAX_K, ServeSettings,
-    load_settings,
+    DEFAULT_BUNDLE, ENV_BUNDLE, ENV_CONFIG, ENV_STATE_DIR, MAX_EXCLUDE, MAX_ID_LENGTH, MAX_ITEM_IDS, MAX_K,
+    ServeSettings, load_settings,
 )
 from serving.metrics import metrics
 from serving.recommender import Recommender, RequestError, Result
@@ -126,6 +127,11 @@ def _body(result: Result, **extra: Any) -> Response:
 class Feedstack:
     def __init__(self) -> None:
         self.source = os.environ.get(ENV_BUNDLE, DEFAULT_BUNDLE)
+        # With several worker processes an admin call reaches one of them; the blocklist is published to a
+        # file every worker checks (one stat per request), so governance holds in all of them.
+        state_dir = os.environ.get(ENV_STATE_DIR)
+        self._blocklist = Path(state_dir) / "blocklist.json" if state_dir else None
+        self._blocklist_seen: int | None = None
         self.config_path = os.environ.get(ENV_CONFIG) or None
         self.metrics = metrics()
         self.recommender: Recommender | None = None
@@ -154,6 +160,26 @@ class Feedstack:
     def _unavailable(self) -> JSONResponse:
         return _error(503, f"no bundle loaded: {self.load_error}")
 
+    def _sync_blocklist(self, rec: Recommender) -> None:
+        if self._blocklist is None:
+            return
+        try:
+            mtime = self._blocklist.stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime != self._blocklist_seen:
+            data = json.loads(self._blocklist.read_text())
+            rec.set_blocked(data["blocked_items"], data["blocked_creators"])
+            self._blocklist_seen = mtime
+
+    def _publish_blocklist(self, state: dict[str, Any]) -> None:
+        if self._blocklist is None:
+            return
+        tmp = self._blocklist.with_name(f".blocklist.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({k: state[k] for k in ("blocked_items", "blocked_creators")}))
+        tmp.replace(self._blocklist)  # atomic: a reader sees the old or the new list, never half of one
+        self._blocklist_seen = self._blocklist.stat().st_mtime_ns
+
     def _observe(self, endpoint: str, t0: float, outcome: str) -> None:
         self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
         self.metrics.requests.labels(endpoint=endpoint, outcome=outcome).inc()
@@ -168,6 +194,7 @@ class Feedstack:
         rec = self.recommender
         if rec is None:
             return self._unavailable()  # type: ignore[return-value]
+        self._sync_blocklist(rec)
         try:
             r = rec.recommend(user_id, k, scenario, exclude_item_ids, context)
         except RequestError as e:
@@ -192,6 +219,7 @@ class Feedstack:
         rec = self.recommender
         if rec is None:
             return self._unavailable()  # type: ignore[return-value]
+        self._sync_blocklist(rec)
         try:
             r = rec.rank(user_id, item_ids, scenario, context)
         except RequestError as e:
@@ -233,7 +261,10 @@ class Feedstack:
             return denied  # type: ignore[return-value]
         if self.recommender is None:
             return _error(503, f"no bundle loaded: {self.load_error}", ctx=ctx)  # type: ignore[return-value]
-        return self.recommender.block(item_ids, creator_ids, unblock)
+        self._sync_blocklist(self.recommender)  # build on what other workers published
+        state = self.recommender.block(item_ids, creator_ids, unblock)
+        self._publish_blocklist(state)
+        return state
 
     @bentoml.api(route="/admin/reload", input_spec=ReloadRequest)
     async def admin_reload(self, bundle: str | None, ctx: bentoml.Context) -> dict[str, Any]:
@@ -241,6 +272,10 @@ class Feedstack:
         denied = self._check_token(ctx)
         if denied is not None:
             return denied  # type: ignore[return-value]
+        workers = int(os.environ.get("FEEDSTACK_WORKERS", "1"))
+        if workers > 1:  # the call reaches one process: the others would keep serving the old bundle
+            return _error(409, f"reload reaches one of {workers} worker processes; restart the service with the "
+                               "new bundle (or run one worker) instead", "bundle", ctx)  # type: ignore[return-value]
         source = bundle or self.source
         old = self.recommender
         previous = old.bundle.version if old is not None else None

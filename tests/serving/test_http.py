@@ -3,6 +3,7 @@ loopback port for the module, plus the same app in process through ``to_asgi()``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,16 +29,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(serving_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def _serve(bundle: Path, logf: Path, workers: int = 1):
+    """A real ``python -m serving`` on a free loopback port; yields an HTTP client once it is ready."""
     port = _free_port()
-    logf = tmp_path_factory.mktemp("server") / "serve.log"
     env = {**os.environ, "FEEDSTACK_ADMIN_TOKEN": TOKEN, "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("FEEDSTACK_STATE_DIR", None)
+    cmd = [sys.executable, "-m", "serving", "--bundle", str(bundle), "--port", str(port), "--workers", str(workers)]
     with open(logf, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "serving", "--bundle", str(serving_bundle), "--port", str(port)],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base, timeout=30)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -58,6 +59,12 @@ def server(serving_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(serving_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    with _serve(serving_bundle, tmp_path_factory.mktemp("server") / "serve.log") as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +188,23 @@ def test_same_app_in_process_via_to_asgi_starts_unready_and_recovers(serving_bun
         r = c.post("/recommend", json={"user_id": some_user, "k": 4})
         assert r.status_code == 200 and len(r.json()["items"]) == 4
         assert c.post("/recommend", json={"user_id": some_user, "k": -1}).status_code == 400
+
+
+def test_block_reaches_every_worker(serving_bundle: Path, tmp_path: Path, some_user: str):
+    """With two worker processes an admin call lands on one of them; the published blocklist must hold in
+    both, so no page served afterwards (spread over both workers) contains the blocked item."""
+    with _serve(serving_bundle, tmp_path / "serve.log", workers=2) as client:
+        first = client.post("/recommend", json={"user_id": some_user, "k": 10}).json()["items"]
+        item = first[0]["item_id"]
+        assert client.post("/admin/block", json={"item_ids": [item]}, headers=AUTH).status_code == 200
+
+        def ranked(_: int) -> dict:
+            # A new connection per request, so the kernel spreads them over both workers.
+            return httpx.post(f"{client.base_url}/rank", json={"user_id": some_user, "item_ids": [item]}, timeout=30).json()
+
+        with ThreadPoolExecutor(4) as ex:
+            answers = list(ex.map(ranked, range(40)))
+        assert all(a["filtered_item_ids"] == [item] and a["items"] == [] for a in answers)
+        # a reload could only reach one of them: refused with a reason instead of half-applied
+        r = client.post("/admin/reload", json={}, headers=AUTH)
+        assert r.status_code == 409 and "one of 2 worker processes" in r.json()["error"]

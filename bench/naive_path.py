@@ -120,3 +120,24 @@ def naive_eager_p50(big_bundle: Path, base_bundle: Path, run_dir: Path, users: l
     return {"path": "torch eager user tower + exact FAISS + torch eager ranker, numpy gathers",
             "requests": len(a), "p50_ms": round(float(np.median(a)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
             "exact_search_p50_ms": round(float(np.median(search)) * 1e3, 3)}
+
+
+def service_in_process_p50(bundle: Path, config: Path, users: list[str], n: int, k: int) -> dict:
+    """The service's own request path (Recommender.recommend: ONNX, HNSW, policy) in process, no HTTP:
+    the like-for-like counterpart of the naive path."""
+    from serving.bundle import load_bundle
+    from serving.config import load_settings
+    from serving.recommender import Recommender
+
+    b = load_bundle(bundle)
+    rec = Recommender(b, load_settings(str(config), b.manifest))
+    rng = np.random.default_rng(1)
+    lat = []
+    for i in range(n + 50):
+        u = users[int(rng.integers(len(users)))]
+        t0 = time.perf_counter()
+        rec.recommend(u, k)
+        if i >= 50:  # warm-up
+            lat.append(time.perf_counter() - t0)
+    a = np.array(lat) * 1e3
+    return {"requests": len(a), "p50_ms": round(float(np.median(a)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3)}

@@ -11,6 +11,7 @@ a bad one fails fast with its reason instead of a server that never becomes read
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.config import DEFAULT_BUNDLE, ENV_ADMIN_TOKEN, ENV_BUNDLE, ENV_CONFIG, ENV_STATE_DIR
+from serving.config import (
+    DEFAULT_BUNDLE, ENV_ADMIN_TOKEN, ENV_BUNDLE, ENV_CONFIG, ENV_OVERRIDES, ENV_STATE_DIR, load_settings,
+)
 
 
 def build_command(host: str, port: int) -> list[str]:
@@ -32,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", default=os.environ.get(ENV_BUNDLE, DEFAULT_BUNDLE),
                     help="bundle directory or models:/<name>@<alias> (default: %(default)s)")
     ap.add_argument("--config", default=None, help="YAML with serving: / policy: sections (default: the bundle's recipe)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a serving: / policy: value, e.g. --set serving.candidates=300 (repeatable)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=3000)
     ap.add_argument("--workers", type=int, default=None, help="BentoML worker processes (default 1)")
@@ -42,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.config and not Path(args.config).is_file():
         print(f"error: config file not found: {args.config}", file=sys.stderr)
+        return 2
+    from features.config import ConfigError
+
+    try:  # fail here, with the key named, rather than in every worker
+        load_settings(args.config, None, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.no_check and not args.bundle.startswith("models:/"):
         from features.bundle import BundleError, verify_bundle
@@ -56,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     if args.config:
         env[ENV_CONFIG] = str(Path(args.config).resolve())
+    if args.overrides:
+        env[ENV_OVERRIDES] = json.dumps(args.overrides)
     if args.admin_token:
         env[ENV_ADMIN_TOKEN] = args.admin_token
     if args.workers:

@@ -6,18 +6,20 @@ the Docker image can hand them to ``bentoml serve`` workers.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from features.config import ConfigError, from_dict, load_raw
+from features.config import ConfigError, apply_overrides, from_dict, load_raw
 from serving.policy import PolicyConfig, load_policy
 
 ENV_BUNDLE = "FEEDSTACK_BUNDLE"  # bundle directory or models:/<name>@<alias> URI
 ENV_CONFIG = "FEEDSTACK_SERVING_CONFIG"  # optional YAML with serving: / policy: sections
 ENV_ADMIN_TOKEN = "FEEDSTACK_ADMIN_TOKEN"
-ENV_STATE_DIR = "FEEDSTACK_STATE_DIR"  # folder the worker processes share admin state through
+ENV_STATE_DIR = "FEEDSTACK_STATE_DIR"
+ENV_OVERRIDES = "FEEDSTACK_SERVING_OVERRIDES"  # JSON list of --set dotted.key=value overrides  # folder the worker processes share admin state through
 DEFAULT_BUNDLE = "models:/feedstack@production"
 
 # Request limits are part of the API schema (pydantic Field limits), so they are constants, not config.
@@ -63,10 +65,13 @@ def settings_from_raw(raw: dict[str, Any] | None) -> ServeSettings:
     return ServeSettings(serving, load_policy(raw.get("policy")))
 
 
-def load_settings(path: str | Path | None, manifest: dict[str, Any] | None = None) -> ServeSettings:
-    """A YAML file wins; else the bundle's recipe; else the defaults."""
+def load_settings(path: str | Path | None, manifest: dict[str, Any] | None = None,
+                  overrides: list[str] | None = None) -> ServeSettings:
+    """A YAML file wins; else the bundle's recipe; else the defaults; ``--set`` overrides go on top."""
     if path:
-        return settings_from_raw(load_raw(path))
-    if manifest is not None and isinstance(manifest.get("config"), dict):
-        return settings_from_raw(manifest["config"])
-    return ServeSettings()
+        raw = load_raw(path)
+    elif manifest is not None and isinstance(manifest.get("config"), dict):
+        raw = copy.deepcopy(manifest["config"])
+    else:
+        raw = {}
+    return settings_from_raw(apply_overrides(raw, overrides or []))

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from features.bundle import BundleError
 from serving.config import (
-    DEFAULT_BUNDLE, ENV_BUNDLE, ENV_CONFIG, ENV_STATE_DIR, MAX_EXCLUDE, MAX_ID_LENGTH, MAX_ITEM_IDS, MAX_K,
+    DEFAULT_BUNDLE, ENV_BUNDLE, ENV_CONFIG, ENV_OVERRIDES, ENV_STATE_DIR, MAX_EXCLUDE, MAX_ID_LENGTH, MAX_ITEM_IDS, MAX_K,
     ServeSettings, load_settings,
 )
 from serving.metrics import metrics
@@ -148,10 +148,11 @@ class Feedstack:
     def _load(self, source: str) -> Recommender:
         from serving.bundle import load_bundle, resolve_bundle
 
-        base = load_settings(self.config_path) if self.config_path else ServeSettings()
+        overrides = json.loads(os.environ.get(ENV_OVERRIDES, "[]"))
+        base = load_settings(self.config_path, None, overrides)
         path, version = resolve_bundle(source, base.serving.download_dir, base.serving.tracking_uri)
         bundle = load_bundle(path, registry_version=version, onnx_threads=base.serving.onnx_threads)
-        settings = load_settings(self.config_path, bundle.manifest)
+        settings = load_settings(self.config_path, bundle.manifest, overrides)
         return Recommender(bundle, settings)
 
     def __is_ready__(self) -> bool:

@@ -20,7 +20,8 @@ Protocol (every number of one run comes from this; keep it so runs compare):
 * **Candidates as production sees them.** For each user: the FAISS top-``serving.candidates`` (500) of the
   bundle's user tower, united with the items the user was shown in the period (so that items with real
   feedback compete), ranked by the bundle's ONNX ranker with the context (tab, hour) of the user's first
-  period impression. Retrieval and ranking run once per user and are shared by every arm.
+  period impression. Retrieval and ranking run once per user and are shared by every arm; an arm with
+  ``exposure.candidate_slots`` > 0 adds its exposure candidates (from its own tracker) per page, ranked alike.
 * **One page per user, in time order.** Users are served in the order of their first period impression;
   each arm (engagement-only = governance + fusion + top-k; the configured policy; any extra configs) has
   its own :class:`~serving.recommender.Recommender` and so its own exposure tracker, starting empty and
@@ -172,6 +173,8 @@ class UserCase:
     logged: np.ndarray  # (n,) bool the user was shown the item in the period
     fan_fresh: np.ndarray  # (n,) bool fresh item of an iron-fan creator (fans-first's own test)
     retrieved: int  # rows[:retrieved] came from FAISS, the rest are logged items retrieval missed
+    vec: np.ndarray | None = None  # (1, d) user vector (exposure candidate step), None on popular cold start
+    context: dict[str, Any] | None = None  # request context of the ranking (tab, hour)
 
 
 def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = None,
@@ -211,7 +214,7 @@ def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = No
         idx = by_user[bounds[u]:bounds[u + 1]]
         user = str(order_users[u])
         row, hist = rec._user(b, user)
-        retrieved, _ = rec._retrieve(st, row, hist, rec.settings.serving.candidates)
+        retrieved, _, vec = rec._search(st, row, hist, rec.settings.serving.candidates)
         logged_rows, first = np.unique(irow_k[idx], return_index=True)
         extra = logged_rows[~np.isin(logged_rows, retrieved)]
         rows = np.concatenate([retrieved, extra])
@@ -224,7 +227,7 @@ def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = No
         preds, _ = rec._score(b, user, row, hist, rows, ctx)
         probe_st = probe._state
         fan = probe._candidates(probe_st, row, hist, rows, preds, name, None).fan_fresh
-        cases.append(UserCase(user, row, hist, rows, preds, gains, logged, fan, len(retrieved)))
+        cases.append(UserCase(user, row, hist, rows, preds, gains, logged, fan, len(retrieved), vec, ctx))
     report["evaluated_users"] = len(cases)
     report["evaluated_impressions"] = int(sum(c.logged.sum() for c in cases))
     report["gain_signals"] = {"weighted": {h: float(weights.get(h, 0.0)) for h in binary}}
@@ -263,7 +266,18 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
     logged_slots, positive_slots, appended_positive_slots = 0, 0, 0
     t0 = time.perf_counter()
     for c in cases:
+        # The exposure candidate step depends on this arm's tracker: its items are added and ranked here
+        # (no logged impression in the period: every logged item is already among the case's rows).
+        extra = rec._exposure_candidates(st, c.vec, c.rows, name)
+        if len(extra):
+            xp, _ = rec._score(b, c.user_id, c.row, c.hist, extra, c.context)
+            c = dataclasses.replace(
+                c, rows=np.concatenate([c.rows, extra]), preds=np.concatenate([c.preds, xp]),
+                gains=np.concatenate([c.gains, np.zeros((len(extra), c.gains.shape[1]), c.gains.dtype)]),
+                logged=np.r_[c.logged, np.zeros(len(extra), bool)], fan_fresh=np.r_[c.fan_fresh, np.zeros(len(extra), bool)])
         cands = rec._candidates(st, c.row, c.hist, c.rows, c.preds, name, None)
+        if len(extra):
+            cands.exposure_pool = np.arange(len(c.rows)) >= len(c.rows) - len(extra)
         page = st.policy.page(cands, k, name, rec.exposure)
         sel = c.rows[page.index]
         allowed = cands.allowed

@@ -10,6 +10,8 @@ the items it placed:
 4. quality      at least ``min_share`` of the page comes from high-quality creators           -> "quality_support"
 5. exposure     under-exposed creators get a score boost; the boost strength is steered so the
                 Gini coefficient of creator exposure stays under ``gini_target``              -> "exposure_boost"
+                (the recommender also adds ``candidate_slots`` items of under-exposed creators to the
+                candidates; placed ones carry the same tag)
 6. diversity    at most ``max_per_creator`` items per creator; a category is not repeated within
                 ``category_window`` consecutive slots
 7. exploration  ``slots`` items of categories the user has not engaged with                   -> "exploration"
@@ -63,6 +65,10 @@ class QualityStep:
 class ExposureStep:
     enabled: bool = True
     strength: float = 1.0  # scales the controller's boost for this scenario (0 = no boost)
+    # Extra candidates per request, beyond the retrieval top-N: the items of currently under-exposed
+    # creators (a pool refreshed every ``exposure_control.update_every`` pages) that score best against the
+    # user vector. They are ranked and paged like any candidate; 0 disables.
+    candidate_slots: int = 0
 
 
 @dataclass
@@ -102,6 +108,8 @@ class PolicySteps:
             raise ConfigError(f"{where}.diversity.category_window must be >= 0")
         if self.exposure.strength < 0:
             raise ConfigError(f"{where}.exposure.strength must be >= 0, got {self.exposure.strength}")
+        if self.exposure.candidate_slots < 0:
+            raise ConfigError(f"{where}.exposure.candidate_slots must be >= 0, got {self.exposure.candidate_slots}")
 
 
 @dataclass
@@ -308,6 +316,7 @@ class Candidates:
     high_quality: np.ndarray  # (n,) bool creator is high-quality
     fan_fresh: np.ndarray  # (n,) bool user is an iron fan of the creator and the item is fresh
     new_category: np.ndarray  # (n,) bool the user has not engaged with this category
+    exposure_pool: np.ndarray | None = None  # (n,) bool added by the exposure candidate step (None = none)
 
 
 @dataclass
@@ -499,13 +508,14 @@ class FeedPolicy:
         idx = np.array(final, dtype=np.int64)
         # Items whose boost lifted them into the page past a better-fused item are tagged as such.
         tags: list[list[str]] = []
+        pool = c.exposure_pool[keep] if c.exposure_pool is not None else None
         if boosted.any() and len(idx):
             fused_rank = np.empty(n, dtype=np.int64)
             fused_rank[np.argsort(-fused, kind="stable")] = np.arange(n)
             cutoff = len(idx)
         for i in idx.tolist():
             t = [reasons[i]]
-            if boosted[i] and fused_rank[i] >= cutoff:
+            if (boosted[i] and fused_rank[i] >= cutoff) or (pool is not None and pool[i]):
                 t.append("exposure_boost")
             tags.append(t)
         if exposure is not None:

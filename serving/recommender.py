@@ -58,6 +58,13 @@ class _State:
     servable: np.ndarray  # (N,) bool: visible and not blocked (item or creator)
     blocked_items: frozenset[str]
     blocked_creators: frozenset[str]
+    # The exposure candidate pool: (tracker refresh step it was built at, catalogue rows, their vectors).
+    pool: tuple[int, np.ndarray, np.ndarray] | None = None
+    by_creator: tuple[np.ndarray, np.ndarray] | None = None  # servable rows sorted by creator, CSR pointers
+
+
+POOL_SIZE = 2000  # items in the exposure candidate pool (scored against the user vector per request)
+POOL_PER_CREATOR = 3  # at most this many items of one creator in the pool
 
 
 def _servable(b: Bundle, items: frozenset[str], creators: frozenset[str]) -> np.ndarray:
@@ -80,6 +87,8 @@ class Recommender:
         self.exposure = ExposureTracker(len(bundle.creator_ids), settings.policy.exposure_control,
                                         self._eligible_creators(self._state))
         self._configure_threads()
+        self._vectors: tuple[Any, np.ndarray] | None = None  # (bundle, (N, d) item vectors), loaded lazily
+        self._warm_exposure_pool(bundle)
 
     # ------------------------------------------------------------------ construction and admin
 
@@ -142,6 +151,7 @@ class Recommender:
         s = self.settings.serving
         path, version = resolve_bundle(source, s.download_dir, s.tracking_uri)
         bundle = load_bundle(path, registry_version=version, onnx_threads=s.onnx_threads)
+        self._warm_exposure_pool(bundle)
         with self._admin_lock:
             old = self._state
             new = self._make_state(bundle, old.blocked_items, old.blocked_creators)
@@ -178,15 +188,86 @@ class Recommender:
         return np.ascontiguousarray(out, dtype=np.float32).reshape(1, -1)
 
     def _retrieve(self, st: _State, row: int, hist: np.ndarray, n: int) -> tuple[np.ndarray, bool]:
+        rows, cold, _ = self._search(st, row, hist, n)
+        return rows, cold
+
+    def _search(self, st: _State, row: int, hist: np.ndarray, n: int) -> tuple[np.ndarray, bool, np.ndarray | None]:
+        """Retrieval top-``n`` rows, cold flag, and the user vector (None for the popular cold-start path)."""
         b = st.bundle
         cold = row < 0
         if cold and self.settings.serving.cold_start == "popular":
             pop = b.popular[st.servable[b.popular]]
-            return pop[:n], True
+            return pop[:n], True, None
         vec = self._user_vector(b, row, hist)
         _, ids = b.index.search(vec, min(n, b.n_items))
         ids = ids[0]
-        return ids[ids >= 0].astype(np.int64), cold
+        return ids[ids >= 0].astype(np.int64), cold, vec
+
+    def _warm_exposure_pool(self, bundle: Bundle) -> None:
+        """Load the item vectors up front when a scenario uses exposure candidates (not on a request)."""
+        p = self.settings.policy
+        if any(p.for_scenario(s).exposure.candidate_slots > 0 for s in bundle.ranking.scenarios):
+            self._item_vectors(bundle)
+
+    def _item_vectors(self, b: Bundle) -> np.ndarray:
+        cached = self._vectors
+        if cached is not None and cached[0] is b:
+            return cached[1]
+        path = b.path / "retrieval" / "item_vectors.npy"
+        vecs = np.load(path) if path.exists() else b.index.reconstruct_n(0, b.n_items)
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        self._vectors = (b, vecs)
+        return vecs
+
+    def _exposure_pool(self, st: _State) -> tuple[np.ndarray, np.ndarray]:
+        """Servable items of the currently least-exposed creators, rebuilt every ``update_every`` pages."""
+        tracker = self.exposure
+        step = tracker.pages // tracker.control.update_every
+        pool = st.pool
+        if pool is not None and pool[0] == step:
+            return pool[1], pool[2]
+        b = st.bundle
+        if st.by_creator is None:  # servable rows grouped by creator, once per state (blocks make a new one)
+            srows = np.flatnonzero(st.servable)
+            o = np.argsort(b.item_creator[srows], kind="stable")
+            srows = srows[o]
+            st.by_creator = (srows, np.searchsorted(b.item_creator[srows], np.arange(len(b.creator_ids) + 1)))
+        srows, ptr = st.by_creator
+        counts = np.minimum(np.diff(ptr), POOL_PER_CREATOR)
+        cre = np.flatnonzero(counts > 0)
+        e = tracker.exposure()[cre]
+        mean = tracker.mean_exposure()
+        if mean > 0:  # only creators below the mean exposure of eligible creators
+            cre, e = cre[e < mean], e[e < mean]
+        cre = cre[np.lexsort((cre, e))]  # least exposed creators first
+        cre = cre[: int(np.searchsorted(np.cumsum(counts[cre]), POOL_SIZE)) + 1]
+        rows = (np.concatenate([srows[ptr[c]:ptr[c] + counts[c]] for c in cre.tolist()])
+                if len(cre) else np.zeros(0, np.int64))
+        rows = rows[:POOL_SIZE]
+        vecs = self._item_vectors(b)[rows]
+        # Publish on the state object the request read (a state swap discards it, so blocks apply at once).
+        st.pool = (step, rows, vecs)
+        return rows, vecs
+
+    def _exposure_candidates(self, st: _State, vec: np.ndarray | None, rows: np.ndarray, scenario: str) -> np.ndarray:
+        """Up to ``exposure.candidate_slots`` pool items (one per creator) not in ``rows``, best for ``vec``."""
+        steps = self.settings.policy.for_scenario(scenario)
+        slots = steps.exposure.candidate_slots if steps.exposure.enabled else 0
+        if slots <= 0 or vec is None:
+            return np.zeros(0, np.int64)
+        pool_rows, pool_vecs = self._exposure_pool(st)
+        if not len(pool_rows):
+            return np.zeros(0, np.int64)
+        score = pool_vecs @ vec.reshape(-1)
+        score[np.isin(pool_rows, rows)] = -np.inf  # already a candidate
+        top = min(int(np.isfinite(score).sum()), 4 * slots)
+        if top <= 0:
+            return np.zeros(0, np.int64)
+        best = np.argpartition(-score, top - 1)[:top] if top < len(score) else np.arange(len(score))
+        cand = pool_rows[best[np.argsort(-score[best], kind="stable")]]
+        _, first = np.unique(st.bundle.item_creator[cand], return_index=True)
+        cand = cand[np.sort(first)][:slots]
+        return cand[st.servable[cand]].astype(np.int64)
 
     def _context_codes(self, b: Bundle, context: dict[str, Any] | None) -> list[tuple[int, int]]:
         ctx = context or {}
@@ -290,11 +371,17 @@ class Recommender:
         row, hist = self._user(b, user_id)
         excluded = np.array([b.item_row[i] for i in exclude_item_ids if i in b.item_row], dtype=np.int64)
         n = self.settings.serving.candidates + len(excluded)
-        rows, cold = self._retrieve(st, row, hist, n)
+        rows, cold, vec = self._search(st, row, hist, n)
+        extra = self._exposure_candidates(st, vec, rows, name)
+        n_retrieved = len(rows)
+        if len(extra):
+            rows = np.concatenate([rows, extra])
         t1 = time.perf_counter()
         preds, watch_ms = self._score(b, user_id, row, hist, rows, context)
         t2 = time.perf_counter()
         cands = self._candidates(st, row, hist, rows, preds, name, excluded)
+        if len(extra):
+            cands.exposure_pool = np.arange(len(rows)) >= n_retrieved
         page = st.policy.page(cands, k, name, self.exposure)
         t3 = time.perf_counter()
         sel = rows[page.index]

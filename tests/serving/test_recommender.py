@@ -158,3 +158,49 @@ def test_loads_models_uri_from_the_mlflow_registry(serving_bundle: Path, tmp_pat
             resolve_bundle("models:/feedstack@staging", str(tmp_path / "dl2"), uri)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def _exposure_rec(serving_bundle: Path, slots: int, **policy) -> Recommender:
+    raw = {"serving": {"candidates": 20},
+           "policy": {"exposure": {"candidate_slots": slots}, "exposure_control": {"update_every": 5}, **policy}}
+    return Recommender(load_bundle(serving_bundle), settings_from_raw(raw))
+
+
+def test_exposure_candidates_widen_creator_reach_and_respect_governance(serving_bundle: Path):
+    users = sorted(load_bundle(serving_bundle).user_row)[:60]
+    creators: dict[int, set[str]] = {}
+    for slots in (0, 6):
+        rec = _exposure_rec(serving_bundle, slots)
+        seen: set[str] = set()
+        for u in users:
+            r = rec.recommend(u, 10)
+            seen |= {i.creator_id for i in r.items}
+            assert slots or r.candidates == 20  # 0 disables the step
+            if slots:
+                assert r.candidates <= 20 + slots
+        creators[slots] = seen
+    assert len(creators[6]) > len(creators[0])
+
+    # Governance: blocked items / creators and non-visible items never enter through the exposure pool.
+    rec = _exposure_rec(serving_bundle, 6)
+    b = rec.bundle
+    for u in users[:20]:
+        rec.recommend(u, 10)
+    pool_rows, _ = rec._exposure_pool(rec._state)
+    blocked_creators = sorted({str(c) for c in b.creator_ids[b.item_creator[pool_rows[:40]]]})[:3]
+    blocked_items = [str(b.item_ids[r]) for r in pool_rows[40:60]]
+    rec.block(item_ids=blocked_items, creator_ids=blocked_creators)
+    bad = ~rec._state.servable
+    assert bad.any() and (~b.visible).any()
+    n_added = 0
+    for u in users:
+        row, hist = rec._user(b, u)
+        rows, _, vec = rec._search(rec._state, row, hist, 20)
+        extra = rec._exposure_candidates(rec._state, vec, rows, "default" if "default" in rec.scenarios else rec.scenarios[0])
+        assert not bad[extra].any()
+        n_added += len(extra)
+        r = rec.recommend(u, 10)
+        served = np.array([b.item_row[i.item_id] for i in r.items])
+        assert not bad[served].any()
+        assert not {i.creator_id for i in r.items} & set(blocked_creators)
+    assert n_added > 0

@@ -67,9 +67,10 @@ def main() -> int:
         "recommend_ms_p50": round(float(np.median(full_ms)), 3),
         "engagement_only_ms_p50": round(float(np.median(base_ms)), 3),
         "added_ms_p50": round(float(np.median(full_ms) - np.median(base_ms)), 3),
-        "exposure_gini": round(full.exposure.current_gini, 4), "target_policy_ms_p50": 1.0,
+        "exposure_gini": round(full.exposure.current_gini, 4), "target_added_ms_p50": 1.0,
     }
-    out["pass"] = out["policy_ms_p50"] < 1.0
+    # The bar is on what the policy adds to the whole call (page building and the exposure candidates it ranks).
+    out["pass"] = out["added_ms_p50"] < 1.0
     print(json.dumps(out))
     return 0
 

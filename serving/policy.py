@@ -8,8 +8,9 @@ the items it placed:
 2. fusion       final score = weighted sum of head predictions (or a product of powers); hate weighs < 0
 3. fans_first   fresh items of creators the user is an iron fan of take the first slots       -> "fan"
 4. quality      at least ``min_share`` of the page comes from high-quality creators           -> "quality_support"
-5. exposure     under-exposed creators get a score boost; the boost strength is steered so the
-                Gini coefficient of creator exposure stays under ``gini_target``              -> "exposure_boost"
+5. exposure     under-exposed creators get a score boost (over-exposed ones a penalty, ``demote``);
+                the strength is steered so the Gini of creator exposure stays under
+                ``gini_target``; ``placement: relevance`` lays the chosen page out by fused score -> "exposure_boost"
                 (the recommender also adds ``candidate_slots`` items of under-exposed creators to the
                 candidates; placed ones carry the same tag)
 6. diversity    at most ``max_per_creator`` items per creator; a category is not repeated within
@@ -69,6 +70,12 @@ class ExposureStep:
     # creators (a pool refreshed every ``exposure_control.update_every`` pages) that score best against the
     # user vector. They are ranked and paged like any candidate; 0 disables.
     candidate_slots: int = 0
+    # Where boosted items go: "score" = page order by boosted score; "relevance" = the boost only decides
+    # which items make the page, which are then laid out by fused score (diversity rules still apply).
+    placement: Literal["score", "relevance"] = "score"
+    # Weight of the penalty on over-exposed creators (1 - mean / exposure above the mean), in the same
+    # boost units as the bonus of under-exposed ones; 0 = boost only.
+    demote: float = 0.0
 
 
 @dataclass
@@ -108,6 +115,8 @@ class PolicySteps:
             raise ConfigError(f"{where}.diversity.category_window must be >= 0")
         if self.exposure.strength < 0:
             raise ConfigError(f"{where}.exposure.strength must be >= 0, got {self.exposure.strength}")
+        if self.exposure.demote < 0:
+            raise ConfigError(f"{where}.exposure.demote must be >= 0, got {self.exposure.demote}")
         if self.exposure.candidate_slots < 0:
             raise ConfigError(f"{where}.exposure.candidate_slots must be >= 0, got {self.exposure.candidate_slots}")
 
@@ -128,6 +137,9 @@ class ExposureControl:
     gain: float = 0.25  # multiplicative step of the boost strength per update
     initial_boost: float = 0.5
     max_boost: float = 8.0  # in units of the candidates' score spread (std)
+    # The exposure candidate pool: servable items of creators below the mean exposure, least exposed first.
+    pool_size: int = 2000
+    pool_per_creator: int = 3
 
 
 @dataclass
@@ -141,9 +153,10 @@ class PolicyConfig(PolicySteps):
     def __post_init__(self) -> None:
         self.validate("policy")
         c = self.exposure_control
-        if c.half_life_pages <= 0 or c.update_every < 1 or not 0 < c.gini_target <= 1 or c.gain <= 0:
+        if (c.half_life_pages <= 0 or c.update_every < 1 or not 0 < c.gini_target <= 1 or c.gain <= 0
+                or c.pool_size < 1 or c.pool_per_creator < 1):
             raise ConfigError("policy.exposure_control: half_life_pages > 0, update_every >= 1, "
-                              "0 < gini_target <= 1 and gain > 0 are required")
+                              "0 < gini_target <= 1, gain > 0, pool_size >= 1 and pool_per_creator >= 1 are required")
         base = {k: v for k, v in to_dict(self).items() if k in _STEP_KEYS}
         for name, override in self.scenarios.items():
             where = f"policy.scenarios.{name}"
@@ -262,6 +275,15 @@ class ExposureTracker:
             return np.zeros(len(creators))
         e = self.counts[creators] * 2.0 ** (-self._log_scale)
         return np.clip(1.0 - e / mean, 0.0, 1.0)
+
+    def over_exposure(self, creators: np.ndarray) -> np.ndarray:
+        """(n,) in [0, 1): 0 = at or below the mean exposure, -> 1 = far above it (1 - mean / exposure)."""
+        mean = self.mean_exposure()
+        if mean <= 0:
+            return np.zeros(len(creators))
+        e = self.counts[creators] * 2.0 ** (-self._log_scale)
+        with np.errstate(divide="ignore"):
+            return np.where(e > mean, 1.0 - mean / np.maximum(e, mean), 0.0)
 
     def record(self, creators: np.ndarray) -> None:
         with self._lock:
@@ -417,7 +439,10 @@ class FeedPolicy:
         boosted = np.zeros(n, dtype=bool)
         if exposure is not None and steps.exposure.enabled and steps.exposure.strength > 0 and n > 1:  # 5.
             spread = float(fused.std()) or 1.0
-            bonus = exposure.boost * steps.exposure.strength * spread * exposure.under_exposure(creator)
+            adjust = exposure.under_exposure(creator)
+            if steps.exposure.demote > 0:
+                adjust = adjust - steps.exposure.demote * exposure.over_exposure(creator)
+            bonus = exposure.boost * steps.exposure.strength * spread * adjust
             score = score + bonus
             boosted = bonus > 0
         order_np = np.argsort(-score, kind="stable")
@@ -468,8 +493,14 @@ class FeedPolicy:
         # the last `window` placed is deferred (per-category queues, heads in a heap keyed by score rank)
         # and placed as soon as its category is allowed again, before any lower-ranked item.
         window = steps.diversity.category_window if steps.diversity.enabled else 0
-        body = self._fill(order, cat_l, k - len(head) - len(explore), window, can_take, take,
-                          [cat_l[i] for i in head][-window:] if window else [])
+        lead = [cat_l[i] for i in head][-window:] if window else []
+        body = self._fill(order, cat_l, k - len(head) - len(explore), window, can_take, take, list(lead))
+        if steps.exposure.placement == "relevance" and boosted.any() and len(body) > 1:
+            # Same items, laid out again by fused score under the same category window.
+            chosen = set(body)
+            by_fused = [i for i in np.argsort(-fused, kind="stable").tolist() if i in chosen]
+            body = self._fill(by_fused, cat_l, len(body), window, lambda i: i in chosen, lambda i, why: chosen.discard(i),
+                              list(lead))
         # 4. quality support: swap the lowest body items for the best unused high-quality ones.
         hq = c.high_quality[keep]
         if steps.quality.enabled and steps.quality.min_share > 0 and k > 0:

@@ -63,8 +63,6 @@ class _State:
     by_creator: tuple[np.ndarray, np.ndarray] | None = None  # servable rows sorted by creator, CSR pointers
 
 
-POOL_SIZE = 2000  # items in the exposure candidate pool (scored against the user vector per request)
-POOL_PER_CREATOR = 3  # at most this many items of one creator in the pool
 
 
 def _servable(b: Bundle, items: frozenset[str], creators: frozenset[str]) -> np.ndarray:
@@ -233,17 +231,18 @@ class Recommender:
             srows = srows[o]
             st.by_creator = (srows, np.searchsorted(b.item_creator[srows], np.arange(len(b.creator_ids) + 1)))
         srows, ptr = st.by_creator
-        counts = np.minimum(np.diff(ptr), POOL_PER_CREATOR)
+        size, per_creator = tracker.control.pool_size, tracker.control.pool_per_creator
+        counts = np.minimum(np.diff(ptr), per_creator)
         cre = np.flatnonzero(counts > 0)
         e = tracker.exposure()[cre]
         mean = tracker.mean_exposure()
         if mean > 0:  # only creators below the mean exposure of eligible creators
             cre, e = cre[e < mean], e[e < mean]
         cre = cre[np.lexsort((cre, e))]  # least exposed creators first
-        cre = cre[: int(np.searchsorted(np.cumsum(counts[cre]), POOL_SIZE)) + 1]
+        cre = cre[: int(np.searchsorted(np.cumsum(counts[cre]), size)) + 1]
         rows = (np.concatenate([srows[ptr[c]:ptr[c] + counts[c]] for c in cre.tolist()])
                 if len(cre) else np.zeros(0, np.int64))
-        rows = rows[:POOL_SIZE]
+        rows = rows[:size]
         vecs = self._item_vectors(b)[rows]
         # Publish on the state object the request read (a state swap discards it, so blocks apply at once).
         st.pool = (step, rows, vecs)

@@ -37,6 +37,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-users", type=int, default=None)
     ap.add_argument("--strengths", default=None,
                     help="extra arms: the policy with exposure.strength scaled by each value (comma-separated)")
+    ap.add_argument("--arm", dest="arms", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="extra arm: the evaluated policy with these policy.* overrides, e.g. "
+                         "'slots5:exposure.candidate_slots=5' (repeatable; arms share retrieval and ranking)")
     ap.add_argument("--no-mlflow", action="store_true")
 
 
@@ -51,6 +54,22 @@ def strength_arms(policy: PolicyConfig, strengths: list[float]) -> dict[str, Pol
             if "exposure" in o and "strength" in o["exposure"]:
                 o["exposure"]["strength"] *= f
         arms[f"policy_x{f:g}"] = load_policy(r)
+    return arms
+
+
+def override_arms(policy: PolicyConfig, specs: list[str]) -> dict[str, PolicyConfig]:
+    """``NAME:KEY=VALUE[,KEY=VALUE...]`` -> the policy with those ``policy.``-relative overrides, by name."""
+    raw = {k: v for k, v in to_dict(policy).items() if not k.startswith("_")}
+    arms = {}
+    for spec in specs:
+        name, sep, body = spec.partition(":")
+        pairs = [p.strip() for p in body.split(",") if p.strip()]
+        if not sep or not name or not pairs or any("=" not in p for p in pairs):
+            raise SystemExit(f"--arm {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], "
+                             "e.g. slots5:exposure.candidate_slots=5")
+        if name in (BASELINE, POLICY) or name in arms:
+            raise SystemExit(f"--arm {spec!r}: the arm name '{name}' is already taken")
+        arms[name] = load_policy(apply_overrides(copy.deepcopy(raw), pairs))
     return arms
 
 
@@ -85,8 +104,9 @@ def lorenz_plot(result: dict[str, Any], path: Path) -> Path:
 def table(result: dict[str, Any]) -> str:
     k = result["k"]
     arms = [a for a in result if isinstance(result[a], dict) and "creator_gini" in result[a]]
-    cols = [*(f"ndcg@{k}_{g}" for g in GAINS), "creator_gini", "creator_gini_served", "item_coverage",
-            "creator_coverage", "quality_share", "fan_delivery", "governance_leaks"]
+    cols = [*(f"ndcg_{kind}@{k}_{g}" for kind in ("judged", "dm") for g in GAINS), f"ndcg_union@{k}_long_view",
+            "creator_gini", "creator_gini_catalogue", "item_coverage", "creator_coverage", "quality_share",
+            "fan_delivery", "governance_leaks"]
     lines = ["| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for a in arms:
         lines.append(f"| {a} | " + " | ".join(str(result[a][c]) for c in cols) + " |")
@@ -104,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(bundle_dir, onnx_threads=2)
     settings = (settings_from_raw(load_raw(args.policy_config)) if args.policy_config
                 else load_settings(None, bundle.manifest))
-    extra = strength_arms(settings.policy, [float(s) for s in args.strengths.split(",")]) if args.strengths else None
+    extra = strength_arms(settings.policy, [float(s) for s in args.strengths.split(",")]) if args.strengths else {}
+    extra.update(override_arms(settings.policy, args.arms))
     log, source = None, None
     if args.log:
         from features.external import read_later_log

@@ -156,6 +156,28 @@ def test_exposure_fairness_lowers_creator_gini(world: World):
     assert results["on"][1] > 0 and results["off"][1] == 0
 
 
+def test_relevance_placement_keeps_the_boosted_page_and_orders_it_by_fused_score(world: World):
+    """placement=relevance: the boost picks the same items; they are laid out by fused score (here without
+    a category window, so exactly by fused score), while placement=score puts boosted items first."""
+    control = ExposureControl(update_every=5, initial_boost=4.0)
+    pages = {}
+    for placement in ("score", "relevance"):
+        tracker = ExposureTracker(world.spec.n_creators, control)
+        pol = FeedPolicy(only(exposure=ExposureStep(placement=placement),
+                              diversity=DiversityStep(max_per_creator=2, category_window=0)), HEADS, SCENARIOS)
+        for user in range(30):
+            c = truth_candidates(world, user)
+            pages.setdefault(placement, []).append((c, pol.page(c, K, "feed", tracker)))
+    out_of_order = 0
+    for (c, by_score), (_, by_rel) in zip(pages["score"], pages["relevance"]):
+        assert sorted(by_score.index.tolist()) == sorted(by_rel.index.tolist())
+        assert np.all(np.diff(by_rel.fused) <= 1e-6)
+        out_of_order += bool(np.any(np.diff(by_score.fused) > 1e-6))
+        tags = {int(i): t for i, t in zip(by_score.index, by_score.reasons)}
+        assert all(tags[int(i)] == t for i, t in zip(by_rel.index, by_rel.reasons))
+    assert out_of_order > 0  # the boost did reorder the score-placed pages
+
+
 def test_diversity_caps_creators_and_spreads_categories(world: World):
     pol_on = FeedPolicy(only(diversity=DiversityStep(max_per_creator=2, category_window=2)), HEADS, SCENARIOS)
     pol_off = FeedPolicy(PolicyConfig.engagement_only(), HEADS, SCENARIOS)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -227,6 +228,7 @@ def synthetic_bundle(base: Path, n_items: int, factory: str, ef_search: int, cac
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="runs/kuairand/bundle")
+    ap.add_argument("--config", default=None, help="YAML with serving: / policy: (default: the bundle's recipe)")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--k", type=int, default=20)
@@ -250,8 +252,13 @@ def main() -> int:
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     users = pd.read_parquet(bundle / "features" / "users.parquet", columns=["user_id"])["user_id"].astype(str).tolist()
+    # The served policy is the bundle's recipe (or --config), with only the candidate count overridden.
+    raw = (yaml.safe_load(Path(args.config).read_text()) if args.config
+           else json.loads((bundle / "manifest.json").read_text()).get("config") or {})
+    raw = {k: v for k, v in raw.items() if k in ("serving", "policy")}
+    raw.setdefault("serving", {})["candidates"] = args.candidates
     cfg = cache / "serving-bench.yaml"
-    cfg.write_text(f"serving:\n  candidates: {args.candidates}\n")
+    cfg.write_text(yaml.safe_dump(raw))
     env = {"FEEDSTACK_SERVING_CONFIG": str(cfg.resolve()), "FEEDSTACK_WORKERS": str(args.workers),
            "FEEDSTACK_THREADS": str(args.threads)}
     summary: dict = {"bench": "serving", "bundle": str(bundle), "k": args.k, "candidates": args.candidates,

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from features.config import apply_overrides, from_dict, load_config, load_raw, to_dict
+from features.config import ConfigError, apply_overrides, from_dict, load_config, load_raw, to_dict
 from serving.offline import BASELINE, GAINS, POLICY, evaluate_policy
 from serving.policy import PolicyConfig, load_policy
 
@@ -65,22 +65,39 @@ def override_arms(policy: PolicyConfig, specs: list[str]) -> dict[str, PolicyCon
         name, sep, body = spec.partition(":")
         pairs = [p.strip() for p in body.split(",") if p.strip()]
         if not sep or not name or not pairs or any("=" not in p for p in pairs):
-            raise SystemExit(f"--arm {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], "
-                             "e.g. slots5:exposure.candidate_slots=5")
+            raise ConfigError(f"--arm {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], "
+                              "e.g. slots5:exposure.candidate_slots=5")
         if name in (BASELINE, POLICY) or name in arms:
-            raise SystemExit(f"--arm {spec!r}: the arm name '{name}' is already taken")
+            raise ConfigError(f"--arm {spec!r}: the arm name '{name}' is already taken")
         arms[name] = load_policy(apply_overrides(copy.deepcopy(raw), pairs))
     return arms
 
 
-def lorenz_plot(result: dict[str, Any], path: Path) -> Path:
+def _figure(width: float) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(width, 4.4), dpi=100)
+
+
+def _finish(fig: Any, ax: Any, title: str, legend_loc: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc=legend_loc)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def lorenz_plot(result: dict[str, Any], path: Path) -> Path:
     arms = [a for a in result if isinstance(result[a], dict) and "lorenz" in result[a]]
-    fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=100)
+    fig, ax = _figure(4.8)
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--", label="equality")
     for arm in arms:
         curve = result[arm]["lorenz"]
@@ -89,16 +106,35 @@ def lorenz_plot(result: dict[str, Any], path: Path) -> Path:
                 label=f"{arm.replace('_', ' ')} (Gini {result[arm]['creator_gini']:.3f})")
     ax.set_xlabel("share of creators (least exposed first)")
     ax.set_ylabel("share of page slots")
-    data = result["data"]
-    period = data.get("period") or "later log"
-    ax.set_title(f"Creator exposure, {period}: {result['users']} users, k={result['k']}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    period = result["data"].get("period") or "later log"
+    return _finish(fig, ax, f"Creator exposure, {period}: {result['users']} users, k={result['k']}", "upper left", path)
+
+
+def tradeoff_plot(result: dict[str, Any], path: Path) -> Path:
+    """Every arm's creator-Gini change against its NDCG change (judged and DM, long_view), one point each."""
+    k = result["k"]
+    rel = result["relative_to_engagement_only"]
+    bar = result["bar"]
+    fig, ax = _figure(6.0)
+    ax.axhline(-bar["ndcg_loss_at_most"] * 100, color="tab:red", lw=0.8, ls="--", label="bar: -3% NDCG")
+    ax.axvline(-bar["gini_reduction_at_least"] * 100, color="tab:green", lw=0.8, ls="--", label="bar: -25% Gini")
+    for kind, marker, color in (("dm", "o", "tab:blue"), ("judged", "s", "tab:orange")):
+        xs = [100 * r["creator_gini"] for r in rel.values()]
+        ys = [100 * (r[f"ndcg_{kind}@{k}_long_view"] or 0.0) for r in rel.values()]
+        ax.scatter(xs, ys, marker=marker, color=color, s=22,
+                   label={"dm": "NDCG, direct method (all slots)", "judged": "NDCG, judged (real signals only)"}[kind])
+        if kind == "dm":
+            for name, x, y in zip(rel, xs, ys):
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    ax.fill_betweenx([-bar["ndcg_loss_at_most"] * 100, y1], x0, -bar["gini_reduction_at_least"] * 100,
+                     color="tab:green", alpha=0.08, label="both halves of the bar met")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xlabel("creator exposure Gini vs engagement-only (%)")
+    ax.set_ylabel(f"NDCG@{k} long_view vs engagement-only (%)")
+    period = result["data"].get("period") or "later log"
+    return _finish(fig, ax, f"Fairness / engagement trade-off, {period}: {result['users']} users", "lower left", path)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -148,15 +184,16 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot = lorenz_plot(result, Path(args.plot) if args.plot else out.with_name(out.stem + "_lorenz.png"))
+    trade = tradeoff_plot(result, plot.with_name(plot.stem.replace("_lorenz", "") + "_tradeoff.png"))
     print(table(result))
     print(json.dumps(result["relative_to_engagement_only"], indent=2))
     if not args.no_mlflow:
-        _log_mlflow(result, out, plot)
-    print(f"wrote {out} and {plot}")
+        _log_mlflow(result, out, plot, trade)
+    print(f"wrote {out}, {plot} and {trade}")
     return 0
 
 
-def _log_mlflow(result: dict[str, Any], out: Path, plot: Path) -> None:
+def _log_mlflow(result: dict[str, Any], out: Path, *plots: Path) -> None:
     import mlflow
 
     from training.tracking import mlflow_run
@@ -173,7 +210,8 @@ def _log_mlflow(result: dict[str, Any], out: Path, plot: Path) -> None:
             mlflow.log_metrics({f"{arm}.rel.{key.replace('@', '_at_')}": float(v) for key, v in r.items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
         mlflow.log_artifact(str(out))
-        mlflow.log_artifact(str(plot))
+        for plot in plots:
+            mlflow.log_artifact(str(plot))
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / "policy_table.md"
             p.write_text(table(result) + "\n")

@@ -178,6 +178,27 @@ def test_relevance_placement_keeps_the_boosted_page_and_orders_it_by_fused_score
     assert out_of_order > 0  # the boost did reorder the score-placed pages
 
 
+def test_demote_pushes_over_exposed_creators_down(world: World):
+    """With one creator far above the mean exposure, demote > 0 pushes its best item down (off the page)."""
+    c = truth_candidates(world, 0)
+    fused = fuse(c.preds, np.array([1.0, 2.0, -30.0], dtype=np.float32))
+    top_creator = int(c.creator[int(np.argmax(np.where(c.allowed, fused, -np.inf)))])
+    control = ExposureControl(update_every=1000, initial_boost=0.5)
+    ranks = {}
+    for demote in (0.0, 4.0):
+        tracker = ExposureTracker(world.spec.n_creators, control)
+        # Every creator shown once, the top one 20 times: the others sit a little below the mean (small
+        # boost), the top one far above it.
+        tracker.record(np.r_[np.full(19, top_creator), np.arange(world.spec.n_creators)])
+        assert tracker.over_exposure(np.array([top_creator]))[0] > 0.8
+        assert tracker.over_exposure(np.array([(top_creator + 1) % world.spec.n_creators]))[0] == 0.0
+        pol = FeedPolicy(only(exposure=ExposureStep(demote=demote)), HEADS, SCENARIOS)
+        page = pol.page(c, K, "feed", tracker)
+        on_page = c.creator[page.index] == top_creator
+        ranks[demote] = int(np.argmax(on_page)) if on_page.any() else K
+    assert ranks[0.0] < K and ranks[4.0] > ranks[0.0]
+
+
 def test_diversity_caps_creators_and_spreads_categories(world: World):
     pol_on = FeedPolicy(only(diversity=DiversityStep(max_per_creator=2, category_window=2)), HEADS, SCENARIOS)
     pol_off = FeedPolicy(PolicyConfig.engagement_only(), HEADS, SCENARIOS)

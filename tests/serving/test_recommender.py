@@ -204,3 +204,19 @@ def test_exposure_candidates_widen_creator_reach_and_respect_governance(serving_
         assert not bad[served].any()
         assert not {i.creator_id for i in r.items} & set(blocked_creators)
     assert n_added > 0
+
+
+def test_exposure_pool_size_and_per_creator_limit(serving_bundle: Path):
+    users = sorted(load_bundle(serving_bundle).user_row)[:30]
+    for size, per_creator in ((15, 1), (40, 2)):
+        rec = _exposure_rec(serving_bundle, 4, exposure_control={"update_every": 5, "pool_size": size,
+                                                                 "pool_per_creator": per_creator})
+        for u in users:
+            rec.recommend(u, 10)
+        rows, vecs = rec._exposure_pool(rec._state)
+        b = rec.bundle
+        assert 0 < len(rows) <= size and len(vecs) == len(rows)
+        assert np.bincount(b.item_creator[rows]).max() <= per_creator
+        # Only creators below the mean exposure, least exposed first.
+        e = rec.exposure.exposure()[b.item_creator[rows]]
+        assert np.all(e < rec.exposure.mean_exposure()) and np.all(np.diff(e) >= 0)

@@ -169,3 +169,26 @@ def test_platt_recovers_scale_and_bias_and_keeps_order():
     a, b = platt(x, y)
     assert a == pytest.approx(0.5, abs=0.08) and b == pytest.approx(-3.0, abs=0.25)
     assert platt(x, np.zeros_like(x)) == (1.0, 0.0)
+
+
+class _TwoOutputs(torch.nn.Module):
+    """A probability and a large-scale output (like watch seconds), each scaled by its own factor."""
+
+    def __init__(self, prob_shift: float = 0.0, scale_factor: float = 1.0):
+        super().__init__()
+        self.prob_shift, self.scale_factor = prob_shift, scale_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(x) + self.prob_shift, 1000.0 * (x.abs() + 1.0) * self.scale_factor
+
+
+def test_parity_is_absolute_for_probabilities_and_relative_for_large_outputs(tmp_path: Path):
+    path = export_onnx(_TwoOutputs(), {"x": torch.randn(3, 4)}, tmp_path / "m.onnx", ["p", "seconds"])
+    make = lambda b: {"x": torch.randn(b, 4, generator=torch.Generator().manual_seed(b))}  # noqa: E731
+    # Seconds off by one part in 1e6: over 1e-4 in absolute terms, within tolerance relative to its scale.
+    rel = check_parity(_TwoOutputs(scale_factor=1 + 1e-6), path, make)
+    assert rel.max_abs_diff > 1e-4 and rel.ok(1e-4), rel
+    # A probability off by 1e-3 fails whatever the other output does.
+    bad = check_parity(_TwoOutputs(prob_shift=1e-3), path, make)
+    assert not bad.ok(1e-4) and bad.per_output["p"] == pytest.approx(1e-3, rel=1e-2)
+    assert "'p'" in bad.describe()

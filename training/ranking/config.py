@@ -57,7 +57,7 @@ class RankingConfig:
     ece_bins: int = 15
     fusion_k: int = 20
     scenarios: dict[str, dict[str, float]] = field(default_factory=_default_scenarios)
-    parity_tolerance: float = 1e-4
+    parity_tolerance: float = 1e-4  # on |eager - onnx| / max(1, |eager|): absolute for probabilities, relative for seconds
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "small_embedding_dim", "num_experts", "shared_experts", "ple_levels",

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from features.tables import FeatureTables
 from training.config import TrainConfig
-from training.onnx_export import OPSET, check_parity, export_onnx
+from training.onnx_export import OPSET, ParityReport, check_parity, export_onnx
 from training.ranking.data import BatchDataset, FeatureLayout, loader
 from training.ranking.evaluate import META, build_report, score_bundle
 from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, RankerSpec, embedding_dims
@@ -159,11 +159,11 @@ def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: _Data, column
     return scorer
 
 
-def _export(scorer: RankerScorer, data: _Data, path: Path, seed: int) -> float:
-    """Export with a dynamic batch and return the parity max abs diff on fresh random inputs."""
+def _export(scorer: RankerScorer, data: _Data, path: Path, seed: int) -> ParityReport:
+    """Export with a dynamic batch and check parity on fresh random inputs."""
     example = {k: torch.from_numpy(v[:4]) for k, v in data.inputs["valid"].items()}
     export_onnx(scorer, example, path, scorer.output_names)
-    return check_parity(scorer, path, random_inputs(data.layout, data.inputs["train"]["num"], seed)).max_abs_diff
+    return check_parity(scorer, path, random_inputs(data.layout, data.inputs["train"]["num"], seed))
 
 
 def random_inputs(layout: FeatureLayout, num_reference: np.ndarray, seed: int):
@@ -334,8 +334,8 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     task, train_info = _fit_main(cfg, data, heads, out_dir, resume, progress)
     scorer = _scorer(task, heads, data, list(range(len(heads))))
     parity = _export(scorer, data, out_dir / "ranker.onnx", cfg.seed)
-    if parity > rc.parity_tolerance:
-        raise RuntimeError(f"ONNX parity of the ranker failed: max abs diff {parity:.2e} > {rc.parity_tolerance:.0e}")
+    if not parity.ok(rc.parity_tolerance):
+        raise RuntimeError(f"ONNX parity of the ranker failed: {parity.describe()} > {rc.parity_tolerance:.0e}")
 
     single_files: dict[str, str] = {}
     single_parity: dict[str, float] = {}
@@ -345,7 +345,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
             L.seed_everything(cfg.seed, workers=False, verbose=False)
             st = _fit_single(cfg, data, heads, t, progress)
             rel = f"single_task/{name}.onnx"
-            single_parity[name] = _export(_scorer(st, [heads[t]], data, [t]), data, out_dir / rel, cfg.seed)
+            single_parity[name] = _export(_scorer(st, [heads[t]], data, [t]), data, out_dir / rel, cfg.seed).max_scaled_diff
             single_files[name] = rel
             log.info("single-task %s: %.1fs", name, time.perf_counter() - t_single)
     single_seconds = time.perf_counter() - t_single
@@ -378,11 +378,13 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         "watch_time": data.wtq.to_json() if data.wtq else None,
         "layout": data.layout.to_json(),
         "model": _spec(cfg, data.layout, [n for n, _ in heads]).to_json(),
-        "parity_max_abs_diff": parity,
+        "parity_max_abs_diff": parity.max_abs_diff,
+        "parity_max_scaled_diff": parity.max_scaled_diff,
+        "parity_per_output": parity.per_output,
         "calibration": {"method": "Platt scaling per binary head on the validation period",
                         "scale": scorer.calib_scale.tolist(), "bias": scorer.calib_bias.tolist()},
         "single_task": single_files,
-        "single_task_parity_max_abs_diff": single_parity,
+        "single_task_parity_max_scaled_diff": single_parity,
         "training": train_info,
     }
     (out_dir / META).write_text(json.dumps(_jsonable(meta), indent=1))
@@ -396,7 +398,8 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     report["training"] = {**train_info, "single_task_seconds": round(single_seconds, 1),
                           "eval_seconds": round(time.perf_counter() - t_eval, 1),
                           "wall_seconds": round(time.perf_counter() - t_start, 1)}
-    report["parity_max_abs_diff"] = parity
+    report["parity_max_abs_diff"] = parity.max_abs_diff
+    report["parity_max_scaled_diff"] = parity.max_scaled_diff
     report = _jsonable(report)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
     table = _per_head_table(report)

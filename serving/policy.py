@@ -268,22 +268,22 @@ class ExposureTracker:
         n = self._n_eligible
         return self._eligible_stored * 2.0 ** (-self._log_scale) / n if n else 0.0
 
-    def under_exposure(self, creators: np.ndarray) -> np.ndarray:
-        """(n,) in [0, 1]: 1 = never shown, 0 = at or above the mean exposure of eligible creators."""
+    def _ratio(self, creators: np.ndarray) -> np.ndarray | None:
+        """(n,) decayed exposure / mean exposure of eligible creators; None before anything was shown."""
         mean = self.mean_exposure()
         if mean <= 0:
-            return np.zeros(len(creators))
-        e = self.counts[creators] * 2.0 ** (-self._log_scale)
-        return np.clip(1.0 - e / mean, 0.0, 1.0)
+            return None
+        return self.counts[creators] * 2.0 ** (-self._log_scale) / mean
+
+    def under_exposure(self, creators: np.ndarray) -> np.ndarray:
+        """(n,) in [0, 1]: 1 = never shown, 0 = at or above the mean exposure of eligible creators."""
+        r = self._ratio(creators)
+        return np.zeros(len(creators)) if r is None else np.clip(1.0 - r, 0.0, 1.0)
 
     def over_exposure(self, creators: np.ndarray) -> np.ndarray:
         """(n,) in [0, 1): 0 = at or below the mean exposure, -> 1 = far above it (1 - mean / exposure)."""
-        mean = self.mean_exposure()
-        if mean <= 0:
-            return np.zeros(len(creators))
-        e = self.counts[creators] * 2.0 ** (-self._log_scale)
-        with np.errstate(divide="ignore"):
-            return np.where(e > mean, 1.0 - mean / np.maximum(e, mean), 0.0)
+        r = self._ratio(creators)
+        return np.zeros(len(creators)) if r is None else np.where(r > 1.0, 1.0 - 1.0 / np.maximum(r, 1.0), 0.0)
 
     def record(self, creators: np.ndarray) -> None:
         with self._lock:

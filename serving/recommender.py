@@ -63,8 +63,6 @@ class _State:
     by_creator: tuple[np.ndarray, np.ndarray] | None = None  # servable rows sorted by creator, CSR pointers
 
 
-
-
 def _servable(b: Bundle, items: frozenset[str], creators: frozenset[str]) -> np.ndarray:
     mask = b.visible.copy()
     if items:

@@ -288,6 +288,15 @@ def _forbidden(bundle: Bundle, policy: PolicyConfig) -> np.ndarray:
     return bad
 
 
+def population_metrics(exposure: np.ndarray, attention: np.ndarray, population: np.ndarray) -> dict[str, Any]:
+    """Exposure concentration over the creators in ``population`` (bool (C,)), zeros included."""
+    e = exposure[population]
+    return {"creator_gini": round(gini(e), 4), "creator_gini_attention": round(gini(attention[population]), 4),
+            "top1pct_creator_share": round(float(np.sort(e)[::-1][: max(1, int(0.01 * len(e)))].sum()
+                                                 / max(1.0, e.sum())), 4),
+            "lorenz": lorenz(e, 101)}
+
+
 class ArmRun(NamedTuple):
     metrics: dict[str, Any]
     exposure: np.ndarray  # (C,) page slots per creator
@@ -371,14 +380,11 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
         **{f"ndcg_{kind}@{k}_{g}": round(float(np.nanmean(v[:, j])), 5) if np.isfinite(v[:, j]).any() else None
            for kind, v in nd.items() for j, g in enumerate(GAINS)},
         **{f"ndcg_users_{kind}_{g}": int(np.isfinite(v[:, j]).sum()) for kind, v in nd.items() for j, g in enumerate(GAINS)},
-        "creator_gini": round(gini(exposure[reachable]), 4),  # replaced by the shared population in evaluate_policy
+        # Over this arm's own candidate creators; evaluate_policy replaces them with the shared population's.
+        **population_metrics(exposure, attention, reachable),
         "creator_gini_own_candidates": round(gini(exposure[reachable]), 4),
         "creator_gini_served": round(gini(exposure[served_creators]), 4),
-        "creator_gini_attention": round(gini(attention[reachable]), 4),  # shared population in evaluate_policy
         "creator_gini_catalogue": round(gini(exposure[catalogue]), 4),
-        "top1pct_creator_share": round(float(np.sort(exposure)[::-1][: max(1, int(0.01 * reachable.sum()))].sum()
-                                             / max(1.0, exposure.sum())), 4),
-        "lorenz": lorenz(exposure[reachable], 101),
         "item_coverage": round(int(served_items.sum()) / max(1, int(candidate_items.sum())), 4),
         "creator_coverage": round(int(served_creators.sum()) / max(1, int(reachable.sum())), 4),
         "served_items": int(served_items.sum()), "candidate_items": int(candidate_items.sum()),
@@ -442,12 +448,7 @@ def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log
         out[arm], exposure[arm], attention[arm] = run.metrics, run.exposure, run.attention
         reachable |= run.reachable
     for arm in recs:  # one creator population for every arm
-        e = exposure[arm][reachable]
-        out[arm]["creator_gini"] = round(gini(e), 4)
-        out[arm]["creator_gini_attention"] = round(gini(attention[arm][reachable]), 4)
-        out[arm]["lorenz"] = lorenz(e, 101)
-        out[arm]["top1pct_creator_share"] = round(
-            float(np.sort(e)[::-1][: max(1, int(0.01 * len(e)))].sum() / max(1.0, e.sum())), 4)
+        out[arm].update(population_metrics(exposure[arm], attention[arm], reachable))
     out["creator_population"] = int(reachable.sum())
     base = out[BASELINE]
     rel: dict[str, Any] = {}

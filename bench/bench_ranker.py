@@ -30,6 +30,7 @@ from features.tables import FeatureTables  # noqa: E402
 from training.onnx_export import export_onnx, session  # noqa: E402
 from training.ranking.config import RankingConfig  # noqa: E402
 from training.ranking.data import FeatureLayout  # noqa: E402
+from training.checkpoints import load_eager_ranker  # noqa: E402
 from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, RankerSpec, embedding_dims  # noqa: E402
 from training.ranking.watch_time import WatchTimeQuantiles  # noqa: E402
 
@@ -85,13 +86,8 @@ def main() -> None:
         if args.ranking_dir:
             rdir = Path(args.ranking_dir)
             meta = json.loads((rdir / "ranking.json").read_text())
-            layout = FeatureLayout.from_json(meta["layout"])
-            spec = RankerSpec(**meta["model"])
-            ranker = Ranker(spec)
-            state = torch.load(rdir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-            ranker.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-            wtq = WatchTimeQuantiles.from_json(meta["watch_time"]) if meta.get("watch_time") else None
-            heads = [h["name"] for h in meta["heads"]]
+            scorer, layout, heads = load_eager_ranker(meta, rdir / "checkpoints" / "best.ckpt")
+            spec = scorer.ranker.spec
             onnx_path = rdir / meta["onnx"]
             source = str(onnx_path)
         else:
@@ -109,11 +105,8 @@ def main() -> None:
             wtq = WatchTimeQuantiles.fit(dur, dur * 0.3, rc.watch_time_buckets, rc.watch_time_grid)
             onnx_path = None
             source = "default config, random weights"
-        watch = heads.index("watch_time") if "watch_time" in heads else None
-        scorer = RankerScorer(ranker, watch, wtq, layout.duration_position).eval()
-        if args.ranking_dir and meta.get("calibration"):
-            scorer.calib_scale.copy_(torch.tensor(meta["calibration"]["scale"]))
-            scorer.calib_bias.copy_(torch.tensor(meta["calibration"]["bias"]))
+            watch = heads.index("watch_time") if "watch_time" in heads else None
+            scorer = RankerScorer(ranker, watch, wtq, layout.duration_position).eval()
         feed = one_user_candidates(layout, tables, args.candidates, args.seed)
         tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
         if onnx_path is None:

@@ -17,23 +17,12 @@ import numpy as np
 import pandas as pd
 
 
-def _state(ckpt: Path) -> dict:
-    import torch
-
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-
-
 def load_eager(base_bundle: Path, run_dir: Path):
     """(user tower, ranker scorer, ranking layout, ranking meta) in eval mode, from the run's checkpoints."""
-    import torch
-
     from features.config import from_dict
     from features.tables import FeatureTables
+    from training.checkpoints import load_eager_ranker, model_state
     from training.config import TrainConfig
-    from training.ranking.data import FeatureLayout
-    from training.ranking.model import Ranker, RankerScorer, RankerSpec
-    from training.ranking.watch_time import WatchTimeQuantiles
     from training.retrieval.data import InputLayout, ItemFeatures
     from training.retrieval.pipeline import build_model, load_interactions
 
@@ -44,18 +33,9 @@ def load_eager(base_bundle: Path, run_dir: Path):
     feats = ItemFeatures(cfg, tables, layout, load_interactions(tables))
     n = len(layout.item_num)
     two_tower = build_model(layout, feats, cfg.retrieval, np.zeros(n, np.float32), np.ones(n, np.float32))
-    two_tower.load_state_dict(_state(run_dir / "retrieval" / "checkpoints" / "best.ckpt"))
+    two_tower.load_state_dict(model_state(run_dir / "retrieval" / "checkpoints" / "best.ckpt"))
     meta = json.loads((base_bundle / "ranking" / "ranking.json").read_text())
-    rlayout = FeatureLayout.from_json(meta["layout"])
-    ranker = Ranker(RankerSpec(**meta["model"]))
-    ranker.load_state_dict(_state(run_dir / "ranking" / "checkpoints" / "best.ckpt"))
-    heads = [h["name"] for h in meta["heads"]]
-    watch = heads.index("watch_time") if "watch_time" in heads else None
-    wtq = WatchTimeQuantiles.from_json(meta["watch_time"]) if meta.get("watch_time") else None
-    scorer = RankerScorer(ranker, watch, wtq, rlayout.duration_position).eval()
-    if meta.get("calibration"):
-        scorer.calib_scale.copy_(torch.tensor(meta["calibration"]["scale"]))
-        scorer.calib_bias.copy_(torch.tensor(meta["calibration"]["bias"]))
+    scorer, rlayout, _ = load_eager_ranker(meta, run_dir / "ranking" / "checkpoints" / "best.ckpt")
     return two_tower.user_tower.eval(), scorer, rlayout, meta, layout
 
 

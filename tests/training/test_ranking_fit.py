@@ -121,3 +121,23 @@ def test_evaluate_later_log(fitted, synthetic_tables: FeatureTables, tmp_path: P
     assert got["summary"]["model_mean_auc"] > 0.65
     assert np.isfinite(got["watch_time"]["xauc"]) and got["watch_time"]["mae_ms"] > 0
     assert got["fusion"]["feed"]["ndcg@20"] > got["fusion"]["feed"]["random_ndcg@20"]
+
+
+def test_eager_ranker_from_checkpoint_matches_the_shipped_onnx(fitted):
+    """The benchmarks' eager model (checkpoint + ranking.json, calibration included) is what ranker.onnx runs."""
+    from training.checkpoints import load_eager_ranker
+    from training.onnx_export import check_parity
+    from training.ranking.pipeline import random_inputs
+
+    bundle, _, _ = fitted
+    out = bundle / "ranking"
+    meta = json.loads((out / "ranking.json").read_text())
+    scorer, layout, heads = load_eager_ranker(meta, out / "checkpoints" / "best.ckpt")
+    assert heads == [h["name"] for h in meta["heads"]]
+    make = random_inputs(layout, np.random.default_rng(0).normal(size=(64, len(layout.num_columns))).astype(np.float32), 3)
+    report = check_parity(scorer, out / meta["onnx"], make)
+    assert report.ok(1e-4), report.describe()
+    # Without the stored calibration the same weights give other probabilities.
+    scorer.calib_scale.fill_(1.0)
+    scorer.calib_bias.fill_(0.0)
+    assert not check_parity(scorer, out / meta["onnx"], make).ok(1e-4)

@@ -1,0 +1,34 @@
+"""Lightning checkpoints back into plain modules (benchmarks compare eager PyTorch with the shipped ONNX)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def model_state(ckpt: Path, prefix: str = "model.") -> dict[str, Any]:
+    """The wrapped model's state dict from a Lightning checkpoint (the task keeps its model under ``prefix``)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_eager_ranker(meta: dict[str, Any], ckpt: Path):
+    """(scorer, layout, heads): the ranker of a ranking stage as an eval-mode :class:`RankerScorer`, built from
+    its ``ranking.json`` (``meta``) and a checkpoint, calibration included: what ``ranker.onnx`` computes."""
+    from training.ranking.data import FeatureLayout
+    from training.ranking.model import Ranker, RankerScorer, RankerSpec
+    from training.ranking.watch_time import WatchTimeQuantiles
+
+    layout = FeatureLayout.from_json(meta["layout"])
+    ranker = Ranker(RankerSpec(**meta["model"]))
+    ranker.load_state_dict(model_state(ckpt))
+    heads = [h["name"] for h in meta["heads"]]
+    watch = heads.index("watch_time") if "watch_time" in heads else None
+    wtq = WatchTimeQuantiles.from_json(meta["watch_time"]) if meta.get("watch_time") else None
+    scorer = RankerScorer(ranker, watch, wtq, layout.duration_position).eval()
+    if meta.get("calibration"):
+        scorer.calib_scale.copy_(torch.tensor(meta["calibration"]["scale"]))
+        scorer.calib_bias.copy_(torch.tensor(meta["calibration"]["bias"]))
+    return scorer, layout, heads

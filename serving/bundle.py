@@ -154,7 +154,7 @@ class Bundle:
     retrieval: RetrievalSpec
     ranking: RankingSpec
     user_tower: Any
-    ranker: Any
+    ranker: Any  # scores one user's candidates per call
     index: Any
     # catalogue (N items)
     item_ids: np.ndarray  # (N,) str
@@ -192,6 +192,7 @@ class Bundle:
     request_cat: list[tuple[int, str]]  # (position, vocab name)
     utc_offset_hours: float
     data_end_ms: float
+    ranker_file: str = "ranker.onnx"  # which graph ``ranker`` runs: ranking.json's request_onnx when present
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -241,7 +242,12 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
     vocab_raw = json.loads((fdir / "vocab.json").read_text())
 
     user_tower = _session(path / "retrieval" / "user_tower.onnx", onnx_threads)
-    ranker = _session(path / "ranking" / "ranker.onnx", onnx_threads)
+    # Serving scores one user's candidates per call: the request graph (same model, the user's side once)
+    # when the bundle has one, the general graph otherwise (bundles from before it existed).
+    request_graph = kmeta.get("request_onnx")
+    if request_graph and not (path / "ranking" / request_graph).is_file():
+        raise BundleError(f"ranking.json names the request graph ranking/{request_graph}, which is missing")
+    ranker = _session(path / "ranking" / (request_graph or "ranker.onnx"), onnx_threads)
     index = faiss.read_index(str(path / "retrieval" / "index.faiss"))
     if index.ntotal != len(items):
         raise BundleError(f"index.faiss holds {index.ntotal} vectors, items.parquet {len(items)} rows: rows must match")
@@ -342,7 +348,7 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
         fan_num_pos=np.array(fan_pos, np.int64), fan_num_which=np.array(fan_which, np.int64),
         request_cat=request_cat,
         utc_offset_hours=float((cfg.get("data") or {}).get("utc_offset_hours", 0.0)),
-        data_end_ms=float(tr[1] or 0),
+        data_end_ms=float(tr[1] or 0), ranker_file=request_graph or "ranker.onnx",
     )
 
 

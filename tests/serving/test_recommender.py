@@ -220,3 +220,42 @@ def test_exposure_pool_size_and_per_creator_limit(serving_bundle: Path):
         # Only creators below the mean exposure, least exposed first.
         e = rec.exposure.exposure()[b.item_creator[rows]]
         assert np.all(e < rec.exposure.mean_exposure()) and np.all(np.diff(e) >= 0)
+
+
+def test_requests_are_scored_with_the_request_graph_and_match_the_full_ranker(serving_bundle: Path):
+    import onnxruntime as ort
+
+    b = load_bundle(serving_bundle)
+    assert b.ranker_file == "ranker_request.onnx"
+    full = ort.InferenceSession(str(serving_bundle / "ranking" / "ranker.onnx"), providers=["CPUExecutionProvider"])
+    rec = Recommender(b, ServeSettings())
+    users = sorted(b.user_row)[:5] + ["someone-new"]  # a cold-start user too
+    rows = np.arange(min(b.n_items, 300))
+    for u in users:
+        row, hist = rec._user(b, u)
+        fast, watch = rec._rank(b, u, row, hist, rows, {"hour": 9})
+        feeds = {}
+        b_ranker = b.ranker
+
+        class Spy:
+            def run(self, outs, f):
+                feeds.update(f)
+                return b_ranker.run(outs, f)
+
+        b.ranker = Spy()
+        try:
+            rec._rank(b, u, row, hist, rows, {"hour": 9})
+        finally:
+            b.ranker = b_ranker
+        ref = full.run(None, feeds)
+        np.testing.assert_allclose(fast, ref[0], rtol=1e-5, atol=1e-6)
+        if watch is not None:
+            np.testing.assert_allclose(watch / 1000.0, ref[1], rtol=1e-5, atol=1e-4)
+
+
+def test_a_bundle_naming_a_missing_request_graph_is_refused(serving_bundle: Path, tmp_path: Path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(serving_bundle, copy)
+    (copy / "ranking" / "ranker_request.onnx").unlink()
+    with pytest.raises(BundleError, match="ranker_request.onnx"):
+        load_bundle(copy)

@@ -12,8 +12,10 @@ from features.config import ConfigError
 from training.onnx_export import check_parity, export_onnx
 from training.ranking.config import RankingConfig
 from training.ranking.data import FeatureLayout
-from training.ranking.model import GatedLevel, Gates, NumericNormalizer, Ranker, RankerScorer, RankerSpec, embedding_dims
-from training.ranking.pipeline import random_inputs
+from training.ranking.model import (
+    GatedLevel, Gates, NumericNormalizer, Ranker, RankerScorer, RankerSpec, RequestScorer, embedding_dims,
+)
+from training.ranking.pipeline import random_inputs, request_shaped
 from training.ranking.watch_time import WatchTimeDecoder, WatchTimeQuantiles
 
 HEADS = ["click", "like", "hate", "watch_time"]
@@ -138,6 +140,30 @@ def test_onnx_parity(arch, levels, tmp_path: Path):
     report = check_parity(scorer, path, random_inputs(layout(), num_reference(), seed=11), batch_sizes=(1, 9, 300))
     assert report.outputs == ["scores", "watch_time_s"]
     assert report.max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("arch,levels", [("mmoe", 1), ("ple", 2)])
+def test_request_graph_equals_the_scorer_on_one_users_candidates(arch, levels, tmp_path: Path):
+    torch.manual_seed(4)
+    model = Ranker(make_spec(arch, levels))
+    model.numeric.set_statistics(NumericNormalizer.statistics(num_reference()))
+    scorer = RankerScorer(model, 3, wtq_fixture(), duration_position=4).eval()
+    scorer.calib_scale.copy_(torch.tensor([1.2, 0.8, 1.0, 1.1]))
+    const_cat, const_num = [0, 1, 2, 6], [3]  # user, its two attributes, hour; the fan flag (per user here)
+    request = RequestScorer(scorer, const_cat, const_num).eval()
+    make = request_shaped(random_inputs(layout(), num_reference(), seed=5), const_cat, const_num)
+    with torch.inference_mode():
+        for b in (1, 2, 57):
+            x = make(b)
+            for full, fast in zip(scorer(*x.values()), request(*x.values())):
+                np.testing.assert_allclose(fast.numpy(), full.numpy(), rtol=1e-5, atol=1e-6)
+    # Exported, the request graph keeps parity with the full scorer on request-shaped inputs.
+    path = export_onnx(request, make(4), tmp_path / "request.onnx", scorer.output_names)
+    assert check_parity(scorer, path, make, batch_sizes=(1, 9, 300)).ok(1e-4)
+    # Rows that do not share the user's columns are not what it computes: the full graph stays for those.
+    mixed = random_inputs(layout(), num_reference(), seed=6)(40)
+    with torch.inference_mode():
+        assert not np.allclose(request(*mixed.values())[0].numpy(), scorer(*mixed.values())[0].numpy(), atol=1e-4)
 
 
 def test_out_of_vocabulary_indices_read_oov_row():

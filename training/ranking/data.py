@@ -64,6 +64,13 @@ class FeatureLayout:
     def duration_position(self) -> int:
         return self.num_columns.index(DURATION)
 
+    def request_constant(self) -> tuple[list[int], list[int]]:
+        """(cat, num) positions that one request shares across its candidates: the user's and the
+        context's columns (sources ``request:*`` and ``users:*``)."""
+        const = ("request:", "users:")
+        return ([i for i, s in enumerate(self.cat_sources) if s.startswith(const)],
+                [i for i, s in enumerate(self.num_sources) if s.startswith("users:")])
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -290,13 +290,97 @@ class RankerScorer(nn.Module):
         return ["scores", "watch_time_s"] if self.decoder is not None else ["scores"]
 
     def forward(self, cat: torch.Tensor, hist: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        scores = torch.sigmoid(self.ranker(cat, hist, num) * self.calib_scale + self.calib_bias)
+        return self.finish(self.ranker(cat, hist, num), num)
+
+    def finish(self, logits: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Calibrated head scores (and decoded watch seconds) from the ranker's logits."""
+        scores = torch.sigmoid(logits * self.calib_scale + self.calib_bias)
         if self.decoder is None or self.watch_index is None:
             return (scores,)
         # Seconds, not ms: float32 keeps ~7 digits, so ms values near 1e6 would differ between eager and ONNX
         # Runtime by more than the 1e-4 parity bound from rounding alone.
         watch_s = self.decoder(num[:, self.duration_position], scores[:, self.watch_index]) / 1000.0
         return scores, watch_s
+
+
+class RequestScorer(nn.Module):
+    """:class:`RankerScorer` for one request, the serving graph: every row shares the request-constant inputs
+    (the user's and the context's categorical columns ``const_cat``, numeric columns ``const_num`` and the
+    history), so their part of the first gated level is computed once, from row 0, instead of per
+    candidate. Same inputs and outputs as the scorer; rows that do not share them get row 0's."""
+
+    def __init__(self, scorer: RankerScorer, const_cat: list[int], const_num: list[int]):
+        super().__init__()
+        self.scorer = scorer
+        ranker = scorer.ranker
+        emb = ranker.embedding
+        const_cat_set = set(const_cat)
+        # The first level's input x, as FeatureEmbedding.forward and Ranker.forward lay it out: per width
+        # group its columns' embeddings, then the history's mean and target-attention pools, then numerics.
+        var_dims: list[int] = []
+        const_dims: list[int] = []
+        start = 0
+        for g, w in enumerate(emb.widths):
+            cols = getattr(emb, f"cols_{g}").tolist()
+            v = [j * w + d for j, c in enumerate(cols) if c not in const_cat_set for d in range(w)]
+            c_ = [j * w + d for j, c in enumerate(cols) if c in const_cat_set for d in range(w)]
+            self.register_buffer(f"var_{g}", torch.tensor(v, dtype=torch.long))
+            self.register_buffer(f"const_{g}", torch.tensor(c_, dtype=torch.long))
+            var_dims += [start + i for i in v]
+            const_dims += [start + i for i in c_]
+            start += len(cols) * w
+        d = emb.item_dim
+        const_dims += list(range(start, start + d))  # mean pool of the history
+        var_dims += list(range(start + d, start + 2 * d))  # target attention: depends on the candidate
+        start += 2 * d
+        n_num = ranker.spec.n_num
+        const_num_set = set(const_num)
+        var_num = [i for i in range(n_num) if i not in const_num_set]
+        self.register_buffer("var_num", torch.tensor(var_num, dtype=torch.long))
+        self.register_buffer("const_num", torch.tensor(sorted(const_num_set), dtype=torch.long))
+        var_dims += [start + i for i in var_num]
+        const_dims += [start + i for i in sorted(const_num_set)]
+        level = ranker.levels[0]
+        w0, b0 = level.experts.weights[0].detach(), level.experts.biases[0].detach()  # (K, D, H), (K, 1, H)
+        k, _, h = w0.shape
+        vi, ci = torch.tensor(var_dims), torch.tensor(const_dims)
+        self.register_buffer("w_var", w0[:, vi, :].permute(1, 0, 2).reshape(len(var_dims), k * h).contiguous())
+        self.register_buffer("w_const", w0[:, ci, :].permute(1, 0, 2).reshape(len(const_dims), k * h).contiguous())
+        self.register_buffer("b0", b0.permute(1, 0, 2).reshape(1, k * h).contiguous())
+        gw = level.gates.weight.detach()  # (G, D, K)
+        self.register_buffer("g_var", gw[:, vi, :].contiguous())
+        self.register_buffer("g_const", gw[:, ci, :].contiguous())
+        self.n_experts, self.hidden = k, h
+
+    def forward(self, cat: torch.Tensor, hist: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ranker = self.scorer.ranker
+        emb = ranker.embedding
+        embs, hist_e = emb.lookup(cat, hist[:1])  # the history once: (1, L, d)
+        item_e = embs[emb.item_group][:, emb.item_column]  # (n, d)
+        mask = (hist[:1] > 0).to(hist_e.dtype)  # (1, L)
+        mean = (hist_e * mask.unsqueeze(2)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (1, d)
+        att = (hist_e * item_e.unsqueeze(1)).sum(dim=2) / math.sqrt(emb.item_dim)  # (n, L)
+        att = torch.softmax(att + (mask - 1.0) * 1e4, dim=1) * mask
+        att = att / att.sum(dim=1, keepdim=True).clamp(min=1e-6)
+        target = (hist_e * att.unsqueeze(2)).sum(dim=1)  # (n, d)
+        z = ranker.numeric(num)
+        flat = [e.flatten(1) for e in embs]
+        x_var = torch.cat([f.index_select(1, getattr(self, f"var_{g}")) for g, f in enumerate(flat)]
+                          + [target, z.index_select(1, self.var_num)], dim=1)
+        x_const = torch.cat([f[:1].index_select(1, getattr(self, f"const_{g}")) for g, f in enumerate(flat)]
+                            + [mean, z[:1].index_select(1, self.const_num)], dim=1)
+        level = ranker.levels[0]
+        y = x_var @ self.w_var + (x_const @ self.w_const + self.b0)  # (n, K * H)
+        e = torch.relu(y).reshape(-1, self.n_experts, self.hidden).transpose(0, 1)  # (K, n, H)
+        for w, b in zip(list(level.experts.weights)[1:], list(level.experts.biases)[1:]):
+            e = torch.relu(torch.matmul(e, w) + b)
+        g = torch.matmul(x_var.unsqueeze(0), self.g_var) + (
+            torch.matmul(x_const.unsqueeze(0), self.g_const) + level.gates.bias + level.gates.mask_add)
+        g = torch.softmax(g, dim=-1)  # (G, n, K)
+        x = torch.matmul(g.transpose(0, 1), e.transpose(0, 1)).transpose(0, 1)  # (G, n, H)
+        for lvl in list(ranker.levels)[1:]:
+            x = lvl(x)
+        return self.scorer.finish(ranker.heads(x), num)
 
 
 def embedding_dims(sizes: list[int], dim: int, small_dim: int, small_vocab: int) -> list[int]:

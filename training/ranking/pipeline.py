@@ -28,11 +28,12 @@ from training.config import TrainConfig
 from training.onnx_export import OPSET, ParityReport, check_parity, export_onnx
 from training.ranking.data import BatchDataset, FeatureLayout, loader
 from training.ranking.evaluate import META, build_report, score_bundle
-from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, RankerSpec, embedding_dims
+from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, RankerSpec, RequestScorer, embedding_dims
 from training.ranking.task import MONITOR, ActiveRunLogger, KeepBest, RankingTask
 from training.ranking.watch_time import WatchTimeQuantiles
 
 FORMAT_VERSION = 1
+REQUEST_ONNX = "ranker_request.onnx"
 log = logging.getLogger(__name__)
 
 
@@ -164,6 +165,19 @@ def _export(scorer: RankerScorer, data: _Data, path: Path, seed: int) -> ParityR
     example = {k: torch.from_numpy(v[:4]) for k, v in data.inputs["valid"].items()}
     export_onnx(scorer, example, path, scorer.output_names)
     return check_parity(scorer, path, random_inputs(data.layout, data.inputs["train"]["num"], seed))
+
+
+def request_shaped(make, const_cat: list[int], const_num: list[int]):
+    """``make`` turned into one request's inputs: every row carries row 0's shared columns and history."""
+
+    def request(b: int) -> dict[str, torch.Tensor]:
+        x = make(b)
+        x["cat"][:, const_cat] = x["cat"][:1, const_cat]
+        x["num"][:, const_num] = x["num"][:1, const_num]
+        x["hist"][:] = x["hist"][:1]
+        return x
+
+    return request
 
 
 def random_inputs(layout: FeatureLayout, num_reference: np.ndarray, seed: int):
@@ -336,6 +350,17 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     parity = _export(scorer, data, out_dir / "ranker.onnx", cfg.seed)
     if not parity.ok(rc.parity_tolerance):
         raise RuntimeError(f"ONNX parity of the ranker failed: {parity.describe()} > {rc.parity_tolerance:.0e}")
+    # The serving graph: the same model with one request's shared columns computed once (RequestScorer),
+    # checked against the full scorer on request-shaped inputs.
+    const_cat, const_num = data.layout.request_constant()
+    request = RequestScorer(scorer, const_cat, const_num).eval()
+    export_onnx(request, {k: torch.from_numpy(v[:4]) for k, v in data.inputs["valid"].items()},
+                out_dir / REQUEST_ONNX, scorer.output_names)
+    request_parity = check_parity(scorer, out_dir / REQUEST_ONNX, request_shaped(
+        random_inputs(data.layout, data.inputs["train"]["num"], cfg.seed + 1), const_cat, const_num))
+    if not request_parity.ok(rc.parity_tolerance):
+        raise RuntimeError(f"ONNX parity of the request ranker failed: {request_parity.describe()} "
+                           f"> {rc.parity_tolerance:.0e}")
 
     single_files: dict[str, str] = {}
     single_parity: dict[str, float] = {}
@@ -353,6 +378,10 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     meta = {
         "format_version": FORMAT_VERSION,
         "onnx": "ranker.onnx",
+        # Serving scores one request's candidates with this graph (identical results, user side once).
+        "request_onnx": REQUEST_ONNX,
+        "request_constant": {"cat": const_cat, "num": const_num},
+        "request_parity_max_scaled_diff": request_parity.max_scaled_diff,
         "opset": OPSET,
         "architecture": rc.architecture,
         "inputs": [
@@ -406,7 +435,8 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     table.to_csv(out_dir / "per_head.csv", index=False)
     (out_dir / "per_head.md").write_text(_markdown(table))
     reliability_plot(test, heads, model_out[0], out_dir / "reliability.png", rc.ece_bins)
-    files = [out_dir / f for f in (META, "metrics.json", "per_head.csv", "per_head.md", "reliability.png", "ranker.onnx")]
+    files = [out_dir / f for f in (META, "metrics.json", "per_head.csv", "per_head.md", "reliability.png", "ranker.onnx",
+                                   REQUEST_ONNX)]
     files += [out_dir / f for f in single_files.values()]
     _log_mlflow({k: v for k, v in report.items() if k != "training"} | {"training": train_info}, out_dir, files)
     return report

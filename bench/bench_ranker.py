@@ -3,7 +3,8 @@
 Scores one user's N candidates (default 500) with the ranker on 1 thread: ONNX Runtime vs PyTorch
 ``inference_mode`` on the same inputs in the same run; then a few training steps (forward, backward,
 Adam) on 2 threads for samples/s. With ``--ranking-dir`` (a fitted ``<output_dir>/ranking``) it times the
-shipped ``ranker.onnx`` against the same weights in torch (``checkpoints/best.ckpt``); without one it
+shipped ``ranker.onnx`` (and the request graph ``ranker_request.onnx`` serving uses, when present) against
+the same weights in torch (``checkpoints/best.ckpt``); without one it
 builds the default-config ranker for the features in ``--features`` (random weights: timing only).
 
     python bench/bench_ranker.py --ranking-dir runs/full/ranking --features runs/full/features
@@ -123,12 +124,21 @@ def main() -> None:
             with torch.inference_mode():
                 scorer(*tensors.values())
 
-        # Interleave rounds so that drift in machine load hits both engines alike.
+        # The serving graph (one request's shared columns once), when the ranking stage exported one.
+        request_sess, request_diff = None, None
+        if args.ranking_dir and meta.get("request_onnx"):
+            request_sess = session(Path(args.ranking_dir) / meta["request_onnx"], threads=1)
+            request_diff = max(float(np.max(np.abs(e.numpy() - o))) for e, o in zip(eager, request_sess.run(None, feed)))
+
+        # Interleave rounds so that drift in machine load hits every engine alike.
         ort_ms: list[float] = []
         torch_ms: list[float] = []
+        request_ms: list[float] = []
         for _ in range(3):
             ort_ms += time_it(lambda: sess.run(None, feed), args.reps // 3)
             torch_ms += time_it(run_torch, args.reps // 3)
+            if request_sess is not None:
+                request_ms += time_it(lambda: request_sess.run(None, feed), args.reps // 3)
 
     # Training throughput: forward + backward + Adam on 2 threads, batches drawn from the candidate pool.
     torch.set_num_threads(2)
@@ -162,6 +172,8 @@ def main() -> None:
         "torch_p99_ms": round(float(np.percentile(torch_ms, 99)), 3),
         "speedup": round(torch_med / ort_med, 2),
         "max_abs_diff": diff,
+        "request_onnx_median_ms": round(statistics.median(request_ms), 3) if request_ms else None,
+        "request_max_abs_diff": request_diff,
         "train_step_samples_per_s_2threads": round(args.train_batch / (statistics.median(step_ms) / 1e3), 0),
         "fit_samples_per_s": fit_sps,
         "bar_onnx_lt_2p5ms": ort_med < 2.5,

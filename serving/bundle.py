@@ -208,7 +208,7 @@ class Bundle:
             "version": self.version, "registry_version": self.registry_version, "path": str(self.path),
             "git_revision": self.manifest.get("git_revision"), "dataset": self.manifest.get("dataset"),
             "heads": self.heads, "scenarios": sorted(self.ranking.scenarios), "items": self.n_items,
-            "index_ntotal": int(self.index.ntotal),
+            "index_ntotal": int(self.index.ntotal), "ranker_graph": f"ranking/{self.ranker_file}",
         }
 
 

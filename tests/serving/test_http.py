@@ -124,8 +124,9 @@ def test_health_metrics_and_openapi(server: httpx.Client, some_user: str):
     for name in ("feedstack_request_latency_seconds_bucket", "feedstack_candidates_count", "feedstack_bundle_info",
                  "feedstack_creator_exposure_gini", "bentoml_service_request_duration_seconds"):
         assert name in text, name
-    version = server.post("/bundle", json={}).json()["version"]
-    assert f'feedstack_bundle_info{{version="{version}"}} 1.0' in text
+    info = server.post("/bundle", json={}).json()
+    assert f'feedstack_bundle_info{{version="{info["version"]}"}} 1.0' in text
+    assert info["ranker_graph"] == "ranking/ranker_request.onnx"  # the served bundle's request graph
     spec = server.get("/docs.json").json()
     assert {"/recommend", "/rank", "/admin/block", "/admin/reload"} <= set(spec["paths"])
     assert server.get("/").status_code == 200

@@ -40,6 +40,8 @@ Protocol (every number of one run comes from this; keep it so runs compare):
     the best k over all servable candidates. It charges a policy for every relevant item it displaces,
     and leans on calibration, which ``calibration_logged_slots`` checks on the page (mean predicted vs
     realised long-view rate of served logged items).
+    ``calibration_by_exposure`` splits that check by how much engagement-only exposed the item's creator:
+    if the model under-rated the creators a policy promotes, DM would overstate the policy's cost.
   - ``ndcg_union``: logged labels, 0 for unlogged items. **Biased**: a policy that serves more of what
     the logging system happened to show scores higher (tail creators were logged more often than
     retrieval finds them). Kept as a diagnostic, never in the bar.
@@ -450,6 +452,7 @@ def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log
     for arm in recs:  # one creator population for every arm
         out[arm].update(population_metrics(exposure[arm], attention[arm], reachable))
     out["creator_population"] = int(reachable.sum())
+    out["calibration_by_exposure"] = calibration_by_exposure(cases, bundle.item_creator, exposure[BASELINE])
     base = out[BASELINE]
     rel: dict[str, Any] = {}
     for arm in recs:
@@ -474,6 +477,28 @@ def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log
                           "predictions for unlogged slots (the stricter reading)"}
     out["seconds"] = {"retrieve_and_rank": round(t1 - t0, 1), "total": round(time.perf_counter() - t0, 1)}
     return out
+
+
+def calibration_by_exposure(cases: list[UserCase], item_creator: np.ndarray, exposure: np.ndarray) -> list[dict[str, Any]]:
+    """Predicted vs realised long-view rate of every logged impression, by how much the engagement-only
+    arm exposed its creator: does the model under- or over-rate the creators a fairness policy promotes?
+    (The DM NDCG leans on exactly this.)"""
+    pred, real, tier = [], [], []
+    for c in cases:
+        lg = np.flatnonzero(c.logged)
+        pred.append(c.est[lg, 0])
+        real.append(c.gains[lg, 0])
+        tier.append(exposure[item_creator[c.rows[lg]]])
+    if not pred:
+        return []
+    p, r, t = np.concatenate(pred), np.concatenate(real), np.concatenate(tier)
+    med = float(np.median(t[t > 0])) if (t > 0).any() else 0.0
+    groups = [("not served by engagement-only", t == 0), (f"served, <= {med:g} slots", (t > 0) & (t <= med)),
+              (f"served, > {med:g} slots", t > med)]
+    return [{"creators": name, "impressions": int(m.sum()), "predicted_long_view": round(float(p[m].mean()), 4),
+             "realised_long_view": round(float(r[m].mean()), 4),
+             "realised_over_predicted": round(float(r[m].mean() / max(p[m].mean(), 1e-9)), 3)}
+            for name, m in groups if m.any()]
 
 
 def _rel(a: float | None, b: float | None) -> float | None:

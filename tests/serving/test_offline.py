@@ -45,6 +45,9 @@ def test_policy_vs_engagement_only_report(bundle: Bundle):
             assert m[f"ndcg_{kind}@{K}_long_view"] is not None and 0 <= m[f"ndcg_{kind}@{K}_weighted"] <= 1
         assert m["slots"] == K * USERS and len(m["lorenz"]) == 101 and m["lorenz"][-1] == pytest.approx(1.0)
     assert set(out["relative_to_engagement_only"]) == {POLICY}
+    calib = out["calibration_by_exposure"]
+    assert sum(g["impressions"] for g in calib) == out["data"]["evaluated_impressions"]
+    assert all(0 <= g["predicted_long_view"] <= 1 and 0 <= g["realised_long_view"] <= 1 for g in calib)
     rel = out["relative_to_engagement_only"][POLICY]
     for kind in ("judged", "dm"):
         worst = max(0.0, *(-rel[f"ndcg_{kind}@{K}_{g}"] for g in GAINS))

@@ -2,7 +2,9 @@
 
 Rows on items the bundle does not know are counted (``unknown_items``) and left out of scoring, as are
 rows that break a validation rule (counted per rule); rows of users the bundle never saw are kept and
-counted (``unknown_users``): the models score them with out-of-vocabulary ids.
+counted (``unknown_users``): the models score them with out-of-vocabulary ids. Rows at or before the end of
+the bundle's data are kept but counted (``inside_bundle_data``) with a warning: the bundle's snapshot
+features already include their outcomes, so metrics on them are optimistic.
 """
 
 from __future__ import annotations
@@ -38,4 +40,13 @@ def read_later_log(cfg: Config, path: str | Path, tables: FeatureTables) -> tupl
         "notes": notes,
         "time_range": [int(rows["ts"].min()), int(rows["ts"].max())] if len(rows) else None,
     }
+    end = (tables.manifest.get("split") or {}).get("end")
+    if end is not None and len(rows):
+        inside = int((rows["ts"] <= end).sum())
+        report["inside_bundle_data"] = inside
+        if inside:
+            iso = pd.Timestamp(int(end), unit="ms", tz="UTC").isoformat()
+            report["warning"] = (f"{inside} of {len(rows)} impressions are at or before the end of the bundle's data "
+                                 f"({iso}): its snapshot features include their outcomes, so metrics on them are "
+                                 "optimistic. Evaluate on a log that starts after the bundle's data.")
     return rows, report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         cfg.validate()
     tables = FeatureTables.load(bundle / "features")
     rows, report = read_later_log(cfg, args.log, tables)
+    if report.get("warning"):
+        print(f"warning: {report['warning']}", file=sys.stderr)
     metrics: dict[str, Any] = {"data": report, "bundle": {"path": str(bundle), "git_revision": manifest.get("git_revision")}}
     if "retrieval" in manifest["components"]:
         from training.retrieval.evaluate import evaluate_retrieval

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
             cfg = from_dict(TrainConfig, apply_overrides(manifest["config"], args.overrides))
             cfg.validate()
         log, report = read_later_log(cfg, args.log, FeatureTables.load(bundle_dir / "features"))
+        if report.get("warning"):
+            print(f"warning: {report['warning']}", file=sys.stderr)
         source = args.log
     result = evaluate_policy(bundle, settings, args.k, log=log, period=args.period, scenario=args.scenario,
                              max_users=args.max_users, extra=extra, source=source)

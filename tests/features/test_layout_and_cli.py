@@ -59,6 +59,8 @@ def test_later_log_counts_unknown_items_and_users(world, synthetic_config, synth
     log.to_csv(path, index=False)
     rows, report = read_later_log(load_config(synthetic_config), path, FeatureTables.load(synthetic_tables.dir))
     assert report["unknown_items"] == 7 and report["impressions"] == 493
+    # These rows lie inside the bundle's own data: counted and flagged, not silently trusted.
+    assert report["inside_bundle_data"] == 493 and "optimistic" in report["warning"]
     assert report["unknown_users"] >= 1 and (rows.loc[rows["user_id"] == "999999", "user_id_idx"] == 0).all()
     known = rows[rows["user_id"] != "999999"]
     assert set(known.columns) >= set(synthetic_tables.spec["item_numeric"]) | {"history", "is_fan"}

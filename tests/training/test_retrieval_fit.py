@@ -166,6 +166,7 @@ def test_evaluate_bundle_matches_fit_time_test_metrics(fitted, world, synthetic_
     later = tmp_path / "later.csv"
     world.log[world.log["time_ms"] >= test_start].to_csv(later, index=False)
     rows, report = read_later_log(cfg, later, tables)
+    assert report["inside_bundle_data"] == 0 and "warning" not in report  # the log starts after the bundle's data
     got = evaluate_retrieval(bundle, rows, tables, cfg)
     assert got["test_users"] == metrics["test_users"]
     assert got["candidates"] == metrics["candidates"]

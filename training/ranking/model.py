@@ -84,16 +84,21 @@ class FeatureEmbedding(nn.Module):
 
     def forward(self, cat: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         embs, hist_e = self.lookup(cat, hist)
-        item_e = embs[self.item_group][:, self.item_column]  # (B, d_item)
-        mask = (hist > 0).to(hist_e.dtype)  # (B, L)
+        mean, target = self.pools(hist, hist_e, embs[self.item_group][:, self.item_column])
+        flat = [e.flatten(1) for e in embs]
+        return torch.cat(flat + [mean, target], dim=1)
+
+    def pools(self, hist: torch.Tensor, hist_e: torch.Tensor, item_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean pool (B_h, d) and target-attention pool (B, d) of the history (B_h, L) for candidates
+        item_e (B, d); B_h is B, or 1 for one request's shared history (broadcast over the candidates)."""
+        mask = (hist > 0).to(hist_e.dtype)  # (B_h, L)
         count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
         mean = (hist_e * mask.unsqueeze(2)).sum(dim=1) / count
         att = (hist_e * item_e.unsqueeze(1)).sum(dim=2) / math.sqrt(self.item_dim)  # (B, L)
         att = torch.softmax(att + (mask - 1.0) * 1e4, dim=1) * mask
         att = att / att.sum(dim=1, keepdim=True).clamp(min=1e-6)
         target = (hist_e * att.unsqueeze(2)).sum(dim=1)
-        flat = [e.flatten(1) for e in embs]
-        return torch.cat(flat + [mean, target], dim=1)
+        return mean, target
 
     def penalty(self, cat: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         """Mean squared norm of the rows this batch reads (L2 only where there is gradient)."""
@@ -356,13 +361,7 @@ class RequestScorer(nn.Module):
         ranker = self.scorer.ranker
         emb = ranker.embedding
         embs, hist_e = emb.lookup(cat, hist[:1])  # the history once: (1, L, d)
-        item_e = embs[emb.item_group][:, emb.item_column]  # (n, d)
-        mask = (hist[:1] > 0).to(hist_e.dtype)  # (1, L)
-        mean = (hist_e * mask.unsqueeze(2)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (1, d)
-        att = (hist_e * item_e.unsqueeze(1)).sum(dim=2) / math.sqrt(emb.item_dim)  # (n, L)
-        att = torch.softmax(att + (mask - 1.0) * 1e4, dim=1) * mask
-        att = att / att.sum(dim=1, keepdim=True).clamp(min=1e-6)
-        target = (hist_e * att.unsqueeze(2)).sum(dim=1)  # (n, d)
+        mean, target = emb.pools(hist[:1], hist_e, embs[emb.item_group][:, emb.item_column])  # (1, d), (n, d)
         z = ranker.numeric(num)
         flat = [e.flatten(1) for e in embs]
         x_var = torch.cat([f.index_select(1, getattr(self, f"var_{g}")) for g, f in enumerate(flat)]

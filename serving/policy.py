@@ -24,13 +24,16 @@ whole service or a whole offline run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import math
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
@@ -225,25 +228,79 @@ def fuse(preds: np.ndarray, weights: np.ndarray, mode: str = "sum") -> np.ndarra
 # --------------------------------------------------------------------------- exposure
 
 
+_HEADER = ("log_scale", "pages", "boost", "current_gini", "eligible_stored")
+
+
+def _header_field(name: str, cast: type = float) -> property:
+    """A tracker scalar kept in its state array (so a shared, memory-mapped tracker shares it too)."""
+    i = _HEADER.index(name)
+    return property(lambda self: cast(self._state[i]), lambda self, v: self._state.__setitem__(i, v))
+
+
 class ExposureTracker:
     """Creator exposure over an exponentially decaying window of served pages, and the boost controller.
 
     Counts are stored scaled by ``2 ** (page / half_life)`` so that recording a page touches only its
     creators; the true decayed count is ``stored / scale``. Every ``update_every`` pages the Gini of
     exposure over all creators is recomputed and the boost strength moves up (Gini above target) or down.
-    Thread-safe: the service records pages from several request threads.
+    Thread-safe: the service records pages from several request threads. With ``store`` (a file path) the
+    state lives in a memory-mapped file that several worker processes share, updates under a file lock,
+    so the service's exposure, boost and Gini are one across its workers.
     """
 
-    def __init__(self, n_creators: int, control: ExposureControl, eligible: np.ndarray | None = None):
+    def __init__(self, n_creators: int, control: ExposureControl, eligible: np.ndarray | None = None,
+                 store: str | os.PathLike | None = None):
         self.control = control
-        self.counts = np.zeros(n_creators, dtype=np.float64)
-        self.pages = 0
-        self.boost = control.initial_boost
-        self.current_gini = 0.0
-        self._log_scale = 0.0  # log2 of the current scale
         self._lock = threading.Lock()
+        self._file = None
+        if store is None:
+            state = np.zeros(len(_HEADER) + n_creators, dtype=np.float64)
+            state[_HEADER.index("boost")] = control.initial_boost
+        else:
+            state = self._open_store(Path(store), n_creators, control)
+        self._state = state  # header scalars, then the (C,) counts: one array, so one file can hold both
+        self.counts = state[len(_HEADER):]
+        self.store = None if store is None else Path(store)
         # Creators that can be served at all (visible items): the population the Gini is taken over.
         self.eligible = np.ones(n_creators, dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+
+    def _open_store(self, path: Path, n_creators: int, control: ExposureControl) -> np.ndarray:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = (len(_HEADER) + n_creators) * 8
+        self._file = open(path.with_name(path.name + ".lock"), "a+b")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        try:  # the first worker creates it; the others (and restarts) map what is there
+            if not path.exists() or path.stat().st_size != size:
+                init = np.zeros(len(_HEADER) + n_creators, dtype=np.float64)
+                init[_HEADER.index("boost")] = control.initial_boost
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                init.tofile(tmp)
+                tmp.replace(path)
+            return np.memmap(path, dtype=np.float64, mode="r+", shape=(len(_HEADER) + n_creators,))
+        finally:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            if self._file is None:
+                yield
+                return
+            import fcntl
+
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    _log_scale = _header_field("log_scale")  # log2 of the current scale
+    pages = _header_field("pages", int)
+    boost = _header_field("boost")
+    current_gini = _header_field("current_gini")
+    _eligible_stored = _header_field("eligible_stored")  # running sum of the stored counts of eligible creators
 
     @property
     def eligible(self) -> np.ndarray:
@@ -252,9 +309,10 @@ class ExposureTracker:
     @eligible.setter
     def eligible(self, mask: np.ndarray) -> None:
         # The running sum over eligible creators keeps the mean exposure O(1) per request.
-        self._eligible = np.asarray(mask, dtype=bool)
-        self._n_eligible = int(self._eligible.sum())
-        self._eligible_stored = float(self.counts[self._eligible].sum())
+        with self._locked():
+            self._eligible = np.asarray(mask, dtype=bool)
+            self._n_eligible = int(self._eligible.sum())
+            self._eligible_stored = float(self.counts[self._eligible].sum())
 
     @property
     def n_creators(self) -> int:
@@ -286,7 +344,7 @@ class ExposureTracker:
         return np.zeros(len(creators)) if r is None else np.where(r > 1.0, 1.0 - 1.0 / np.maximum(r, 1.0), 0.0)
 
     def record(self, creators: np.ndarray) -> None:
-        with self._lock:
+        with self._locked():
             self.pages += 1
             self._log_scale += 1.0 / self.control.half_life_pages
             if self._log_scale > 500:  # renormalise long before float64 overflows
@@ -315,7 +373,7 @@ class ExposureTracker:
 
         new = ExposureTracker(len(new_ids), self.control, eligible)
         pos = pd.Index(old_ids).get_indexer(pd.Index(new_ids))
-        with self._lock:
+        with self._locked():
             ok = pos >= 0
             new.counts[ok] = self.counts[pos[ok]]
             new._log_scale, new.pages, new.boost, new.current_gini = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -75,13 +76,15 @@ def _servable(b: Bundle, items: frozenset[str], creators: frozenset[str]) -> np.
 
 
 class Recommender:
-    def __init__(self, bundle: Bundle, settings: ServeSettings):
+    def __init__(self, bundle: Bundle, settings: ServeSettings, exposure_store: str | Path | None = None):
+        """``exposure_store``: a file for the creator-exposure state shared by several worker processes
+        (default: this process's memory)."""
         self.settings = settings
         gov = settings.policy.governance
         self._admin_lock = threading.RLock()  # block() calls set_blocked() under it
         self._state = self._make_state(bundle, frozenset(gov.blocked_items), frozenset(gov.blocked_creators))
         self.exposure = ExposureTracker(len(bundle.creator_ids), settings.policy.exposure_control,
-                                        self._eligible_creators(self._state))
+                                        self._eligible_creators(self._state), store=exposure_store)
         self._configure_threads()
         self._vectors: tuple[Any, np.ndarray] | None = None  # (bundle, (N, d) item vectors), loaded lazily
         self._warm_exposure_pool(bundle)

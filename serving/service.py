@@ -130,7 +130,8 @@ class Feedstack:
         # With several worker processes an admin call reaches one of them; the blocklist is published to a
         # file every worker checks (one stat per request), so governance holds in all of them.
         state_dir = os.environ.get(ENV_STATE_DIR)
-        self._blocklist = Path(state_dir) / "blocklist.json" if state_dir else None
+        self._state_dir = Path(state_dir) if state_dir else None
+        self._blocklist = self._state_dir / "blocklist.json" if self._state_dir else None
         self._blocklist_seen: int | None = None
         self.config_path = os.environ.get(ENV_CONFIG) or None
         self.metrics = metrics()
@@ -153,7 +154,11 @@ class Feedstack:
         path, version = resolve_bundle(source, base.serving.download_dir, base.serving.tracking_uri)
         bundle = load_bundle(path, registry_version=version, onnx_threads=base.serving.onnx_threads)
         settings = load_settings(self.config_path, bundle.manifest, overrides)
-        return Recommender(bundle, settings)
+        # Several workers share one creator-exposure state (a memory-mapped file in the state dir), so the
+        # fairness controller and the exported Gini see all the service's pages, not one worker's share.
+        store = (self._state_dir / f"exposure-{bundle.version}.bin"
+                 if self._state_dir is not None and int(os.environ.get("FEEDSTACK_WORKERS", "1")) > 1 else None)
+        return Recommender(bundle, settings, exposure_store=store)
 
     def __is_ready__(self) -> bool:
         return self.recommender is not None
@@ -236,7 +241,8 @@ class Feedstack:
         rec = self.recommender
         if rec is None:
             return {"loaded": False, "error": self.load_error, "source": self.source}
-        return {"loaded": True, "source": self.source, **rec.bundle.describe(), "exposure_gini": rec.exposure.current_gini}
+        return {"loaded": True, "source": self.source, **rec.bundle.describe(), "exposure_gini": rec.exposure.current_gini,
+                "exposure_pages": rec.exposure.pages, "exposure_shared": rec.exposure.store is not None}
 
     # ------------------------------------------------------------------ admin
 

@@ -206,6 +206,17 @@ def test_block_reaches_every_worker(serving_bundle: Path, tmp_path: Path, some_u
         with ThreadPoolExecutor(4) as ex:
             answers = list(ex.map(ranked, range(40)))
         assert all(a["filtered_item_ids"] == [item] and a["items"] == [] for a in answers)
+
+        # Creator exposure is one state across the workers: every page counts, whichever worker served it.
+        def page(_: int) -> None:
+            httpx.post(f"{client.base_url}/recommend", json={"user_id": some_user, "k": 5}, timeout=30).raise_for_status()
+
+        before = client.post("/bundle", json={}).json()
+        with ThreadPoolExecutor(4) as ex:
+            list(ex.map(page, range(30)))
+        seen = [httpx.post(f"{client.base_url}/bundle", json={}, timeout=30).json() for _ in range(8)]
+        assert before["exposure_shared"] and all(s["exposure_shared"] for s in seen)
+        assert {s["exposure_pages"] for s in seen} == {before["exposure_pages"] + 30}
         # a reload could only reach one of them: refused with a reason instead of half-applied
         r = client.post("/admin/reload", json={}, headers=AUTH)
         assert r.status_code == 409 and "one of 2 worker processes" in r.json()["error"]

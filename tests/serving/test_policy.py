@@ -322,3 +322,50 @@ def test_engagement_only_keeps_governance_and_fusion_of_its_base():
                                            steps.exploration))
     pol = FeedPolicy(eo, HEADS, SCENARIOS)
     np.testing.assert_allclose(pol.weights["feed"], [1.0, 2.0, -50.0])
+
+
+def test_trackers_sharing_a_store_act_as_one(tmp_path):
+    """Two workers' trackers on one store file, pages alternating between them, end exactly where one
+    in-memory tracker given every page ends: counts, pages, boost and Gini."""
+    control = ExposureControl(half_life_pages=40, update_every=7, gain=0.3)
+    rng = np.random.default_rng(0)
+    pages = [rng.integers(0, 30, 10) for _ in range(120)]
+    alone = ExposureTracker(30, control)
+    a = ExposureTracker(30, control, store=tmp_path / "exposure.bin")
+    b = ExposureTracker(30, control, store=tmp_path / "exposure.bin")
+    for i, p in enumerate(pages):
+        alone.record(p)
+        (a if i % 2 else b).record(p)
+    for t in (a, b):
+        np.testing.assert_allclose(t.exposure(), alone.exposure(), rtol=1e-12)
+        assert t.pages == alone.pages == 120
+        assert t.boost == pytest.approx(alone.boost) and t.current_gini == pytest.approx(alone.current_gini)
+        assert t.mean_exposure() == pytest.approx(alone.mean_exposure())
+    # A worker started later maps the same state instead of starting from zero.
+    assert ExposureTracker(30, control, store=tmp_path / "exposure.bin").pages == 120
+
+
+def _record_pages(path: str, n: int) -> None:
+    t = ExposureTracker(20, ExposureControl(update_every=5), store=path)
+    for i in range(n):
+        t.record(np.array([i % 20, (i * 7) % 20]))
+
+
+def test_concurrent_processes_lose_no_update(tmp_path):
+    import multiprocessing as mp
+
+    path = str(tmp_path / "exposure.bin")
+    ExposureTracker(20, ExposureControl(update_every=5), store=path)  # create it before the workers race
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_record_pages, args=(path, 400)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    t = ExposureTracker(20, ExposureControl(update_every=5), store=path)
+    assert t.pages == 1200
+    # Every page added two slots: the decayed counts add up to the decayed page weights.
+    hl = t.control.half_life_pages
+    expected = 2 * sum(2.0 ** (-(1200 - k) / hl) for k in range(1, 1201))
+    assert t.exposure().sum() == pytest.approx(expected, rel=1e-9)

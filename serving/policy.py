@@ -556,7 +556,7 @@ class FeedPolicy:
         if steps.exposure.placement == "relevance" and boosted.any() and len(body) > 1:
             # Same items, laid out again by fused score under the same category window.
             chosen = set(body)
-            by_fused = [i for i in np.argsort(-fused, kind="stable").tolist() if i in chosen]
+            by_fused = sorted(body, key=lambda i: (-fused[i], i))  # the page's k items only, ties by position
             body = self._fill(by_fused, cat_l, len(body), window, lambda i: i in chosen, lambda i, why: chosen.discard(i),
                               list(lead))
         # 4. quality support: swap the lowest body items for the best unused high-quality ones.

@@ -115,9 +115,12 @@ def _body(result: Result, **extra: Any) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
+WORKERS = int(os.environ.get("FEEDSTACK_WORKERS", "1"))  # worker processes of this service
+
+
 @bentoml.service(
     name="feedstack",
-    workers=int(os.environ.get("FEEDSTACK_WORKERS", "1")),
+    workers=WORKERS,
     threads=int(os.environ.get("FEEDSTACK_THREADS", "1")),
     traffic={"timeout": 60},
     metrics={"enabled": True},
@@ -157,7 +160,7 @@ class Feedstack:
         # Several workers share one creator-exposure state (a memory-mapped file in the state dir), so the
         # fairness controller and the exported Gini see all the service's pages, not one worker's share.
         store = (self._state_dir / f"exposure-{bundle.version}.bin"
-                 if self._state_dir is not None and int(os.environ.get("FEEDSTACK_WORKERS", "1")) > 1 else None)
+                 if self._state_dir is not None and WORKERS > 1 else None)
         return Recommender(bundle, settings, exposure_store=store)
 
     def __is_ready__(self) -> bool:
@@ -280,9 +283,8 @@ class Feedstack:
         denied = self._check_token(ctx)
         if denied is not None:
             return denied  # type: ignore[return-value]
-        workers = int(os.environ.get("FEEDSTACK_WORKERS", "1"))
-        if workers > 1:  # the call reaches one process: the others would keep serving the old bundle
-            return _error(409, f"reload reaches one of {workers} worker processes; restart the service with the "
+        if WORKERS > 1:  # the call reaches one process: the others would keep serving the old bundle
+            return _error(409, f"reload reaches one of {WORKERS} worker processes; restart the service with the "
                                "new bundle (or run one worker) instead", "bundle", ctx)  # type: ignore[return-value]
         source = bundle or self.source
         old = self.recommender

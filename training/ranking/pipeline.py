@@ -160,11 +160,14 @@ def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: _Data, column
     return scorer
 
 
-def _export(scorer: RankerScorer, data: _Data, path: Path, seed: int) -> ParityReport:
-    """Export with a dynamic batch and check parity on fresh random inputs."""
+def _export(scorer: RankerScorer, data: _Data, path: Path, seed: int, graph: torch.nn.Module | None = None,
+            shape=None) -> ParityReport:
+    """Export ``graph`` (default: the scorer itself) with a dynamic batch and check it against the eager
+    scorer on fresh random inputs (passed through ``shape``, e.g. :func:`request_shaped`, when given)."""
     example = {k: torch.from_numpy(v[:4]) for k, v in data.inputs["valid"].items()}
-    export_onnx(scorer, example, path, scorer.output_names)
-    return check_parity(scorer, path, random_inputs(data.layout, data.inputs["train"]["num"], seed))
+    export_onnx(graph if graph is not None else scorer, example, path, scorer.output_names)
+    make = random_inputs(data.layout, data.inputs["train"]["num"], seed)
+    return check_parity(scorer, path, shape(make) if shape else make)
 
 
 def request_shaped(make, const_cat: list[int], const_num: list[int]):
@@ -348,19 +351,15 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     task, train_info = _fit_main(cfg, data, heads, out_dir, resume, progress)
     scorer = _scorer(task, heads, data, list(range(len(heads))))
     parity = _export(scorer, data, out_dir / "ranker.onnx", cfg.seed)
-    if not parity.ok(rc.parity_tolerance):
-        raise RuntimeError(f"ONNX parity of the ranker failed: {parity.describe()} > {rc.parity_tolerance:.0e}")
     # The serving graph: the same model with one request's shared columns computed once (RequestScorer),
     # checked against the full scorer on request-shaped inputs.
     const_cat, const_num = data.layout.request_constant()
-    request = RequestScorer(scorer, const_cat, const_num).eval()
-    export_onnx(request, {k: torch.from_numpy(v[:4]) for k, v in data.inputs["valid"].items()},
-                out_dir / REQUEST_ONNX, scorer.output_names)
-    request_parity = check_parity(scorer, out_dir / REQUEST_ONNX, request_shaped(
-        random_inputs(data.layout, data.inputs["train"]["num"], cfg.seed + 1), const_cat, const_num))
-    if not request_parity.ok(rc.parity_tolerance):
-        raise RuntimeError(f"ONNX parity of the request ranker failed: {request_parity.describe()} "
-                           f"> {rc.parity_tolerance:.0e}")
+    request_parity = _export(scorer, data, out_dir / REQUEST_ONNX, cfg.seed + 1,
+                             RequestScorer(scorer, const_cat, const_num).eval(),
+                             lambda make: request_shaped(make, const_cat, const_num))
+    for what, report in (("ranker", parity), ("request ranker", request_parity)):
+        if not report.ok(rc.parity_tolerance):
+            raise RuntimeError(f"ONNX parity of the {what} failed: {report.describe()} > {rc.parity_tolerance:.0e}")
 
     single_files: dict[str, str] = {}
     single_parity: dict[str, float] = {}

@@ -97,10 +97,11 @@ class SplitConfig:
 
     ``mode: dates`` takes ISO dates (local time, ``data.utc_offset_hours``) or epoch ms; ``mode: fractions``
     cuts the time range into ``valid_fraction`` and ``test_fraction`` tails, rounded to whole days when
-    ``align_days``.
+    ``align_days``; ``mode: all`` puts every row in train (validation and test empty): the production
+    refit, whose epochs and calibration were chosen by a held-out fit.
     """
 
-    mode: Literal["dates", "fractions"] = "fractions"
+    mode: Literal["dates", "fractions", "all"] = "fractions"
     valid_start: str | int | None = None
     test_start: str | int | None = None
     valid_fraction: float = 0.1
@@ -144,7 +145,7 @@ class Config:
     """Root config as the features layer sees it."""
 
     OTHER_LAYER_SECTIONS: ClassVar[frozenset[str]] = frozenset(
-        {"retrieval", "ranking", "tracking", "bundle", "serving", "policy", "evaluation", "fusion", "index"}
+        {"retrieval", "ranking", "tracking", "training", "bundle", "serving", "policy", "evaluation", "fusion", "index"}
     )
 
     output_dir: str = "runs/default"

@@ -1,6 +1,6 @@
 """Time split and feature snapshot blocks.
 
-``train < valid_start <= valid < test_start <= test``. Features of a row are computed from a snapshot
+``train < valid_start <= valid < test_start <= test`` (``mode: all``: every row is train). Features of a row are computed from a snapshot
 taken at the start of the row's *block*: the train period is cut into blocks of
 ``split.train_block_hours``; the validation and the test period are one block each, so every aggregate
 used for a period's rows comes only from data before that period starts. One more block after the data
@@ -75,7 +75,9 @@ def make_split(ts: np.ndarray, cfg: SplitConfig, utc_offset_hours: float) -> Tim
         raise ConfigError("cannot split an empty log")
     offset = int(utc_offset_hours * 3_600_000)
     start, end = int(ts.min()), int(ts.max()) + 1
-    if cfg.mode == "dates":
+    if cfg.mode == "all":  # production refit: no held-out periods, snapshots up to the end
+        valid_start = test_start = end
+    elif cfg.mode == "dates":
         valid_start = _to_ms(cfg.valid_start, offset, "valid_start")  # type: ignore[arg-type]
         test_start = _to_ms(cfg.test_start, offset, "test_start")  # type: ignore[arg-type]
     else:
@@ -87,7 +89,7 @@ def make_split(ts: np.ndarray, cfg: SplitConfig, utc_offset_hours: float) -> Tim
         if cfg.align_days:
             valid_start = _floor_day(valid_start + DAY_MS // 2, offset)
             test_start = _floor_day(test_start + DAY_MS // 2, offset)
-    if not start < valid_start <= test_start < end:
+    if cfg.mode != "all" and not start < valid_start <= test_start < end:
         raise ConfigError(
             f"split boundaries must satisfy data start {iso(start)} < valid_start {iso(valid_start)} "
             f"<= test_start {iso(test_start)} < data end {iso(end)}"

@@ -30,6 +30,7 @@ def _fit(args: argparse.Namespace) -> int:
     from training.tracking import mlflow_run, setup_mlflow
 
     cfg = load_config(args.config, args.overrides, TrainConfig)
+    _quiet_lightning()
     stages = STAGES if args.stage == "all" else (args.stage,)
     t0 = time.perf_counter()
     built = build_features(cfg, progress=not args.no_progress)
@@ -57,11 +58,23 @@ def _fit(args: argparse.Namespace) -> int:
                 from training.ranking.pipeline import fit_ranking
 
                 metrics["ranking"] = fit_ranking(cfg, tables, out / "ranking", resume=args.resume, progress=not args.no_progress)
+        metrics.pop("refit", None)  # a refit's record belongs to the held-out fit it followed
         metrics_path.write_text(json.dumps(metrics, indent=2))
-        mlflow.log_dict(metrics, "metrics.json")
         print(format_metrics(metrics))
+        source = None
+        if cfg.training.refit and args.stage == "all":
+            from training.refit import run_refit
+
+            print("refit: training both stages on every day with the chosen epochs and calibration")
+            source = run_refit(cfg, metrics, progress=not args.no_progress)
+            metrics_path.write_text(json.dumps(metrics, indent=2))
+            print(f"refit: {metrics['refit']['rows']} rows, retrieval {metrics['refit']['retrieval']['training']['epochs']} "
+                  f"epochs, ranking {metrics['refit']['ranking']['training']['epochs']} epochs -> {source}")
+        elif cfg.training.refit:
+            print("refit: skipped (it follows a fit of both stages: --stage all)")
+        mlflow.log_dict(metrics, "metrics.json")
         if all((out / s).is_dir() for s in STAGES):
-            bundle = assemble_bundle(cfg, metrics)
+            bundle = assemble_bundle(cfg, metrics, source)
             reg = log_and_register(cfg, bundle, metrics)
             print(f"bundle: {bundle}")
             if reg.version is not None:
@@ -109,13 +122,20 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _quiet_lightning() -> None:
-    # Lightning's per-Trainer banners ("GPU available", tips) would repeat for every model we fit.
+    """Lightning's per-Trainer banners ("GPU available", tips) and a deprecation warning from its own
+    pytree helper would repeat for every model we fit. Lightning sets its loggers' level when it is
+    imported, so this runs after the import."""
+    import warnings
+
+    import lightning.pytorch  # noqa: F401
+
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*`validation_step` but have no `val_dataloader`")  # the refit
 
 
 def main() -> int:
-    _quiet_lightning()
     ap = argparse.ArgumentParser(prog="python -m training", description="feedstack training and evaluation")
     sub = ap.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="build features, train, evaluate, export, index, bundle, register")

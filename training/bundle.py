@@ -51,15 +51,17 @@ def check_gates(metrics: dict[str, Any], gates: dict[str, float]) -> dict[str, d
     return out
 
 
-def assemble_bundle(cfg: TrainConfig, metrics: dict[str, Any]) -> Path:
-    """Copy features, retrieval and ranking outputs into ``<output_dir>/bundle`` and write its manifest."""
+def assemble_bundle(cfg: TrainConfig, metrics: dict[str, Any], source: Path | None = None) -> Path:
+    """Copy features, retrieval and ranking outputs of ``source`` (default ``<output_dir>``; the production
+    refit's folder when there is one) into ``<output_dir>/bundle`` and write its manifest."""
     out = Path(cfg.output_dir)
+    source = Path(source) if source is not None else out
     bundle = out / "bundle"
     tmp = out / "bundle.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for component in COMPONENTS:
-        src = out / component
+        src = source / component
         if src.is_dir():
             _copy_stage(src, tmp / component)
     features_manifest = json.loads((tmp / "features" / "manifest.json").read_text())
@@ -72,7 +74,8 @@ def assemble_bundle(cfg: TrainConfig, metrics: dict[str, Any]) -> Path:
         "schema_hash": features_manifest["schema_hash"],
         "feature_spec": features_manifest["feature_spec"],
         "heads": json.loads(ranking_meta.read_text()).get("heads") if ranking_meta.exists() else None,
-        "index_factory": json.loads(retrieval_meta.read_text()).get("index_factory") if retrieval_meta.exists() else None,
+        "index_factory": json.loads(retrieval_meta.read_text())["index"]["factory"] if retrieval_meta.exists() else None,
+        "refit": source != out,
         "metrics": metrics,
         "config": to_dict(cfg),
         "git_revision": git_revision(),

@@ -22,9 +22,17 @@ class TrackingConfig:
 
 
 @dataclass
+class TrainingConfig:
+    # After the held-out fit, retrain both stages on every day with the chosen epochs and calibration;
+    # that refit is the bundle registered and served (training/refit.py).
+    refit: bool = False
+
+
+@dataclass
 class TrainConfig(Config):
     OTHER_LAYER_SECTIONS: ClassVar[frozenset[str]] = frozenset({"serving", "policy", "fusion"})
 
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)

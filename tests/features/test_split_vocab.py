@@ -46,3 +46,14 @@ def test_vocab_is_deterministic_with_oov_and_min_count():
     assert list(v1.encode(["a", "b", "c", "zzz"])) == [1, 2, 0, 0]
     assert v1.decode(np.array([2, 0])) == ["b", None]
     assert len(v1) == 3
+
+
+def test_all_mode_puts_every_row_in_train_with_daily_blocks():
+    ts = T0 + np.arange(0, 5 * DAY_MS, 3_600_000)
+    s = make_split(ts, SplitConfig(mode="all", train_block_hours=24), utc_offset_hours=8)
+    period, block = s.period_of(ts), s.block_of(ts)
+    assert set(period) == {0}
+    assert len(set(block)) == 5  # one block per day, the last day included
+    assert s.valid_start == s.test_start == s.end == s.block_starts[-1]
+    for b in np.unique(block):
+        assert (ts[block == b] >= s.block_starts[b]).all()

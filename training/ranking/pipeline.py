@@ -31,6 +31,7 @@ from training.ranking.evaluate import META, build_report, score_bundle
 from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, RankerSpec, RequestScorer, embedding_dims
 from training.ranking.task import MONITOR, ActiveRunLogger, KeepBest, RankingTask
 from training.ranking.watch_time import WatchTimeQuantiles
+from training.refit import RefitPlan
 
 FORMAT_VERSION = 1
 REQUEST_ONNX = "ranker_request.onnx"
@@ -60,11 +61,13 @@ def _spec(cfg: TrainConfig, layout: FeatureLayout, heads: list[str]) -> RankerSp
     )
 
 
-def _trainer(max_epochs: int, patience: int, progress: bool, callbacks: list[L.Callback], logger: Any,
+def _trainer(max_epochs: int, patience: int | None, progress: bool, callbacks: list[L.Callback], logger: Any,
              checkpointing: bool) -> L.Trainer:
+    """``patience=None``: a fixed number of epochs with no validation (the production refit)."""
+    stop = [] if patience is None else [EarlyStopping(MONITOR, mode="max", patience=patience)]
     return L.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger,
-        callbacks=[EarlyStopping(MONITOR, mode="max", patience=patience), *callbacks],
+        max_epochs=max_epochs, min_epochs=max_epochs if patience is None else None, accelerator="cpu", devices=1,
+        logger=logger, callbacks=[*stop, *callbacks], limit_val_batches=0 if patience is None else None,
         enable_checkpointing=checkpointing, enable_progress_bar=progress, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=10,
     )
@@ -73,13 +76,13 @@ def _trainer(max_epochs: int, patience: int, progress: bool, callbacks: list[L.C
 class _Data:
     """Inputs and labels of the three periods, built once and shared by every model of the run."""
 
-    def __init__(self, cfg: TrainConfig, tables: FeatureTables, heads: list[tuple[str, str]]):
+    def __init__(self, cfg: TrainConfig, tables: FeatureTables, heads: list[tuple[str, str]], refit: bool = False):
         self.layout = FeatureLayout.from_tables(tables)
         inter = pd.read_parquet(Path(tables.dir) / tables.manifest["tables"]["interactions"]["file"])
         frame = self.layout.prepare(inter, tables)
         self.rows = {p: frame[frame["period"] == p].reset_index(drop=True) for p in ("train", "valid", "test")}
         for p, r in self.rows.items():
-            if r.empty:
+            if r.empty and not (refit and p != "train"):
                 raise ValueError(f"the {p} period has no rows in {tables.dir}; check the split config")
         watch = [n for n, k in heads if k == "watch_time"]
         tr = self.rows["train"]
@@ -92,6 +95,8 @@ class _Data:
 
     def loaders(self, columns: list[int], batch_size: int, seed: int) -> tuple[Any, Any]:
         tr = BatchDataset(self.inputs["train"], self.labels["train"][:, columns])
+        if self.rows["valid"].empty:
+            return loader(tr, batch_size, True, seed), None
         va = BatchDataset(self.inputs["valid"], self.labels["valid"][:, columns])
         return loader(tr, batch_size, True, seed), loader(va, 8192, False, seed)
 
@@ -142,11 +147,18 @@ def platt(logits: np.ndarray, y: np.ndarray, steps: int = 50) -> tuple[float, fl
     return (a, b) if np.isfinite([a, b]).all() and a > 1e-3 else (1.0, 0.0)
 
 
-def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: _Data, columns: list[int]) -> RankerScorer:
+def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: _Data, columns: list[int],
+            calibration: dict[str, list[float]] | None = None) -> RankerScorer:
     """The export wrapper, with binary heads Platt-calibrated on the validation period (the watch head
-    predicts a quantile and is left as is). Calibration changes no ranking within a head."""
+    predicts a quantile and is left as is), or with a held-out fit's ``calibration`` (the refit has no
+    validation period). Calibration changes no ranking within a head."""
     w = [t for t, (_, k) in enumerate(heads) if k == "watch_time"]
     scorer = RankerScorer(task.model, w[0] if w else None, data.wtq, data.layout.duration_position).eval()
+    if calibration is not None:
+        with torch.no_grad():
+            scorer.calib_scale.copy_(torch.tensor(calibration["scale"], dtype=scorer.calib_scale.dtype))
+            scorer.calib_bias.copy_(torch.tensor(calibration["bias"], dtype=scorer.calib_bias.dtype))
+        return scorer
     va = {k: torch.from_numpy(v) for k, v in data.inputs["valid"].items()}
     with torch.inference_mode():
         logits = torch.cat([task.model(va["cat"][a : a + 8192], va["hist"][a : a + 8192], va["num"][a : a + 8192])
@@ -164,7 +176,7 @@ def _export(scorer: RankerScorer, data: _Data, path: Path, seed: int, graph: tor
             shape=None) -> ParityReport:
     """Export ``graph`` (default: the scorer itself) with a dynamic batch and check it against the eager
     scorer on fresh random inputs (passed through ``shape``, e.g. :func:`request_shaped`, when given)."""
-    example = {k: torch.from_numpy(v[:4]) for k, v in data.inputs["valid"].items()}
+    example = {k: torch.from_numpy(v[:4]) for k, v in data.inputs["train"].items()}
     export_onnx(graph if graph is not None else scorer, example, path, scorer.output_names)
     make = random_inputs(data.layout, data.inputs["train"]["num"], seed)
     return check_parity(scorer, path, shape(make) if shape else make)
@@ -199,7 +211,8 @@ def random_inputs(layout: FeatureLayout, num_reference: np.ndarray, seed: int):
 
 
 def _fit_main(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], out_dir: Path, resume: bool,
-              progress: bool) -> tuple[RankingTask, dict[str, Any]]:
+              progress: bool, epochs: int | None = None) -> tuple[RankingTask, dict[str, Any]]:
+    """Early stopping and checkpoint selection on validation, or exactly ``epochs`` epochs (refit)."""
     rc = cfg.ranking
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -208,24 +221,29 @@ def _fit_main(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], out_d
     cols = list(range(len(heads)))
     task = _new_task(cfg, data, heads, cols)
     train_dl, val_dl = data.loaders(cols, rc.batch_size, cfg.seed)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="max", save_last=True,
-                                 save_top_k=1)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=None if epochs else MONITOR,
+                                 mode="max", save_last=True, save_top_k=0 if epochs else 1)
     logger: Any = False
     import mlflow
 
     run = mlflow.active_run()
     if run is not None:
         logger = ActiveRunLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
-    trainer = _trainer(rc.max_epochs, rc.patience, progress, [checkpoint], logger, checkpointing=True)
+    trainer = _trainer(epochs or rc.max_epochs, None if epochs else rc.patience, progress, [checkpoint], logger,
+                       checkpointing=True)
     ckpt_path = str(last) if resume and last.exists() else None
     if resume and ckpt_path is None:
         log.warning("--resume: no %s, training from scratch", last)
     trainer.fit(task, train_dl, val_dl, ckpt_path=ckpt_path)
-    best = checkpoint.best_model_path
+    best = checkpoint.best_model_path if not epochs else ""
+    best_epoch = int(trainer.current_epoch) - 1
     if best and Path(best).exists():
-        task.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        state = torch.load(best, map_location="cpu", weights_only=False)
+        task.load_state_dict(state["state_dict"])
+        best_epoch = int(state["epoch"])
     info = {
         "epochs": int(trainer.current_epoch),
+        "best_epoch": best_epoch,
         "global_step": int(trainer.global_step),
         "best_checkpoint": Path(best).name if best else None,
         "best_val_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
@@ -302,7 +320,7 @@ def reliability_plot(rows: pd.DataFrame, heads: list[tuple[str, str]], scores: n
     plt.close(fig)
 
 
-def _log_mlflow(report: dict[str, Any], out_dir: Path, files: list[Path]) -> None:
+def _log_mlflow(report: dict[str, Any], out_dir: Path, files: list[Path], prefix: str = "ranking") -> None:
     import mlflow
 
     if mlflow.active_run() is None:
@@ -317,11 +335,11 @@ def _log_mlflow(report: dict[str, Any], out_dir: Path, files: list[Path]) -> Non
             elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 flat[key] = float(v)
 
-    walk(report, "ranking")
+    walk(report, prefix)
     mlflow.log_metrics(flat)
     for f in files:
         if f.exists():
-            mlflow.log_artifact(str(f), artifact_path="ranking" if f.parent == out_dir else f"ranking/{f.parent.name}")
+            mlflow.log_artifact(str(f), artifact_path=prefix if f.parent == out_dir else f"{prefix}/{f.parent.name}")
 
 
 def _jsonable(x: Any) -> Any:
@@ -337,7 +355,9 @@ def _jsonable(x: Any) -> Any:
 
 
 def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: bool = False,
-                progress: bool = True) -> dict:
+                progress: bool = True, refit: RefitPlan | None = None) -> dict:
+    """Fit, export and evaluate on the test period; with ``refit``, train every row for the plan's epochs
+    with its calibration, export, and return only what the refit did (no period is left to test on)."""
     t_start = time.perf_counter()
     rc = cfg.ranking
     out_dir = Path(out_dir)
@@ -346,10 +366,10 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     heads = rc.resolve_heads(list(spec["binary_signals"]), spec.get("watch_time_signal"))
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    data = _Data(cfg, tables, heads)
+    data = _Data(cfg, tables, heads, refit=refit is not None)
 
-    task, train_info = _fit_main(cfg, data, heads, out_dir, resume, progress)
-    scorer = _scorer(task, heads, data, list(range(len(heads))))
+    task, train_info = _fit_main(cfg, data, heads, out_dir, resume, progress, refit.epochs if refit else None)
+    scorer = _scorer(task, heads, data, list(range(len(heads))), refit.calibration if refit else None)
     parity = _export(scorer, data, out_dir / "ranker.onnx", cfg.seed)
     # The serving graph: the same model with one request's shared columns computed once (RequestScorer),
     # checked against the full scorer on request-shaped inputs.
@@ -364,7 +384,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     single_files: dict[str, str] = {}
     single_parity: dict[str, float] = {}
     t_single = time.perf_counter()
-    if rc.single_task_baselines:
+    if rc.single_task_baselines and refit is None:  # baselines exist to be compared on the test period
         for t, (name, _) in enumerate(heads):
             L.seed_everything(cfg.seed, workers=False, verbose=False)
             st = _fit_single(cfg, data, heads, t, progress)
@@ -409,13 +429,23 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         "parity_max_abs_diff": parity.max_abs_diff,
         "parity_max_scaled_diff": parity.max_scaled_diff,
         "parity_per_output": parity.per_output,
-        "calibration": {"method": "Platt scaling per binary head on the validation period",
+        "calibration": {"method": "Platt scaling per binary head on the validation period"
+                                  + (" of the held-out fit" if refit else ""),
                         "scale": scorer.calib_scale.tolist(), "bias": scorer.calib_bias.tolist()},
         "single_task": single_files,
         "single_task_parity_max_scaled_diff": single_parity,
         "training": train_info,
     }
+    if refit is not None:
+        meta["refit"] = {"epochs": refit.epochs, "rows": len(data.rows["train"]),
+                         "held_out_metrics": {h: {k: m.get(k) for k in ("auc", "gauc", "logloss")}
+                                              for h, m in refit.held_out.get("model", {}).items()}}
     (out_dir / META).write_text(json.dumps(_jsonable(meta), indent=1))
+    if refit is not None:
+        report = _jsonable({"training": train_info, "parity_max_scaled_diff": parity.max_scaled_diff,
+                            "wall_seconds": round(time.perf_counter() - t_start, 1)})
+        _log_mlflow(report, out_dir, [out_dir / f for f in (META, "ranker.onnx", REQUEST_ONNX)], "refit/ranking")
+        return report
 
     # Test-period evaluation through ONNX Runtime: what is measured is what ships.
     t_eval = time.perf_counter()

@@ -33,6 +33,7 @@ from training.retrieval.index import build_and_measure
 from training.retrieval.metrics import EvalSet, evaluate_all, make_eval_set, plot_curves, popularity_scores
 from training.retrieval.model import ItemEmbeddings, ItemTower, TwoTower, UserTower
 from training.retrieval.task import RetrievalTask, Throughput, ValInputs, tower_vectors
+from training.refit import RefitPlan
 
 FORMAT_VERSION = 1
 PARITY_TOL = 1e-4
@@ -132,9 +133,19 @@ def _history_callback():
     return History()
 
 
+def _refit_queries(rows: pd.DataFrame, layout: InputLayout, n: int, seed: int) -> dict[str, np.ndarray]:
+    """User-tower inputs of up to ``n`` users at their latest row: the refit's index-recall queries."""
+    last = rows.drop_duplicates("user_id", keep="last")
+    last = last.sample(min(n, len(last)), random_state=seed)
+    return layout.user_arrays(last)
+
+
 def fit_retrieval(
-    cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: bool = False, progress: bool = True
+    cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: bool = False, progress: bool = True,
+    refit: RefitPlan | None = None,
 ) -> dict:
+    """Train, evaluate on the test period, export, index. With ``refit``: train every row for the plan's
+    epochs (no validation), export and index; the metrics returned are the held-out fit's."""
     rc = cfg.retrieval
     rc.validate(cfg.data.binary_signals)
     out_dir = Path(out_dir)
@@ -167,11 +178,11 @@ def fit_retrieval(
     num_std = np.nan_to_num(np.nanstd(num, axis=0)).astype(np.float32)
     num_std[num_std < 1e-6] = 1.0
 
-    val_es = make_eval_set(train, valid, feats.item_ids, signal)
-    if val_es.n_users == 0:
+    val_es = make_eval_set(train, valid, feats.item_ids, signal) if refit is None else None
+    if val_es is not None and val_es.n_users == 0:
         raise ValueError(f"the validation period has no user with a {signal} positive on a train item: "
                          "early stopping needs one; widen split.valid_* ")
-    val = _val_inputs(val_es, valid, layout, feats, valid_block)
+    val = _val_inputs(val_es, valid, layout, feats, valid_block) if val_es is not None else None
     model = build_model(layout, feats, rc, num_mean, num_std)
     task = RetrievalTask(
         model, rc, torch.tensor(feats.cat), torch.from_numpy(feats.num), torch.from_numpy(freq),
@@ -185,12 +196,14 @@ def fit_retrieval(
     val_dl = torch.utils.data.DataLoader([0], batch_size=1)
 
     throughput, history = Throughput(), _history_callback()
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=task.val_metric, mode="max",
-                                 save_last=True, save_top_k=1)
-    callbacks = [checkpoint, EarlyStopping(task.val_metric, mode="max", patience=rc.patience), throughput, history]
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=None if refit else task.val_metric,
+                                 mode="max", save_last=True, save_top_k=0 if refit else 1)
+    stop = [] if refit else [EarlyStopping(task.val_metric, mode="max", patience=rc.patience)]
+    callbacks = [checkpoint, *stop, throughput, history]
     logger = _ActiveRunLogger.make()
     trainer = L.Trainer(
-        max_epochs=rc.max_epochs, min_epochs=rc.min_epochs, accelerator=rc.accelerator, devices=1,
+        max_epochs=refit.epochs if refit else rc.max_epochs, min_epochs=refit.epochs if refit else rc.min_epochs,
+        limit_val_batches=0 if refit else None, accelerator=rc.accelerator, devices=1,
         logger=logger if logger is not None else False, callbacks=callbacks, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=out_dir,
     )
@@ -202,8 +215,11 @@ def fit_retrieval(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
-        trainer.fit(task, train_dataloaders=train_dl, val_dataloaders=val_dl, ckpt_path=ckpt_path)
+        trainer.fit(task, train_dataloaders=train_dl, val_dataloaders=None if refit else val_dl, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - t_start
+    if refit is not None:
+        return _refit_outputs(cfg, tables, out_dir, task.model.cpu().eval(), layout, feats, rows, refit,
+                              num_mean, num_std, seed, throughput, len(tt), train_seconds)
 
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else ckpt_dir / "best.ckpt"
     best = torch.load(best_path, map_location="cpu", weights_only=False)
@@ -226,15 +242,7 @@ def fit_retrieval(
     plot_curves(curves, out_dir / "recall_vs_k.png", f"test period: Recall@K ({metrics['test_users']} users)")
 
     # ---- export, catalogue vectors, index
-    user_make, item_make = _random_inputs(layout, num_mean, num_std, seed)
-    export_onnx(model.user_tower, user_make(2), out_dir / USER_ONNX, ["user_vec"])
-    export_onnx(model.item_tower, item_make(2), out_dir / ITEM_ONNX, ["item_vec"])
-    parity = {
-        "user_tower": check_parity(model.user_tower, out_dir / USER_ONNX, user_make).max_abs_diff,
-        "item_tower": check_parity(model.item_tower, out_dir / ITEM_ONNX, item_make).max_abs_diff,
-    }
-    if max(parity.values()) > PARITY_TOL:
-        raise RuntimeError(f"ONNX parity failed: max abs diff {parity} > {PARITY_TOL}")
+    parity = _export_towers(model, layout, out_dir, num_mean, num_std, seed)
     item_vectors = onnx_vectors(out_dir / ITEM_ONNX, layout.item_arrays(tables.items))
     np.save(out_dir / ITEM_VECTORS, item_vectors)
     index = build_and_measure(
@@ -261,12 +269,36 @@ def fit_retrieval(
     if history.rows:
         _plot_history(history.rows, out_dir / "val_recall_by_epoch.png", task.val_metric)
 
-    meta = {
+    meta = _meta(rc, layout, feats, item_vectors, index, parity, "test-period users' query vectors",
+                 {k: v for k, v in training.items() if k != "val_history"}, metrics)
+    (out_dir / META).write_text(json.dumps(meta, indent=2))
+    _log_mlflow(out_dir, metrics, index, parity)
+    return metrics
+
+
+def _export_towers(model: TwoTower, layout: InputLayout, out_dir: Path, num_mean: np.ndarray, num_std: np.ndarray,
+                   seed: int) -> dict[str, float]:
+    user_make, item_make = _random_inputs(layout, num_mean, num_std, seed)
+    export_onnx(model.user_tower, user_make(2), out_dir / USER_ONNX, ["user_vec"])
+    export_onnx(model.item_tower, item_make(2), out_dir / ITEM_ONNX, ["item_vec"])
+    parity = {
+        "user_tower": check_parity(model.user_tower, out_dir / USER_ONNX, user_make).max_abs_diff,
+        "item_tower": check_parity(model.item_tower, out_dir / ITEM_ONNX, item_make).max_abs_diff,
+    }
+    if max(parity.values()) > PARITY_TOL:
+        raise RuntimeError(f"ONNX parity failed: max abs diff {parity} > {PARITY_TOL}")
+    return parity
+
+
+def _meta(rc: RetrievalConfig, layout: InputLayout, feats: ItemFeatures, item_vectors: np.ndarray, index,
+          parity: dict[str, float], query_source: str, training: dict, metrics: dict) -> dict:
+    """``retrieval.json``: what serving needs to run the towers and the index, and the held-out metrics."""
+    return {
         "format_version": FORMAT_VERSION,
         "embedding_dim": rc.embedding_dim,
         "similarity": "inner product of L2-normalised vectors",
         "temperature": rc.temperature,
-        "positive_signal": signal,
+        "positive_signal": rc.positive_signal,
         "opset": OPSET,
         **layout.to_json(rc.embedding_dim),
         "files": {"user_tower": USER_ONNX, "item_tower": ITEM_ONNX, "item_vectors": ITEM_VECTORS, "index": INDEX},
@@ -277,15 +309,41 @@ def fit_retrieval(
         "index": {"file": INDEX, "factory": index.factory, "metric": "inner_product", "ntotal": index.ntotal,
                   "search_params": index.search_params, "rows": "same as item_vectors",
                   f"recall@{index.k}_vs_exact": index.recall_vs_exact, "recall_queries": index.queries,
-                  "recall_query_source": "test-period users' query vectors"},
+                  "recall_query_source": query_source},
         "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOL},
         "config": asdict(rc),
-        "training": {k: v for k, v in training.items() if k != "val_history"},
-        "metrics": {k: metrics[k] for k in ("model", "baselines", "test_users")},
+        "training": training,
+        "metrics": {k: metrics[k] for k in ("model", "baselines", "test_users") if k in metrics},
     }
+
+
+def _refit_outputs(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, model: TwoTower, layout: InputLayout,
+                   feats: ItemFeatures, rows: pd.DataFrame, refit: RefitPlan, num_mean: np.ndarray,
+                   num_std: np.ndarray, seed: int, throughput: Throughput, positives: int,
+                   train_seconds: float) -> dict:
+    """The refit's towers, catalogue vectors and index; ``retrieval.json`` carries the held-out metrics."""
+    rc = cfg.retrieval
+    parity = _export_towers(model, layout, out_dir, num_mean, num_std, seed)
+    item_vectors = onnx_vectors(out_dir / ITEM_ONNX, layout.item_arrays(tables.items))
+    np.save(out_dir / ITEM_VECTORS, item_vectors)
+    queries = onnx_vectors(out_dir / USER_ONNX, _refit_queries(rows, layout, 2000, seed))
+    index = build_and_measure(item_vectors, queries, rc.index_factory, out_dir / INDEX, rc.index_recall_k,
+                              rc.hnsw_ef_search, rc.ivf_nprobe, seed, rc.hnsw_ef_construction)
+    held = refit.held_out
+    training = {"epochs": refit.epochs, "train_positives": positives, "samples_per_s": round(throughput.samples_per_s, 1),
+                "wall_seconds": round(train_seconds, 1)}
+    meta = _meta(rc, layout, feats, item_vectors, index, parity, "refit: users' latest training rows", training, held)
+    meta["refit"] = {"epochs": refit.epochs, "rows": len(rows)}
     (out_dir / META).write_text(json.dumps(meta, indent=2))
-    _log_mlflow(out_dir, metrics, index, parity)
-    return metrics
+    report = {"training": training, "index_recall_vs_exact": index.recall_vs_exact,
+              "parity_max_abs_diff": max(parity.values())}
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({"refit/retrieval/samples_per_s": training["samples_per_s"],
+                            "refit/retrieval/index_recall_vs_exact": index.recall_vs_exact})
+        mlflow.log_artifact(str(out_dir / META), artifact_path="refit/retrieval")
+    return report
 
 
 def _plot_history(rows: list[dict], path: Path, key: str) -> None:

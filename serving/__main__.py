@@ -15,13 +15,44 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from serving.config import (
-    DEFAULT_BUNDLE, ENV_ADMIN_TOKEN, ENV_BUNDLE, ENV_CONFIG, ENV_OVERRIDES, ENV_STATE_DIR, load_settings,
+    DEFAULT_BUNDLE, DEFAULT_STATE_DIR, ENV_ADMIN_TOKEN, ENV_BUNDLE, ENV_BUNDLE_ROOT, ENV_CONFIG, ENV_OVERRIDES,
+    ENV_STATE_DIR, load_settings,
 )
+
+LOCAL_REGISTRY = Path("runs") / "mlflow.db"  # where `make main` / `python -m training fit` register
+
+
+def port_error(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served on (e.g. already in use), or None."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"cannot resolve host {host}: {e}"
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror or e} (is another server running there?)"
+    return None
+
+
+def tracking_env(env: dict[str, str], bundle: str, tracking_uri: str | None) -> None:
+    """A models:/ bundle with no tracking URI anywhere: use the local registry training wrote, if any."""
+    if not bundle.startswith("models:/") or tracking_uri or env.get("MLFLOW_TRACKING_URI"):
+        return
+    repo = Path(__file__).resolve().parents[1]
+    for db in (Path.cwd() / LOCAL_REGISTRY, repo / LOCAL_REGISTRY):
+        if db.is_file():
+            env["MLFLOW_TRACKING_URI"] = f"sqlite:///{db.resolve()}"
+            return
 
 
 def build_command(host: str, port: int) -> list[str]:
@@ -43,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="request threads per worker (default 1)")
     ap.add_argument("--admin-token", default=None, help=f"admin token (prefer the {ENV_ADMIN_TOKEN} variable)")
     ap.add_argument("--no-check", action="store_true", help="skip the checksum verification before starting")
+    ap.add_argument("--state-dir", default=os.environ.get(ENV_STATE_DIR, str(DEFAULT_STATE_DIR)),
+                    help="admin state (blocklist) shared by the workers and kept across restarts (default: %(default)s)")
+    ap.add_argument("--bundle-root", default=os.environ.get(ENV_BUNDLE_ROOT),
+                    help="directory /admin/reload may load bundles from (default: the bundle's parent directory)")
     args = ap.parse_args(argv)
 
     if args.config and not Path(args.config).is_file():
@@ -51,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     from features.config import ConfigError
 
     try:  # fail here, with the key named, rather than in every worker
-        load_settings(args.config, None, args.overrides)
+        settings = load_settings(args.config, None, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    busy = port_error(args.host, args.port)
+    if busy:
+        print(f"error: {busy}", file=sys.stderr)
         return 2
     if not args.no_check and not args.bundle.startswith("models:/"):
         from features.bundle import BundleError, verify_bundle
@@ -64,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     env = dict(os.environ)
-    env[ENV_BUNDLE] = args.bundle
+    # The server runs from the repository root: paths are made absolute against the caller's directory.
+    env[ENV_BUNDLE] = args.bundle if args.bundle.startswith("models:/") else str(Path(args.bundle).resolve())
+    env[ENV_STATE_DIR] = str(Path(args.state_dir).resolve())
+    if args.bundle_root:
+        env[ENV_BUNDLE_ROOT] = str(Path(args.bundle_root).resolve())
+    tracking_env(env, args.bundle, settings.serving.tracking_uri)
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     if args.config:
         env[ENV_CONFIG] = str(Path(args.config).resolve())
@@ -74,10 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         env[ENV_ADMIN_TOKEN] = args.admin_token
     if args.workers:
         env["FEEDSTACK_WORKERS"] = str(args.workers)
-    if ENV_STATE_DIR not in env:  # shared by the workers: an admin block must reach all of them
-        import tempfile
-
-        env[ENV_STATE_DIR] = tempfile.mkdtemp(prefix="feedstack-state-")
     if args.threads:
         env["FEEDSTACK_THREADS"] = str(args.threads)
     repo = Path(__file__).resolve().parents[1]

@@ -50,6 +50,7 @@ class Hooks:
     check_token: Callable[[dict[str, str]], tuple[int, str] | None] | None = None
     openapi: Callable[[], dict[str, Any]] | None = None
     bundle_info: Callable[[], dict[str, Any]] | None = None  # GET /bundle (BentoML APIs are POST only)
+    methods: dict[str, set[str]] = field(default_factory=dict)  # path -> documented methods, for 405's Allow
     count: Callable[[str, str], None] | None = None  # (endpoint, outcome)
 
 
@@ -218,6 +219,15 @@ class RequestGuard:
             return
         if method == "GET" and path == "/bundle" and HOOKS.bundle_info is not None:
             await send_json(send, 200, HOOKS.bundle_info())
+            return
+        allowed = HOOKS.methods.get(path)
+        if allowed is not None and method not in allowed:  # Starlette's Allow would omit GET /bundle
+            log_client_error(method, path, 405, "method not allowed")
+            data = b'{"error":"method not allowed"}'
+            await send({"type": "http.response.start", "status": 405, "headers": [
+                (b"allow", ", ".join(sorted(allowed)).encode()), (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode())]})
+            await send({"type": "http.response.body", "body": data})
             return
         endpoint = HOOKS.endpoints.get(path) if method == "POST" else None
         if endpoint is None:

@@ -35,6 +35,7 @@ class Operation:
     response: type[BaseModel] | None
     statuses: tuple[int, ...]
     admin: bool = False
+    body_required: bool = True
     tags: list[str] = field(default_factory=lambda: ["feedstack"])
 
 
@@ -79,7 +80,7 @@ def build_openapi(operations: list[Operation], bundle: Bundle | None, version: s
         entry: dict[str, Any] = {"summary": op.summary, "tags": op.tags, "responses": responses}
         if op.request is not None:
             body = _schema(op.request, "validation", defs)
-            entry["requestBody"] = {"required": True, "content": {"application/json": {
+            entry["requestBody"] = {"required": op.body_required, "content": {"application/json": {
                 "schema": _narrow(body, bundle) if bundle is not None else body}}}
         if op.admin:
             entry["security"] = [{"bearer": []}, {"adminToken": []}]

@@ -27,7 +27,7 @@ from typing import Annotated
 
 import anyio
 import bentoml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from features.bundle import BundleError
@@ -61,9 +61,18 @@ def _configure_logging() -> None:
 
 _configure_logging()
 
+
+
+def _whole(v: Any) -> Any:
+    """JSON Schema's integer includes 83.0; strict pydantic would refuse it, so whole floats become ints."""
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**63 else v
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
 # KuaiRand ids are integers and clients send them as numbers or strings; both mean the same id.
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)] | Annotated[int, Field(ge=0, le=2**63 - 1)]
-ContextValue = Annotated[str, Field(max_length=64)] | Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+Id = (Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+      | Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(_whole)])
+ContextValue = Annotated[str, Field(max_length=64)] | Annotated[int, Field(ge=-(2**31), le=2**31 - 1), BeforeValidator(_whole)]
 ContextKey = Annotated[str, Field(min_length=1, max_length=64)]
 
 
@@ -78,7 +87,7 @@ class _Strict(BaseModel):
 
 class RecommendRequest(_Strict):
     user_id: Id = Field(description="user id as in the dataset (string or integer)")
-    k: int = Field(20, ge=1, le=MAX_K, description="page size")
+    k: Int = Field(20, ge=1, le=MAX_K, description="page size")
     scenario: str | None = Field(None, max_length=64, description="fusion scenario; default: serving.default_scenario")
     exclude_item_ids: list[Id] = Field(default_factory=list, max_length=MAX_EXCLUDE,
                                        description="items the client already showed")
@@ -165,7 +174,7 @@ OPERATIONS = [
     Operation("/recommend", "POST", "Top-k feed for a user", RecommendRequest, RecommendResponse, _CLIENT),
     Operation("/rank", "POST", "Score given items for a user", RankRequest, RankResponse, _CLIENT),
     Operation("/bundle", "GET", "The bundle being served", None, None, ()),
-    Operation("/bundle", "POST", "The bundle being served", EmptyRequest, None, (400, 413, 415)),
+    Operation("/bundle", "POST", "The bundle being served", EmptyRequest, None, (400, 413, 415), body_required=False),
     Operation("/admin/block", "POST", "Block or unblock items and creators", BlockRequest, BlockResponse, _ADMIN,
               admin=True),
     Operation("/admin/reload", "POST", "Load, probe and swap in a bundle", ReloadRequest, None,
@@ -198,8 +207,11 @@ class Feedstack:
         self._reload_lock = anyio.Lock()
         self.recommender: Recommender | None = None
         self.load_error: str | None = None
-        guard.HOOKS.endpoints = {op.path: guard.Endpoint(op.request, op.admin, body_optional=op.path == "/bundle")
+        guard.HOOKS.endpoints = {op.path: guard.Endpoint(op.request, op.admin, body_optional=not op.body_required)
                                  for op in OPERATIONS if op.method == "POST"}
+        guard.HOOKS.methods = {}
+        for op in OPERATIONS:
+            guard.HOOKS.methods.setdefault(op.path, set()).add(op.method)
         guard.HOOKS.check_token = self._token_error
         guard.HOOKS.openapi = self._openapi
         guard.HOOKS.bundle_info = self.bundle_info

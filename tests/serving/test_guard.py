@@ -33,8 +33,11 @@ def test_ids_may_be_integers_or_strings(server: httpx.Client, some_user: str):
     ids = [i["item_id"] for i in as_text.json()["items"]]
     ranked = server.post("/rank", json={"user_id": int(some_user), "item_ids": [int(i) for i in ids]})
     assert ranked.status_code == 200 and sorted(i["item_id"] for i in ranked.json()["items"]) == sorted(ids)
-    r = server.post("/recommend", json={"user_id": True})
-    assert r.status_code == 400 and r.json()["field"] == "user_id"
+    whole = server.post("/recommend", json={"user_id": float(some_user), "k": 5.0, "context": {"tab": 1.0}})
+    assert whole.status_code == 200 and whole.json()["cold_start"] is False  # JSON Schema integers include 5.0
+    for bad in ({"user_id": True}, {"user_id": -1}, {"user_id": 1.5}, {"user_id": "1", "k": 2.5}):
+        r = server.post("/recommend", json=bad)
+        assert r.status_code == 400 and r.json()["field"] in bad, (bad, r.text)
 
 
 @pytest.mark.parametrize("raw, status, field", [
@@ -115,6 +118,9 @@ def test_get_bundle_and_the_spec_matches_the_answers(server: httpx.Client):
     assert scenarios == sorted(got.json()["scenarios"])
     assert "tab" in body["properties"]["context"]["anyOf"][0]["properties"]
     assert "get" in spec["paths"]["/bundle"] and spec["paths"]["/admin/reload"]["post"]["security"]
+    for method, path, allow in (("DELETE", "/bundle", "GET, POST"), ("GET", "/recommend", "POST")):
+        r = server.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow
     bad = server.post("/recommend", json={"user_id": "1", "k": 0})
     assert set(bad.json()) <= set(spec["components"]["schemas"]["Error"]["properties"])
     assert json.dumps(spec)  # serialisable as served

@@ -32,10 +32,15 @@ def _start_child(out: Path, env: dict[str, str]) -> subprocess.Popen:
 
 
 @pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    mlflow.set_tracking_uri(uri)  # the process-wide URI an earlier test may have set
+    yield {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    mlflow.set_tracking_uri(previous)
 
 
 def test_killed_fit_run_is_closed_and_linked_by_the_resumed_fit(tmp_path: Path, tracking: dict[str, str]):

@@ -207,15 +207,7 @@ class Feedstack:
         self._reload_lock = anyio.Lock()
         self.recommender: Recommender | None = None
         self.load_error: str | None = None
-        guard.HOOKS.endpoints = {op.path: guard.Endpoint(op.request, op.admin, body_optional=not op.body_required)
-                                 for op in OPERATIONS if op.method == "POST"}
-        guard.HOOKS.methods = {}
-        for op in OPERATIONS:
-            guard.HOOKS.methods.setdefault(op.path, set()).add(op.method)
-        guard.HOOKS.check_token = self._token_error
-        guard.HOOKS.openapi = self._openapi
-        guard.HOOKS.bundle_info = self.bundle_info
-        guard.HOOKS.count = lambda endpoint, outcome: self.metrics.requests.labels(endpoint=endpoint, outcome=outcome).inc()
+        self._install_guard_hooks()
         try:
             self.recommender = self._load(self.source)
             self.metrics.set_bundle(self.recommender.bundle.version)
@@ -225,6 +217,19 @@ class Feedstack:
             # Stay up but not ready: /readyz says 503 and an admin reload can bring a good bundle.
             self.load_error = public(str(e), self.bundle_root)
             log.error("no bundle loaded from %s: %s", self.source, e)
+
+    def _install_guard_hooks(self) -> None:
+        """What serving.guard needs from this worker's service: endpoints, token check, spec, counters."""
+        hooks = guard.HOOKS
+        hooks.endpoints = {op.path: guard.Endpoint(op.request, op.admin, body_optional=not op.body_required)
+                           for op in OPERATIONS if op.method == "POST"}
+        hooks.methods = {}
+        for op in OPERATIONS:
+            hooks.methods.setdefault(op.path, set()).add(op.method)
+        hooks.check_token = self._token_error
+        hooks.openapi = self._openapi
+        hooks.bundle_info = self.bundle_info
+        hooks.count = lambda endpoint, outcome: self.metrics.requests.labels(endpoint=endpoint, outcome=outcome).inc()
 
     def _load(self, source: str) -> Recommender:
         """A recommender on ``source`` that has answered the canary probes (BundleError otherwise)."""

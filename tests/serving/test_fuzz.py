@@ -17,8 +17,8 @@ def test_schemathesis_finds_no_failure(serve, serving_bundle: Path, tmp_path: Pa
     with serve(serving_bundle, tmp_path / "serve.log") as client:
         cli = str(Path(sys.executable).with_name("schemathesis"))
         cmd = [cli, "--config-file", str(CONFIG), "run", f"{client.base_url}/docs.json", "--checks", "all",
-               "--max-examples", "15", "--seed", "7", "--workers", "1", "--no-color", "--no-shrink",
-               "--phases", "examples,coverage,fuzzing", "--header", f"Authorization: Bearer {TOKEN}",
+               "--max-examples", "10", "--seed", "7", "--workers", "1", "--no-color", "--no-shrink",
+               "--phases", "coverage,fuzzing", "--header", f"Authorization: Bearer {TOKEN}",
                "--request-timeout", "30", "--generation-database", "none"]
         r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr

@@ -31,16 +31,21 @@ def _start_child(out: Path, env: dict[str, str]) -> subprocess.Popen:
     return proc
 
 
-@pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory: pytest.TempPathFactory):
+    """One SQLite store for the module (creating its tables is the slow part)."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    previous_env, previous = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)  # the process-wide URI an earlier test may have set
     yield {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
     mlflow.set_tracking_uri(previous)
+    if previous_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def test_killed_fit_run_is_closed_and_linked_by_the_resumed_fit(tmp_path: Path, tracking: dict[str, str]):

@@ -170,9 +170,14 @@ def _replay(body: bytes, receive: Callable) -> Callable:
     return replay
 
 
+_EXACT: set[str] = set()  # paths an exact (parameter-free) route matched: bounded by the route table
+
+
 def _known_route(scope: dict[str, Any]) -> bool:
     from starlette.routing import Match, Mount
 
+    if scope.get("path") in _EXACT:
+        return True
     app = scope.get("app")
     routes = getattr(app, "routes", None)
     if routes is None:  # not under a Starlette app: nothing to check against
@@ -185,6 +190,8 @@ def _known_route(scope: dict[str, Any]) -> bool:
             directory = getattr(route.app, "directory", None)
             rest = child.get("path_params", {}).get("path", "")
             return bool(directory) and os.path.isfile(os.path.join(str(directory), os.path.normpath("/" + rest)[1:]))
+        if not getattr(route, "param_convertors", None):
+            _EXACT.add(scope["path"])
         return True
     return False
 

@@ -12,7 +12,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     BENTOML_DO_NOT_TRACK=true \
     BENTOML_HOME=/home/feedstack/bentoml \
-    FEEDSTACK_BUNDLE=models:/feedstack@production
+    FEEDSTACK_BUNDLE=models:/feedstack@production \
+    FEEDSTACK_STATE_DIR=/home/feedstack/state
 
 # libgomp: the OpenMP runtime FAISS and ONNX Runtime use for their CPU kernels.
 RUN apt-get update \

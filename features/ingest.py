@@ -8,6 +8,7 @@ quarantine file; nothing is dropped silently. A run whose bad-row share exceeds
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,19 @@ def read_table(path: Path, fmt: str = "auto") -> pd.DataFrame:
         raise FileNotFoundError(f"input file not found: {path} (set data.dir or the file name in the config)")
     if fmt == "auto":
         fmt = "parquet" if path.suffix == ".parquet" else "csv"
-    if fmt == "parquet":
-        return pd.read_parquet(path)
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataValidationError(f"{path} cannot be parsed as CSV: {e}") from None
+        if fmt == "parquet":
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:
+        raise DataValidationError(f"{path} is empty (no header, no rows)") from None
+    # A truncated or damaged .gz ends in EOFError / BadGzipFile (an OSError) / zlib.error deep in the reader.
+    except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error, ValueError) as e:
+        raise DataValidationError(f"{path} cannot be read as {fmt}: {type(e).__name__}: {str(e)[:200]}") from None
+    if df.empty:
+        raise DataValidationError(f"{path} has no data rows (columns: {list(df.columns)[:30]})")
+    return df
 
 
 def _require_columns(df: pd.DataFrame, spec: TableSpec, path: Path, extra: list[str]) -> None:

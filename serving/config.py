@@ -18,9 +18,11 @@ from serving.policy import PolicyConfig, load_policy
 ENV_BUNDLE = "FEEDSTACK_BUNDLE"  # bundle directory or models:/<name>@<alias> URI
 ENV_CONFIG = "FEEDSTACK_SERVING_CONFIG"  # optional YAML with serving: / policy: sections
 ENV_ADMIN_TOKEN = "FEEDSTACK_ADMIN_TOKEN"
-ENV_STATE_DIR = "FEEDSTACK_STATE_DIR"
-ENV_OVERRIDES = "FEEDSTACK_SERVING_OVERRIDES"  # JSON list of --set dotted.key=value overrides  # folder the worker processes share admin state through
+ENV_STATE_DIR = "FEEDSTACK_STATE_DIR"  # folder the worker processes share admin state through, across restarts
+ENV_BUNDLE_ROOT = "FEEDSTACK_BUNDLE_ROOT"  # the only directory tree /admin/reload may load bundles from
+ENV_OVERRIDES = "FEEDSTACK_SERVING_OVERRIDES"  # JSON list of --set dotted.key=value overrides
 DEFAULT_BUNDLE = "models:/feedstack@production"
+DEFAULT_STATE_DIR = Path("runs") / "serving-state"
 
 # Request limits are part of the API schema (pydantic Field limits), so they are constants, not config.
 MAX_K = 200
@@ -50,6 +52,19 @@ class ServingConfig:
 
     def token(self) -> str | None:
         return os.environ.get(ENV_ADMIN_TOKEN) or self.admin_token
+
+
+def state_dir() -> Path:
+    """FEEDSTACK_STATE_DIR, else runs/serving-state under the working directory (kept across restarts)."""
+    return Path(os.environ.get(ENV_STATE_DIR) or DEFAULT_STATE_DIR).resolve()
+
+
+def bundle_root(source: str) -> Path | None:
+    """FEEDSTACK_BUNDLE_ROOT, else the startup bundle's parent directory (None for a models:/ startup)."""
+    root = os.environ.get(ENV_BUNDLE_ROOT)
+    if root:
+        return Path(root).resolve()
+    return None if source.startswith("models:/") else Path(source).resolve().parent
 
 
 @dataclass

@@ -147,9 +147,16 @@ class Recommender:
 
     def reload(self, source: str) -> dict[str, Any]:
         """Load, verify and swap in a bundle; on any problem raise BundleError and keep the old one."""
+        return self.swap(self.load(source))
+
+    def load(self, source: str) -> Bundle:
+        """Resolve and load a bundle with this recommender's settings (nothing is swapped)."""
         s = self.settings.serving
         path, version = resolve_bundle(source, s.download_dir, s.tracking_uri)
-        bundle = load_bundle(path, registry_version=version, onnx_threads=s.onnx_threads)
+        return load_bundle(path, registry_version=version, onnx_threads=s.onnx_threads)
+
+    def swap(self, bundle: Bundle) -> dict[str, Any]:
+        """Serve ``bundle`` from the next request on, keeping the blocklist and the creator exposure."""
         self._warm_exposure_pool(bundle)
         with self._admin_lock:
             old = self._state
@@ -185,6 +192,12 @@ class Recommender:
                 feeds[inp.name] = np.zeros((1, len(inp.columns)), dtype=dtype)
         out = b.user_tower.run([b.retrieval.user_output] if b.retrieval.user_output else None, feeds)[0]
         return np.ascontiguousarray(out, dtype=np.float32).reshape(1, -1)
+
+    def retrieve(self, user_id: str, n: int) -> np.ndarray:
+        """Retrieval rows for a user, with no policy and no exposure bookkeeping (health checks)."""
+        st = self._state
+        row, hist = self._user(st.bundle, user_id)
+        return self._retrieve(st, row, hist, n)[0]
 
     def _retrieve(self, st: _State, row: int, hist: np.ndarray, n: int) -> tuple[np.ndarray, bool]:
         rows, cold, _ = self._search(st, row, hist, n)

@@ -6,10 +6,11 @@
 (or ``python -m serving --bundle PATH_OR_MODELS_URI --port 3000``). Environment:
 FEEDSTACK_BUNDLE (default ``models:/feedstack@production``), FEEDSTACK_SERVING_CONFIG (YAML with
 ``serving:`` / ``policy:``; default: the bundle's own recipe), FEEDSTACK_ADMIN_TOKEN, FEEDSTACK_WORKERS,
-FEEDSTACK_THREADS.
+FEEDSTACK_THREADS, FEEDSTACK_STATE_DIR (admin state; default runs/serving-state), FEEDSTACK_BUNDLE_ROOT
+(where /admin/reload may load directories from; default: the startup bundle's parent directory).
 
-Endpoints: POST /recommend, /rank, /bundle, /admin/block, /admin/reload; GET /livez, /readyz, /metrics,
-/docs.json and the OpenAPI page at /.
+Endpoints: POST /recommend, /rank, /bundle, /admin/block, /admin/reload; GET /bundle, /livez, /readyz,
+/metrics, /docs.json and the OpenAPI page at /. Requests pass :mod:`serving.guard` first.
 """
 
 from __future__ import annotations
@@ -22,23 +23,61 @@ import time
 from pathlib import Path
 from typing import Any
 
+from typing import Annotated
+
 import anyio
 import bentoml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from features.bundle import BundleError
+from serving import guard
+from serving.canary import Health, canary, public, reload_path
 from serving.config import (
-    DEFAULT_BUNDLE, ENV_BUNDLE, ENV_CONFIG, ENV_OVERRIDES, ENV_STATE_DIR, MAX_EXCLUDE, MAX_ID_LENGTH, MAX_ITEM_IDS, MAX_K,
-    ServeSettings, load_settings,
+    DEFAULT_BUNDLE, ENV_BUNDLE, ENV_CONFIG, ENV_OVERRIDES, MAX_EXCLUDE, MAX_ID_LENGTH, MAX_ITEM_IDS, MAX_K,
+    ServeSettings, bundle_root, load_settings, state_dir,
 )
+from serving.context import check_context
 from serving.metrics import metrics
+from serving.openapi import Operation, build_openapi
 from serving.recommender import Recommender, RequestError, Result
+from serving.state import Blocks, BlockStore
 
 log = logging.getLogger("feedstack.serving")
 
-Id = Field(min_length=1, max_length=MAX_ID_LENGTH)
-ContextValue = str | int | float
+
+def _configure_logging() -> None:
+    """BentoML configures only its own loggers; ours would fall to Python's last-resort handler (WARNING and
+    up, no timestamp). One line per record, INFO and up, in BentoML's layout."""
+    root = logging.getLogger("feedstack")
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("FEEDSTACK_LOG_LEVEL", "INFO").upper())
+    root.propagate = False
+
+
+_configure_logging()
+
+
+
+def _whole(v: Any) -> Any:
+    """JSON Schema's integer includes 83.0; strict pydantic would refuse it, so whole floats become ints."""
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**63 else v
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+# KuaiRand ids are integers and clients send them as numbers or strings; both mean the same id.
+Id = (Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+      | Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(_whole)])
+ContextValue = Annotated[str, Field(max_length=64)] | Annotated[int, Field(ge=-(2**31), le=2**31 - 1), BeforeValidator(_whole)]
+ContextKey = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+def _ids(values: list[str | int]) -> list[str]:
+    return [str(v) for v in values]
 
 
 class _Strict(BaseModel):
@@ -47,19 +86,20 @@ class _Strict(BaseModel):
 
 
 class RecommendRequest(_Strict):
-    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, description="user id as in the dataset")
-    k: int = Field(20, ge=1, le=MAX_K, description="page size")
+    user_id: Id = Field(description="user id as in the dataset (string or integer)")
+    k: Int = Field(20, ge=1, le=MAX_K, description="page size")
     scenario: str | None = Field(None, max_length=64, description="fusion scenario; default: serving.default_scenario")
-    exclude_item_ids: list[str] = Field(default_factory=list, max_length=MAX_EXCLUDE,
-                                        description="items the client already showed")
-    context: dict[str, ContextValue] | None = Field(None, max_length=16, description="e.g. {\"tab\": 1, \"hour\": 20}")
+    exclude_item_ids: list[Id] = Field(default_factory=list, max_length=MAX_EXCLUDE,
+                                       description="items the client already showed")
+    context: dict[ContextKey, ContextValue] | None = Field(None, max_length=16,
+                                                           description="e.g. {\"tab\": 1, \"hour\": 20}")
 
 
 class RankRequest(_Strict):
-    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    item_ids: list[str] = Field(min_length=1, max_length=MAX_ITEM_IDS)
+    user_id: Id
+    item_ids: list[Id] = Field(min_length=1, max_length=MAX_ITEM_IDS)
     scenario: str | None = Field(None, max_length=64)
-    context: dict[str, ContextValue] | None = Field(None, max_length=16)
+    context: dict[ContextKey, ContextValue] | None = Field(None, max_length=16)
 
 
 class Item(BaseModel):
@@ -85,13 +125,24 @@ class RankResponse(RecommendResponse):
 
 
 class BlockRequest(_Strict):
-    item_ids: list[str] = Field(default_factory=list, max_length=10_000)
-    creator_ids: list[str] = Field(default_factory=list, max_length=10_000)
+    item_ids: list[Id] = Field(default_factory=list, max_length=10_000)
+    creator_ids: list[Id] = Field(default_factory=list, max_length=10_000)
     unblock: bool = False
 
 
+class BlockResponse(BaseModel):
+    blocked_items: list[str]
+    blocked_creators: list[str]
+    servable_items: int
+
+
 class ReloadRequest(_Strict):
-    bundle: str | None = Field(None, max_length=4096, description="path or models:/ URI; default: the startup source")
+    bundle: str | None = Field(None, min_length=1, max_length=4096,
+                               description="models:/ URI or a directory under the bundle root; default: the startup source")
+
+
+class EmptyRequest(_Strict):
+    pass
 
 
 def _error(status: int, message: str, field: str | None = None, ctx: bentoml.Context | None = None) -> JSONResponse:
@@ -117,6 +168,19 @@ def _body(result: Result, **extra: Any) -> Response:
 
 WORKERS = int(os.environ.get("FEEDSTACK_WORKERS", "1"))  # worker processes of this service
 
+_CLIENT = (400, 413, 415, 422, 503)
+_ADMIN = (400, 401, 403, 413, 415, 503)
+OPERATIONS = [
+    Operation("/recommend", "POST", "Top-k feed for a user", RecommendRequest, RecommendResponse, _CLIENT),
+    Operation("/rank", "POST", "Score given items for a user", RankRequest, RankResponse, _CLIENT),
+    Operation("/bundle", "GET", "The bundle being served", None, None, ()),
+    Operation("/bundle", "POST", "The bundle being served", EmptyRequest, None, (400, 413, 415), body_required=False),
+    Operation("/admin/block", "POST", "Block or unblock items and creators", BlockRequest, BlockResponse, _ADMIN,
+              admin=True),
+    Operation("/admin/reload", "POST", "Load, probe and swap in a bundle", ReloadRequest, None,
+              (*_ADMIN, 409, 422), admin=True),
+]
+
 
 @bentoml.service(
     name="feedstack",
@@ -130,26 +194,45 @@ WORKERS = int(os.environ.get("FEEDSTACK_WORKERS", "1"))  # worker processes of t
 class Feedstack:
     def __init__(self) -> None:
         self.source = os.environ.get(ENV_BUNDLE, DEFAULT_BUNDLE)
-        # With several worker processes an admin call reaches one of them; the blocklist is published to a
-        # file every worker checks (one stat per request), so governance holds in all of them.
-        state_dir = os.environ.get(ENV_STATE_DIR)
-        self._state_dir = Path(state_dir) if state_dir else None
-        self._blocklist = self._state_dir / "blocklist.json" if self._state_dir else None
-        self._blocklist_seen: int | None = None
+        self.bundle_root = bundle_root(self.source)
+        # With several worker processes an admin call reaches one of them; the blocklist lives in one locked
+        # file every worker checks (one stat per request), so governance holds in all of them and restarts.
+        self._state_dir = state_dir()
+        self._blocks = BlockStore(self._state_dir)
+        self._blocks_seen: tuple[int, ...] | None = None
+        self._blocks_applied: Blocks | None = None
         self.config_path = os.environ.get(ENV_CONFIG) or None
         self.metrics = metrics()
+        self.health = Health()
+        self._reload_lock = anyio.Lock()
         self.recommender: Recommender | None = None
         self.load_error: str | None = None
+        self._install_guard_hooks()
         try:
             self.recommender = self._load(self.source)
             self.metrics.set_bundle(self.recommender.bundle.version)
+            self._sync_blocklist(self.recommender, force=True)
             log.info("serving bundle %s from %s", self.recommender.bundle.version, self.source)
         except (BundleError, OSError, ValueError) as e:
             # Stay up but not ready: /readyz says 503 and an admin reload can bring a good bundle.
-            self.load_error = str(e)
+            self.load_error = public(str(e), self.bundle_root)
             log.error("no bundle loaded from %s: %s", self.source, e)
 
+    def _install_guard_hooks(self) -> None:
+        """What serving.guard needs from this worker's service: endpoints, token check, spec, counters."""
+        hooks = guard.HOOKS
+        hooks.endpoints = {op.path: guard.Endpoint(op.request, op.admin, body_optional=not op.body_required)
+                           for op in OPERATIONS if op.method == "POST"}
+        hooks.methods = {}
+        for op in OPERATIONS:
+            hooks.methods.setdefault(op.path, set()).add(op.method)
+        hooks.check_token = self._token_error
+        hooks.openapi = self._openapi
+        hooks.bundle_info = self.bundle_info
+        hooks.count = lambda endpoint, outcome: self.metrics.requests.labels(endpoint=endpoint, outcome=outcome).inc()
+
     def _load(self, source: str) -> Recommender:
+        """A recommender on ``source`` that has answered the canary probes (BundleError otherwise)."""
         from serving.bundle import load_bundle, resolve_bundle
 
         overrides = json.loads(os.environ.get(ENV_OVERRIDES, "[]"))
@@ -157,39 +240,48 @@ class Feedstack:
         path, version = resolve_bundle(source, base.serving.download_dir, base.serving.tracking_uri)
         bundle = load_bundle(path, registry_version=version, onnx_threads=base.serving.onnx_threads)
         settings = load_settings(self.config_path, bundle.manifest, overrides)
+        canary(bundle, settings)
         # Several workers share one creator-exposure state (a memory-mapped file in the state dir), so the
         # fairness controller and the exported Gini see all the service's pages, not one worker's share.
-        store = (self._state_dir / f"exposure-{bundle.version}.bin"
-                 if self._state_dir is not None and WORKERS > 1 else None)
+        store = self._state_dir / f"exposure-{bundle.version}.bin" if WORKERS > 1 else None
         return Recommender(bundle, settings, exposure_store=store)
 
+    def _swap(self, rec: Recommender, source: str) -> dict[str, Any]:
+        bundle = rec.load(source)
+        canary(bundle, rec.settings)
+        return rec.swap(bundle)
+
     def __is_ready__(self) -> bool:
-        return self.recommender is not None
+        return self.health.ready(self.recommender)
+
+    def _openapi(self) -> dict[str, Any]:
+        rec = self.recommender
+        return build_openapi(OPERATIONS, rec.bundle if rec is not None else None)
 
     def _unavailable(self) -> JSONResponse:
         return _error(503, f"no bundle loaded: {self.load_error}")
 
-    def _sync_blocklist(self, rec: Recommender) -> None:
-        if self._blocklist is None:
+    def _sync_blocklist(self, rec: Recommender, force: bool = False) -> None:
+        """Apply the admin store's blocklist when it changed (one stat per request when it did not)."""
+        seen = self._blocks.version()
+        if not force and seen is not None and seen == self._blocks_seen:
             return
         try:
-            mtime = self._blocklist.stat().st_mtime_ns
-        except FileNotFoundError:
+            stored = self._blocks.read()
+        except ValueError as e:  # a damaged state file must not take requests down: keep the last good list
+            log.warning("blocklist not applied: %s", e)
             return
-        if mtime != self._blocklist_seen:
-            data = json.loads(self._blocklist.read_text())
-            rec.set_blocked(data["blocked_items"], data["blocked_creators"])
-            self._blocklist_seen = mtime
+        if force or stored != self._blocks_applied:
+            self._apply_blocks(rec, stored)
+        self._blocks_seen = seen
 
-    def _publish_blocklist(self, state: dict[str, Any]) -> None:
-        if self._blocklist is None:
-            return
-        tmp = self._blocklist.with_name(f".blocklist.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({k: state[k] for k in ("blocked_items", "blocked_creators")}))
-        tmp.replace(self._blocklist)  # atomic: a reader sees the old or the new list, never half of one
-        self._blocklist_seen = self._blocklist.stat().st_mtime_ns
+    def _apply_blocks(self, rec: Recommender, stored: Blocks) -> dict[str, Any]:
+        """Effective blocklist: the config's governance lists plus the admin store's."""
+        gov = rec.settings.policy.governance
+        self._blocks_applied = stored
+        return rec.set_blocked(set(gov.blocked_items) | stored.items, set(gov.blocked_creators) | stored.creators)
 
-    def _call(self, endpoint: str, t0: float, fn: Any) -> tuple[Recommender | None, Any]:
+    def _call(self, endpoint: str, t0: float, fn: Any, context: dict[str, Any] | None) -> tuple[Recommender | None, Any]:
         """Run ``fn(recommender)`` with the shared request prologue: readiness, blocklist sync, client errors.
         Returns (recommender, result), or (None, error response)."""
         rec = self.recommender
@@ -197,6 +289,7 @@ class Feedstack:
             return None, self._unavailable()
         self._sync_blocklist(rec)
         try:
+            check_context(rec.bundle, context)
             return rec, fn(rec)
         except RequestError as e:
             self._observe(endpoint, t0, "client_error")
@@ -207,13 +300,14 @@ class Feedstack:
         self.metrics.requests.labels(endpoint=endpoint, outcome=outcome).inc()
 
     @bentoml.api(input_spec=RecommendRequest)
-    async def recommend(self, user_id: str, k: int, scenario: str | None, exclude_item_ids: list[str],
+    async def recommend(self, user_id: str | int, k: int, scenario: str | None, exclude_item_ids: list[str | int],
                         context: dict[str, ContextValue] | None) -> RecommendResponse:
         """Top-k feed for a user: FAISS retrieval, ONNX ranking, scenario fusion and the feed policy."""
         # Async on purpose: the work is ~1-3 ms of ONNX / FAISS / numpy, cheaper to run on the event loop
         # than to hop to a worker thread (measured: p50 3.0 -> 2.2 ms, c=8 throughput +50 %).
         t0 = time.perf_counter()
-        rec, r = self._call("recommend", t0, lambda rec: rec.recommend(user_id, k, scenario, exclude_item_ids, context))
+        rec, r = self._call("recommend", t0, lambda rec: rec.recommend(str(user_id), k, scenario, _ids(exclude_item_ids),
+                                                                      context), context)
         if rec is None:
             return r  # type: ignore[return-value]
         m = self.metrics
@@ -228,11 +322,11 @@ class Feedstack:
         return _body(r)  # type: ignore[return-value]
 
     @bentoml.api(input_spec=RankRequest)
-    async def rank(self, user_id: str, item_ids: list[str], scenario: str | None,
+    async def rank(self, user_id: str | int, item_ids: list[str | int], scenario: str | None,
                    context: dict[str, ContextValue] | None) -> RankResponse:
         """Score given items for a user (governance and fusion; unknown and filtered ids are reported)."""
         t0 = time.perf_counter()
-        rec, r = self._call("rank", t0, lambda rec: rec.rank(user_id, item_ids, scenario, context))
+        rec, r = self._call("rank", t0, lambda rec: rec.rank(str(user_id), _ids(item_ids), scenario, context), context)
         if rec is None:
             return r  # type: ignore[return-value]
         self._observe("rank", t0, "ok")
@@ -240,70 +334,94 @@ class Feedstack:
 
     @bentoml.api(route="/bundle")
     def bundle_info(self) -> dict[str, Any]:
-        """The bundle being served (version, source, heads, scenarios), or why none is."""
+        """The bundle being served (version, source, heads, scenarios), or why none is (also GET /bundle)."""
         rec = self.recommender
         if rec is None:
-            return {"loaded": False, "error": self.load_error, "source": self.source}
-        return {"loaded": True, "source": self.source, **rec.bundle.describe(), "exposure_gini": rec.exposure.current_gini,
-                "exposure_pages": rec.exposure.pages, "exposure_shared": rec.exposure.store is not None}
+            return {"loaded": False, "error": self.load_error, "source": public(self.source, self.bundle_root)}
+        info = rec.bundle.describe()
+        info["path"] = public(info["path"], self.bundle_root)
+        return {"loaded": True, "source": public(self.source, self.bundle_root), **info,
+                "exposure_gini": rec.exposure.current_gini, "exposure_pages": rec.exposure.pages,
+                "exposure_shared": rec.exposure.store is not None, "ready": self.health.ready(rec)}
 
     # ------------------------------------------------------------------ admin
 
-    def _check_token(self, ctx: bentoml.Context) -> JSONResponse | None:
+    def _token_error(self, headers: Any) -> tuple[int, str] | None:
+        """(status, message) when the admin token is missing or wrong; checked before the body is read."""
         expected = (self.recommender.settings.serving.token() if self.recommender is not None
                     else os.environ.get("FEEDSTACK_ADMIN_TOKEN"))
         if not expected:
-            return _error(403, "admin endpoints are disabled: set FEEDSTACK_ADMIN_TOKEN or serving.admin_token", ctx=ctx)
-        headers = ctx.request.headers
+            return 403, "admin endpoints are disabled: set FEEDSTACK_ADMIN_TOKEN or serving.admin_token"
         given = headers.get("x-admin-token") or ""
         auth = headers.get("authorization") or ""
         if not given and auth.lower().startswith("bearer "):
             given = auth[7:].strip()
         if not given or not hmac.compare_digest(given.encode(), expected.encode()):
-            return _error(401, "admin token missing or wrong (header 'Authorization: Bearer <token>' or 'X-Admin-Token')",
-                          ctx=ctx)
+            return 401, "admin token missing or wrong (header 'Authorization: Bearer <token>' or 'X-Admin-Token')"
         return None
 
+    def _check_token(self, ctx: bentoml.Context) -> JSONResponse | None:
+        denied = self._token_error(ctx.request.headers)
+        return _error(denied[0], denied[1], ctx=ctx) if denied is not None else None
+
     @bentoml.api(route="/admin/block", input_spec=BlockRequest)
-    def admin_block(self, item_ids: list[str], creator_ids: list[str], unblock: bool, ctx: bentoml.Context) -> dict[str, Any]:
-        """Block (or unblock) items and creators; takes effect for the next request."""
+    def admin_block(self, item_ids: list[str | int], creator_ids: list[str | int], unblock: bool,
+                    ctx: bentoml.Context) -> dict[str, Any]:
+        """Block (or unblock) items and creators in every worker; takes effect for the next request. Kept
+        across restarts; ids blocked in the config's governance section stay blocked."""
         denied = self._check_token(ctx)
         if denied is not None:
             return denied  # type: ignore[return-value]
         if self.recommender is None:
             return _error(503, f"no bundle loaded: {self.load_error}", ctx=ctx)  # type: ignore[return-value]
-        self._sync_blocklist(self.recommender)  # build on what other workers published
-        state = self.recommender.block(item_ids, creator_ids, unblock)
-        self._publish_blocklist(state)
-        return state
+        stored = self._blocks.update(_ids(item_ids), _ids(creator_ids), unblock)  # under the store's lock
+        return self._apply_blocks(self.recommender, stored)
 
     @bentoml.api(route="/admin/reload", input_spec=ReloadRequest)
     async def admin_reload(self, bundle: str | None, ctx: bentoml.Context) -> dict[str, Any]:
-        """Load, verify and swap in a bundle without a restart; a bad bundle is refused, the old one keeps serving."""
+        """Load, verify and probe a bundle, then swap it in without a restart; a bad one is refused with the
+        reason and the old one keeps serving."""
         denied = self._check_token(ctx)
         if denied is not None:
             return denied  # type: ignore[return-value]
         if WORKERS > 1:  # the call reaches one process: the others would keep serving the old bundle
             return _error(409, f"reload reaches one of {WORKERS} worker processes; restart the service with the "
                                "new bundle (or run one worker) instead", "bundle", ctx)  # type: ignore[return-value]
-        source = bundle or self.source
+        async with self._reload_lock:
+            return await self._reload(bundle, ctx)
+
+    async def _reload(self, bundle: str | None, ctx: bentoml.Context) -> dict[str, Any]:
         old = self.recommender
         previous = old.bundle.version if old is not None else None
         try:
+            source = reload_path(bundle, self.bundle_root) if bundle else self.source
             if old is not None:
                 # Off the request thread pool: /recommend keeps being answered while the bundle loads.
-                info = await anyio.to_thread.run_sync(old.reload, source)
+                info = await anyio.to_thread.run_sync(self._swap, old, source)
                 new_version = old.bundle.version
             else:
-                self.recommender = await anyio.to_thread.run_sync(self._load, source)
-                info = self.recommender.bundle.describe()
-                new_version = self.recommender.bundle.version
+                rec = await anyio.to_thread.run_sync(self._load, source)
+                self._sync_blocklist(rec, force=True)
+                self.recommender = rec
+                info = rec.bundle.describe()
+                new_version = rec.bundle.version
+        except RequestError as e:
+            self.metrics.reloads.labels(outcome="refused").inc()
+            return _error(e.status, str(e), e.field, ctx)  # type: ignore[return-value]
         except (BundleError, OSError, ValueError) as e:
             self.metrics.reloads.labels(outcome="refused").inc()
             serving = old.bundle.version if old is not None else None
-            return _error(422, f"bundle refused: {e}; still serving {serving}", "bundle", ctx)  # type: ignore[return-value]
+            log.warning("reload of %s refused: %s", bundle or self.source, e)
+            return _error(422, public(f"bundle refused: {e}; still serving {serving}", self.bundle_root), "bundle",
+                          ctx)  # type: ignore[return-value]
+        self.health.reset()
         self.metrics.reloads.labels(outcome="ok").inc()
         self.metrics.set_bundle(new_version, previous)
         self.source = source
         self.load_error = None
-        return {"reloaded": True, "source": source, **info}
+        info["path"] = public(info["path"], self.bundle_root)
+        return {"reloaded": True, "source": public(source, self.bundle_root), **info}
+
+
+guard.install_route_guard()
+Feedstack.add_asgi_middleware(guard.RequestGuard)

@@ -46,7 +46,7 @@ def _fit(args: argparse.Namespace) -> int:
         "split": built.manifest["split"]["iso"],
     }
     setup_mlflow(cfg.tracking.experiment)
-    with mlflow_run(f"fit-{args.stage}", to_dict(cfg), built.manifest) as run:
+    with mlflow_run(f"fit-{args.stage}", to_dict(cfg), built.manifest, run_dir=out, resume=args.resume) as run:
         import mlflow
 
         for stage in stages:

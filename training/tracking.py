@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
 DEFAULT_STORE = Path("runs")
+RUN_MARKER = ".mlflow_run"  # in a fit's output_dir while its MLflow run is open: "<run id> <pid> <host>"
 EXPERIMENT = "feedstack"
 REGISTERED_MODEL = "feedstack"
 
@@ -45,15 +48,76 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _alive(pid: int, host: str) -> bool:
+    if host != socket.gethostname():
+        return True  # another machine's fit: not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_interrupted_run(run_dir: Path) -> str | None:
+    """A fit killed in ``run_dir`` (kill -9, OOM) left its MLflow run RUNNING: mark it KILLED, return its id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    marker = run_dir / RUN_MARKER
+    try:
+        run_id, pid, host = marker.read_text().split()
+    except (FileNotFoundError, ValueError):
+        return None
+    if int(pid) != os.getpid() and _alive(int(pid), host):
+        return None  # a fit still running in the same output_dir
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return None
+        client.set_tag(run_id, "feedstack.end", "killed; closed by the next fit in the same output_dir")
+        client.set_terminated(run_id, status="KILLED")
+    except MlflowException:
+        return None
+    return run_id
+
+
+@contextlib.contextmanager
+def _sigterm_fails_run() -> Iterator[None]:
+    """SIGTERM ends the fit through an exception, so MLflow closes the run (FAILED) instead of leaving it open."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def mlflow_run(run_name: str, config: dict[str, Any], features_manifest: dict[str, Any] | None = None,
-               tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """Start (or nest into) an MLflow run with the resolved config as params and the data manifest."""
+               tags: dict[str, str] | None = None, run_dir: Path | None = None, resume: bool = False) -> Iterator[Any]:
+    """Start (or nest into) an MLflow run with the resolved config as params and the data manifest.
+    ``run_dir``: the fit's output_dir; a run a killed fit left open there is marked KILLED and linked."""
     import mlflow
 
     setup_mlflow()
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+    killed = close_interrupted_run(run_dir) if run_dir is not None and not nested else None
+    with _sigterm_fails_run(), mlflow.start_run(run_name=run_name, nested=nested) as run:
+        if run_dir is not None and not nested:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RUN_MARKER).write_text(f"{run.info.run_id} {os.getpid()} {socket.gethostname()}")
+        if killed is not None:
+            mlflow.set_tag("feedstack.resumed_from" if resume else "feedstack.after_killed_run", killed)
+            mlflow.MlflowClient().set_tag(killed, "feedstack.continued_by", run.info.run_id)
         params = flatten(config)
         # MLflow caps a param value at 6000 chars and a batch at 100 params.
         items = [(k, v[:6000]) for k, v in params.items()]
@@ -71,3 +135,5 @@ def mlflow_run(run_name: str, config: dict[str, Any], features_manifest: dict[st
         if tags:
             mlflow.set_tags(tags)
         yield run
+    if run_dir is not None and not nested:
+        (run_dir / RUN_MARKER).unlink(missing_ok=True)

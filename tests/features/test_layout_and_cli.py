@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from features.build import build_features
 from features.config import load_config
@@ -64,3 +67,23 @@ def test_later_log_counts_unknown_items_and_users(world, synthetic_config, synth
     assert report["unknown_users"] >= 1 and (rows.loc[rows["user_id"] == "999999", "user_id_idx"] == 0).all()
     known = rows[rows["user_id"] != "999999"]
     assert set(known.columns) >= set(synthetic_tables.spec["item_numeric"]) | {"history", "is_fan"}
+
+
+def test_every_unreadable_log_is_one_line_naming_the_file(world, synthetic_config, tmp_path):
+    """Truncated gzip, empty gzip, header-only and garbage: exit 2, one line, the file named."""
+    import gzip
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(yaml.safe_load(synthetic_config.read_text())["data"]["dir"]), data)
+    whole = gzip.compress((data / "log.csv").read_bytes())
+    header = (data / "log.csv").read_text().splitlines()[0] + "\n"
+    cases = {"truncated.csv.gz": whole[: len(whole) // 2], "empty.csv.gz": gzip.compress(b""),
+             "header.csv.gz": gzip.compress(header.encode()), "header-only.csv": header.encode(),
+             "garbage.csv.gz": b"not gzip at all"}
+    for name, payload in cases.items():
+        (data / name).write_bytes(payload)
+        r = _cli("build", "--config", str(synthetic_config), "--set", f"data.dir={data}",
+                 "--set", f"data.interactions.file={name}", "--set", f"output_dir={tmp_path / 'out'}", "--no-progress")
+        assert r.returncode == 2, (name, r.stderr[-500:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(data / name) in lines[0] and lines[0].startswith("error: "), (name, r.stderr)

@@ -3,75 +3,16 @@ loopback port for the module, plus the same app in process through ``to_asgi()``
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serve(bundle: Path, logf: Path, workers: int = 1):
-    """A real ``python -m serving`` on a free loopback port; yields an HTTP client once it is ready."""
-    port = _free_port()
-    env = {**os.environ, "FEEDSTACK_ADMIN_TOKEN": TOKEN, "BENTOML_DO_NOT_TRACK": "true"}
-    env.pop("FEEDSTACK_STATE_DIR", None)
-    cmd = [sys.executable, "-m", "serving", "--bundle", str(bundle), "--port", str(port), "--workers", str(workers)]
-    with open(logf, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not become ready:\n{logf.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield client
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def server(serving_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
-    with _serve(serving_bundle, tmp_path_factory.mktemp("server") / "serve.log") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def some_user(serving_bundle: Path) -> str:
-    import pandas as pd
-
-    return str(pd.read_parquet(serving_bundle / "features" / "users.parquet", columns=["user_id"])["user_id"].iloc[0])
 
 
 def test_recommend_over_http(server: httpx.Client, some_user: str):
@@ -177,12 +118,15 @@ def test_same_app_in_process_via_to_asgi_starts_unready_and_recovers(serving_bun
 
     monkeypatch.setenv("FEEDSTACK_BUNDLE", str(tmp_path / "missing"))
     monkeypatch.setenv("FEEDSTACK_ADMIN_TOKEN", TOKEN)
+    monkeypatch.setenv("FEEDSTACK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("FEEDSTACK_BUNDLE_ROOT", str(serving_bundle.parent))
     from serving.service import Feedstack
 
     with TestClient(Feedstack.to_asgi()) as c:
         assert c.get("/readyz").status_code == 503
         r = c.post("/recommend", json={"user_id": some_user})
-        assert r.status_code == 503 and "bundle directory not found" in r.json()["error"]
+        assert r.status_code == 503 and "bundle directory not found: missing" in r.json()["error"]
+        assert str(tmp_path) not in r.text
         assert c.post("/admin/reload", json={"bundle": str(serving_bundle)}).status_code == 401
         assert c.post("/admin/reload", json={"bundle": str(serving_bundle)}, headers=AUTH).status_code == 200
         assert c.get("/readyz").status_code == 200
@@ -191,10 +135,11 @@ def test_same_app_in_process_via_to_asgi_starts_unready_and_recovers(serving_bun
         assert c.post("/recommend", json={"user_id": some_user, "k": -1}).status_code == 400
 
 
-def test_block_reaches_every_worker(serving_bundle: Path, tmp_path: Path, some_user: str):
-    """With two worker processes an admin call lands on one of them; the published blocklist must hold in
-    both, so no page served afterwards (spread over both workers) contains the blocked item."""
-    with _serve(serving_bundle, tmp_path / "serve.log", workers=2) as client:
+def test_block_reaches_every_worker(serving_bundle: Path, tmp_path: Path, some_user: str, serve):
+    """With two worker processes an admin call lands on one of them; the blocklist (one locked file) must
+    hold in both, keep every one of 30 concurrent blocks, and survive a restart on the same state dir."""
+    state = tmp_path / "state"
+    with serve(serving_bundle, tmp_path / "serve.log", workers=2, state_dir=state) as client:
         first = client.post("/recommend", json={"user_id": some_user, "k": 10}).json()["items"]
         item = first[0]["item_id"]
         assert client.post("/admin/block", json={"item_ids": [item]}, headers=AUTH).status_code == 200
@@ -206,6 +151,15 @@ def test_block_reaches_every_worker(serving_bundle: Path, tmp_path: Path, some_u
         with ThreadPoolExecutor(4) as ex:
             answers = list(ex.map(ranked, range(40)))
         assert all(a["filtered_item_ids"] == [item] and a["items"] == [] for a in answers)
+
+        def block(i: int) -> int:
+            return httpx.post(f"{client.base_url}/admin/block", json={"creator_ids": [f"fuzz-creator-{i}"]},
+                              headers=AUTH, timeout=30).status_code
+
+        with ThreadPoolExecutor(8) as ex:
+            assert set(ex.map(block, range(30))) == {200}
+        kept = client.post("/admin/block", json={}, headers=AUTH).json()["blocked_creators"]
+        assert len([c for c in kept if c.startswith("fuzz-creator-")]) == 30
 
         # Creator exposure is one state across the workers: every page counts, whichever worker served it.
         def page(_: int) -> None:
@@ -220,3 +174,8 @@ def test_block_reaches_every_worker(serving_bundle: Path, tmp_path: Path, some_u
         # a reload could only reach one of them: refused with a reason instead of half-applied
         r = client.post("/admin/reload", json={}, headers=AUTH)
         assert r.status_code == 409 and "one of 2 worker processes" in r.json()["error"]
+    with serve(serving_bundle, tmp_path / "restart.log", workers=1, state_dir=state) as client:
+        again = client.post("/rank", json={"user_id": some_user, "item_ids": [item]}).json()
+        assert again["filtered_item_ids"] == [item]
+        kept = client.post("/admin/block", json={}, headers=AUTH).json()["blocked_creators"]
+        assert len([c for c in kept if c.startswith("fuzz-creator-")]) == 30

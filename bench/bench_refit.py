@@ -68,7 +68,7 @@ def main() -> None:
     _run(["-m", "training", "fit", "--config", args.config, "--no-progress", "--set", f"data.dir={data}",
           "--set", f"output_dir={fit_dir}", "--set", f"split.valid_start={args.valid_start}",
           "--set", f"split.test_start={args.test_start}", "--set", "training.refit=true",
-          "--set", "tracking.register=false"], env)
+          "--set", "tracking.register=false", "--set", "ranking.single_task_baselines=false"], env)
     # The held-out bundle: the same run's held-out stage outputs, assembled without the refit.
     code = ("import json, sys; from pathlib import Path; from features.config import load_config; "
             "from training.config import TrainConfig; from training.bundle import assemble_bundle; "

@@ -49,6 +49,9 @@ class RankingConfig:
     batch_size: int = 2048
     max_epochs: int = 10
     patience: int = 2  # epochs without a better validation mean AUC before stopping
+    # Early stopping and checkpoint choice read the mean validation AUC of the heads with at least this many
+    # validation positives (all binary heads when none has): rare heads' AUCs are too noisy to choose epochs.
+    monitor_min_positives: int = 300
     learning_rate: float = 0.002
     weight_decay: float = 0.0
     embedding_l2: float = 1e-6  # on the embedding rows a batch touches
@@ -57,7 +60,7 @@ class RankingConfig:
     export_single_task: bool = True
     # GBDT baseline (training/ranking/gbdt.py): LightGBM per binary head on the ranker's input columns.
     gbdt_baseline: bool = True
-    gbdt_learning_rate: float = 0.05
+    gbdt_learning_rate: float = 0.1
     gbdt_num_leaves: int = 31
     gbdt_min_data_in_leaf: int = 100
     gbdt_max_rounds: int = 2000

@@ -104,8 +104,10 @@ def _new_task(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], colum
     model.numeric.set_statistics(data.num_stats)
     model.set_head_bias(np.nanmean(data.labels["train"][:, columns], axis=0))
     weights = [rc.loss_weights.get(n, 1.0) for n, _ in heads]
+    yv = data.labels["valid"][:, columns]
+    monitor = [t for t, (_, k) in enumerate(heads) if k == "binary" and np.nansum(yv[:, t]) >= rc.monitor_min_positives]
     return RankingTask(model, [k for _, k in heads], weights, rc.learning_rate, rc.weight_decay, rc.embedding_l2,
-                       [n for n, _ in heads], rc.loss_weighting == "uncertainty")
+                       [n for n, _ in heads], rc.loss_weighting == "uncertainty", monitor or None)
 
 
 def platt(logits: np.ndarray, y: np.ndarray, steps: int = 50) -> tuple[float, float]:

@@ -23,12 +23,13 @@ class RankingTask(L.LightningModule):
     label is the watch quantile in [0, 1]); NaN labels are left out. With ``uncertainty`` weighting each
     head's term becomes ``exp(-s_t) * weight * loss_t + s_t / 2`` with a learned log-variance s_t (Kendall
     et al., 2018; it lives here, not in the exported model). ``val_score`` is the mean validation AUC over
-    binary heads, or minus the validation loss when there is no binary head; ``val_history`` keeps every
+    binary heads (those in ``monitor`` when given), or minus the validation loss when there is no binary
+    head; ``val_history`` keeps every
     epoch's per-head validation AUC."""
 
     def __init__(self, model: Ranker, kinds: list[str], loss_weights: list[float], lr: float,
                  weight_decay: float = 0.0, embedding_l2: float = 0.0, names: list[str] | None = None,
-                 uncertainty: bool = False):
+                 uncertainty: bool = False, monitor: list[int] | None = None):
         super().__init__()
         self.model = model
         self.kinds = kinds
@@ -36,6 +37,7 @@ class RankingTask(L.LightningModule):
         self.register_buffer("loss_weights", torch.tensor(loss_weights, dtype=torch.float32))
         self.log_var = nn.Parameter(torch.zeros(len(kinds))) if uncertainty else None
         self.val_history: list[dict[str, float]] = []
+        self.monitor = monitor  # heads whose validation AUC makes val_score (None = every binary head)
         self.lr, self.weight_decay, self.embedding_l2 = lr, weight_decay, embedding_l2
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.train_seconds = 0.0
@@ -88,7 +90,8 @@ class RankingTask(L.LightningModule):
             if kind == "binary":
                 a = auc(y[:, t].numpy(), p[:, t])
                 if np.isfinite(a):
-                    aucs.append(a)
+                    if self.monitor is None or t in self.monitor:
+                        aucs.append(a)
                     epoch[self.names[t]] = round(float(a), 5)
         self.val_history.append(epoch)
         score = float(np.mean(aucs)) if aucs else -loss

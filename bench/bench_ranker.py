@@ -55,6 +55,15 @@ def one_user_candidates(layout: FeatureLayout, tables: FeatureTables, n: int, se
     for c in ("is_fan", "is_iron_fan", "fan_interactions"):
         rows[c] = 0
     rows["history"] = [np.asarray(user["history"], np.int64)] * n
+    if "behaviour" in tables.spec:  # user, user x creator and item / creator x context columns, as served
+        from features.behaviour import attach_serving
+
+        for name, table in tables.behaviour.items():
+            ctx = [c for c in table.columns if c in tables.context_columns]
+            for c in ctx:
+                rows[c] = table[c].mode().iloc[0] if len(table) else None
+        beh = attach_serving(rows, tables.spec["behaviour"], users, tables.behaviour)
+        rows = pd.concat([rows.drop(columns=[c for c in beh.columns if c in rows.columns]), beh], axis=1)
     rows = layout.prepare(pd.DataFrame(rows), tables)
     return layout.arrays(rows)
 

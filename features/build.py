@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from features.behaviour import Behaviour
 from features.config import Config, to_dict
 from features.fans import FAN_COLUMNS, fan_relations, fan_table
 from features.history import history_before
@@ -59,12 +60,13 @@ def input_fingerprint(cfg: Config) -> dict[str, Any]:
     specs = [d.interactions, d.items] + ([d.users] if d.users else [])
     files = {s.file: sha256_file(d.path(s)) for s in specs if d.path(s).exists()}
     resolved = to_dict(cfg)
-    feature_sections = {k: resolved[k] for k in ("data", "validation", "split", "vocab", "quality", "fans", "history")}
+    feature_sections = {k: resolved[k] for k in ("data", "validation", "split", "vocab", "quality", "fans", "history", "behaviour")}
     feature_sections["data"] = {k: v for k, v in feature_sections["data"].items() if k != "dir"}
     return {"files": files, "config_hash": _hash_json(feature_sections), "format_version": FORMAT_VERSION}
 
 
-def feature_spec(cfg: Config, vocabs: dict[str, Vocab], item_numeric: list[str]) -> dict[str, Any]:
+def feature_spec(cfg: Config, vocabs: dict[str, Vocab], item_numeric: list[str],
+                 behaviour: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the models consume; training builds embeddings from it and serving encodes requests with it."""
     users = cfg.data.users
     user_cat = ["user_id"] + (list(users.categorical) if users else [])
@@ -81,6 +83,9 @@ def feature_spec(cfg: Config, vocabs: dict[str, Vocab], item_numeric: list[str])
         "binary_signals": cfg.data.binary_signals,
         "continuous_signals": cfg.data.continuous_signals,
         "watch_time_signal": cfg.data.interactions.watch_time_signal,
+        # columns per source kind ("user", "pair", "item_ctx:<col>", "creator_ctx:<col>"), their tables and
+        # the values of pairs never seen (features/behaviour.py); absent when behaviour.enabled is false
+        **({"behaviour": behaviour} if behaviour else {}),
     }
 
 
@@ -152,6 +157,9 @@ def build_features(cfg: Config, force: bool = False, progress: bool = True) -> B
     creator_q = snapshot_quality(log, "creator_id", "creator", split.n_blocks, cfg.quality, binary)
     blocks = log["block"].to_numpy()
     row_feats = [item_q.gather(log["item_id"], blocks), creator_q.gather(log["creator_id"], blocks)]
+    beh = Behaviour.build(log, list(split.block_starts), cfg) if cfg.behaviour.enabled else None
+    if beh is not None:
+        row_feats.append(beh.gather(log, blocks))
     step("quality")
 
     starts = np.asarray(split.block_starts, dtype=np.int64)
@@ -196,6 +204,9 @@ def build_features(cfg: Config, force: bool = False, progress: bool = True) -> B
             np.full(len(users), split.end), cfg.history.length,
         )
     )
+    beh_tables = beh.serving_tables(end_block) if beh is not None else {}
+    if beh is not None:
+        users = pd.concat([users, beh.user.gather(users["user_id"], np.full(len(users), end_block))], axis=1)
     step("snapshot")
 
     item_numeric = list(iq.columns) + list(cq.columns)
@@ -205,9 +216,11 @@ def build_features(cfg: Config, force: bool = False, progress: bool = True) -> B
         "creators": _write(creators, out / "creators.parquet"),
         "users": _write(users, out / "users.parquet"),
         "fans": _write(fans, out / "fans.parquet"),
+        **{name: _write(df, out / f"{name}.parquet") for name, df in beh_tables.items()},
     }
     save_vocabs(vocabs, out / "vocab.json")
-    spec = feature_spec(cfg, vocabs, item_numeric)
+    spec = feature_spec(cfg, vocabs, item_numeric, None if beh is None else {
+        "columns": beh.columns, "tables": {k: k for k in beh_tables}, "priors": beh.priors(end_block)})
     periods = log.groupby("period", observed=False)["ts"].agg(["count", "min", "max"])
     manifest = {
         "format_version": FORMAT_VERSION,

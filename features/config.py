@@ -141,6 +141,15 @@ class HistoryConfig:
 
 
 @dataclass
+class BehaviourConfig:
+    """User-side behaviour aggregates (features/behaviour.py): per user, per (user, creator), per (item or
+    creator, context column)."""
+
+    enabled: bool = True
+    signals: list[str] = field(default_factory=list)  # binary signals to aggregate; empty = all binary
+
+
+@dataclass
 class Config:
     """Root config as the features layer sees it."""
 
@@ -157,6 +166,7 @@ class Config:
     quality: QualityConfig = field(default_factory=QualityConfig)
     fans: FansConfig = field(default_factory=FansConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
     # Raw sections owned by other layers, kept so that a resolved config can be written out whole.
     other: dict[str, Any] = field(default_factory=dict)
 
@@ -179,6 +189,9 @@ class Config:
         for s in self.fans.interaction_signals + self.quality.signals:
             if s not in d.signals:
                 raise ConfigError(f"signal '{s}' used in fans/quality is not declared; known: {sorted(d.signals)}")
+        for s in self.behaviour.signals:
+            if d.signals.get(s, SignalSpec("", "continuous")).kind != "binary":
+                raise ConfigError(f"behaviour.signals names '{s}', not a binary signal; binary: {d.binary_signals}")
         ws = d.interactions.watch_time_signal
         if ws is not None and d.signals.get(ws, SignalSpec("", "binary")).kind != "continuous":
             raise ConfigError(f"data.interactions.watch_time_signal = '{ws}' must name a continuous signal")

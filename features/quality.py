@@ -47,8 +47,25 @@ def quality_signals(cfg: QualityConfig, binary_signals: list[str]) -> list[str]:
     return list(cfg.signals) or list(binary_signals)
 
 
+class BlockCounter:
+    """Sums of per-row weights per (key, block), over strictly earlier blocks: (n_keys, n_blocks)."""
+
+    def __init__(self, key: pd.Series, blocks: np.ndarray, n_blocks: int):
+        codes, self.keys = pd.factorize(key, sort=True)
+        self.n_keys, self.n_blocks = len(self.keys), n_blocks
+        self.flat = codes * n_blocks + np.asarray(blocks, np.int64)
+
+    def before(self, weights: np.ndarray | None = None) -> np.ndarray:
+        total = np.bincount(self.flat, weights=weights, minlength=self.n_keys * self.n_blocks)
+        total = total.reshape(self.n_keys, self.n_blocks)
+        out = np.zeros_like(total, dtype=np.float64)
+        out[:, 1:] = np.cumsum(total, axis=1)[:, :-1]  # strictly earlier blocks
+        return out
+
+
 def snapshot_quality(
-    log: pd.DataFrame, key: str, prefix: str, n_blocks: int, cfg: QualityConfig, binary_signals: list[str]
+    log: pd.DataFrame, key: str, prefix: str, n_blocks: int, cfg: QualityConfig, binary_signals: list[str],
+    with_score: bool = True,
 ) -> Snapshots:
     signals = quality_signals(cfg, binary_signals)
     has_ratio = "watch_ratio" in log.columns
@@ -57,15 +74,8 @@ def snapshot_quality(
         if name not in allowed:
             raise ConfigError(f"quality.score_weights names '{name}', not an aggregated rate; known: {sorted(allowed)}")
 
-    codes, keys = pd.factorize(log[key], sort=True)
-    n_keys, blocks = len(keys), log["block"].to_numpy(np.int64)
-    flat = codes * n_blocks + blocks
-
-    def per_block(weights: np.ndarray | None) -> np.ndarray:
-        total = np.bincount(flat, weights=weights, minlength=n_keys * n_blocks).reshape(n_keys, n_blocks)
-        before = np.zeros_like(total, dtype=np.float64)
-        before[:, 1:] = np.cumsum(total, axis=1)[:, :-1]  # strictly earlier blocks
-        return before
+    counter = BlockCounter(log[key], log["block"].to_numpy(np.int64), n_blocks)
+    keys, n_keys, per_block = counter.keys, counter.n_keys, counter.before
 
     k = cfg.prior_strength
     n = per_block(None)
@@ -86,15 +96,16 @@ def snapshot_quality(
         r = log["watch_ratio"].to_numpy(np.float64)
         ok = ~np.isnan(r)
         smooth("watch_ratio", per_block(np.where(ok, np.minimum(r, WATCH_RATIO_CAP), 0.0)), per_block(ok.astype(np.float64)))
-    score = np.zeros((n_keys, n_blocks))
-    score_prior = np.zeros(n_blocks)
-    for name, w in cfg.score_weights.items():
-        score += w * rates[name]
-        score_prior += w * rate_priors[name]
     for name in rates:
         col = f"{prefix}_watch_ratio" if name == "watch_ratio" else f"{prefix}_rate_{name}"
         values[col], prior[col] = rates[name], rate_priors[name]
-    values[f"{prefix}_quality"], prior[f"{prefix}_quality"] = score, score_prior
+    if with_score:
+        score = np.zeros((n_keys, n_blocks))
+        score_prior = np.zeros(n_blocks)
+        for name, w in cfg.score_weights.items():
+            score += w * rates[name]
+            score_prior += w * rate_priors[name]
+        values[f"{prefix}_quality"], prior[f"{prefix}_quality"] = score, score_prior
     as32 = lambda d: {name: v.astype(np.float32) for name, v in d.items()}  # noqa: E731
     return Snapshots(pd.Index(keys), as32(values), as32(prior))
 

@@ -11,13 +11,14 @@ to interaction rows.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from features.behaviour import attach_serving
 from features.build import MANIFEST
 from features.fans import FAN_COLUMNS
 from features.vocab import Vocab, load_vocabs
@@ -32,6 +33,7 @@ class FeatureTables:
     creators: pd.DataFrame
     fans: pd.DataFrame
     vocabs: dict[str, Vocab]
+    behaviour: dict[str, pd.DataFrame] = field(default_factory=dict)  # pair-keyed snapshot tables by name
 
     @classmethod
     def load(cls, directory: str | Path) -> "FeatureTables":
@@ -40,7 +42,9 @@ class FeatureTables:
             raise FileNotFoundError(f"{d} holds no feature manifest ({MANIFEST}); run `python -m features build`")
         manifest = json.loads((d / MANIFEST).read_text())
         read = lambda name: pd.read_parquet(d / manifest["tables"][name]["file"])  # noqa: E731
-        return cls(d, manifest, read("items"), read("users"), read("creators"), read("fans"), load_vocabs(d / "vocab.json"))
+        extra = manifest["feature_spec"].get("behaviour", {}).get("tables", {})
+        return cls(d, manifest, read("items"), read("users"), read("creators"), read("fans"), load_vocabs(d / "vocab.json"),
+                   {name: read(name) for name in extra})
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -95,4 +99,7 @@ class FeatureTables:
         if known.any():
             hist[known] = np.stack(self.users["history"].to_numpy()[upos[known]])
         out["history"] = list(hist)
+        if "behaviour" in self.spec:
+            beh = attach_serving(out, self.spec["behaviour"], self.users, self.behaviour)
+            out = pd.concat([out.drop(columns=[c for c in beh.columns if c in out.columns]), beh], axis=1)
         return self.join_static(out)

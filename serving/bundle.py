@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from features.bundle import BundleError, verify_bundle
+from serving.behaviour import KINDS as BEHAVIOUR_KINDS
+from serving.behaviour import BehaviourLookup
 
 DAY_MS = 86_400_000
 
@@ -192,6 +194,7 @@ class Bundle:
     request_cat: list[tuple[int, str]]  # (position, vocab name)
     utc_offset_hours: float
     data_end_ms: float
+    behaviour: BehaviourLookup | None = None  # pair-keyed behaviour inputs of the ranker
     ranker_file: str = "ranker.onnx"  # which graph ``ranker`` runs: ranking.json's request_onnx when present
     loaded_at: float = field(default_factory=time.time)
 
@@ -321,7 +324,7 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
             if name not in fan_cols:
                 raise BundleError(f"ranking.json source '{src}': fans.parquet has no column '{name}'")
             fan_pos.append(pos); fan_which.append(fan_cols.index(name))
-        else:
+        elif kind not in BEHAVIOUR_KINDS:
             raise BundleError(f"ranking.json: unknown numeric source '{src}'")
     missing = sorted(c for c in item_cat_cols + item_num_cols if c not in items.columns)
     if missing:
@@ -330,6 +333,8 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
     tr = manifest.get("time_range") or [0, 0]
     digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()[:12]
     version = f"{registry_version}-{digest}" if registry_version else digest
+    behaviour = BehaviourLookup.load(fdir, spec.get("behaviour") or {}, kspec.num_sources, user_ids,
+                                     np.asarray(creator_ids, dtype=object).astype(str), item_ids)
     vocab_maps = {name: {str(v): i + 1 for i, v in enumerate(ids)} for name, ids in vocab_raw.items()
                   if name in {n for _, n in request_cat}}
     return Bundle(
@@ -348,7 +353,7 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
         fan_num_pos=np.array(fan_pos, np.int64), fan_num_which=np.array(fan_which, np.int64),
         request_cat=request_cat,
         utc_offset_hours=float((cfg.get("data") or {}).get("utc_offset_hours", 0.0)),
-        data_end_ms=float(tr[1] or 0), ranker_file=request_graph or "ranker.onnx",
+        data_end_ms=float(tr[1] or 0), ranker_file=request_graph or "ranker.onnx", behaviour=behaviour,
     )
 
 

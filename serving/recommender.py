@@ -327,6 +327,8 @@ class Recommender:
                 if hit.any():
                     vals = b.fan_values[lo:hi][pos[hit]]
                     num[np.ix_(np.flatnonzero(hit), b.fan_num_pos)] = vals[:, b.fan_num_which]
+        if b.behaviour is not None:
+            b.behaviour.fill(num, row, rows, b.item_creator, context)
         hist_mat = np.ascontiguousarray(np.broadcast_to(hist, (n, len(hist))))
         names = k.input_names
         outputs = [k.scores_output] + ([k.watch_output] if k.watch_output else [])

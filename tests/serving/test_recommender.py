@@ -222,6 +222,26 @@ def test_exposure_pool_size_and_per_creator_limit(serving_bundle: Path):
         assert np.all(e < rec.exposure.mean_exposure()) and np.all(np.diff(e) >= 0)
 
 
+def _ranker_feeds(rec: Recommender, user: str, rows: np.ndarray, context: dict) -> dict[str, np.ndarray]:
+    """The inputs the request path hands the ONNX ranker for ``user``'s candidates ``rows``."""
+    b = rec.bundle
+    row, hist = rec._user(b, user)
+    feeds: dict[str, np.ndarray] = {}
+    ranker = b.ranker
+
+    class Spy:
+        def run(self, outs, f):
+            feeds.update(f)
+            return ranker.run(outs, f)
+
+    b.ranker = Spy()
+    try:
+        rec._rank(b, user, row, hist, rows, context)
+    finally:
+        b.ranker = ranker
+    return feeds
+
+
 def test_requests_are_scored_with_the_request_graph_and_match_the_full_ranker(serving_bundle: Path):
     import onnxruntime as ort
 
@@ -234,19 +254,7 @@ def test_requests_are_scored_with_the_request_graph_and_match_the_full_ranker(se
     for u in users:
         row, hist = rec._user(b, u)
         fast, watch = rec._rank(b, u, row, hist, rows, {"hour": 9})
-        feeds = {}
-        b_ranker = b.ranker
-
-        class Spy:
-            def run(self, outs, f):
-                feeds.update(f)
-                return b_ranker.run(outs, f)
-
-        b.ranker = Spy()
-        try:
-            rec._rank(b, u, row, hist, rows, {"hour": 9})
-        finally:
-            b.ranker = b_ranker
+        feeds = _ranker_feeds(rec, u, rows, {"hour": 9})
         ref = full.run(None, feeds)
         np.testing.assert_allclose(fast, ref[0], rtol=1e-5, atol=1e-6)
         if watch is not None:
@@ -259,3 +267,36 @@ def test_a_bundle_naming_a_missing_request_graph_is_refused(serving_bundle: Path
     (copy / "ranking" / "ranker_request.onnx").unlink()
     with pytest.raises(BundleError, match="ranker_request.onnx"):
         load_bundle(copy)
+
+
+def test_behaviour_inputs_at_serving_equal_the_offline_snapshot(serving_bundle: Path):
+    """What /recommend and /rank feed the ranker for the behaviour sources (per user, per user x creator,
+    per item / creator x context) equals FeatureTables.attach_snapshot, the path of `evaluate --log`."""
+    import pandas as pd
+
+    from features.tables import FeatureTables
+
+    b = load_bundle(serving_bundle)
+    tables = FeatureTables.load(serving_bundle / "features")
+    rec = Recommender(b, ServeSettings())
+    k = b.ranking
+    kinds = ("users", "user_creator", "item_ctx", "creator_ctx")
+    pos = [i for i, s in enumerate(k.num_sources) if s.split(":")[0] in kinds]
+    assert {k.num_sources[i].split(":")[0] for i in pos} == set(kinds)
+    uc = tables.behaviour["user_creator"]
+    tab = str(tables.behaviour["item_tab"]["tab"].iloc[0])
+    hits = 0
+    for u in list(uc["user_id"].astype(str).unique()[:4]) + ["someone-new"]:
+        seen = set(uc.loc[uc["user_id"].astype(str) == u, "creator_id"].astype(str))
+        rows = np.unique(np.r_[np.arange(min(b.n_items, 200)),
+                               np.flatnonzero(np.isin(b.creator_ids[b.item_creator], list(seen)))])
+        for context in ({"hour": 9, "tab": tab}, {"hour": 9}):
+            feeds = _ranker_feeds(rec, u, rows, context)
+            frame = pd.DataFrame({"user_id": u, "item_id": b.item_ids[rows],
+                                  "creator_id": b.creator_ids[b.item_creator[rows]]})
+            if "tab" in context:
+                frame["tab"] = tab
+            expect = tables.attach_snapshot(frame)[[k.num_columns[i] for i in pos]].to_numpy(np.float32)
+            np.testing.assert_allclose(feeds[k.input_names["num"]][:, pos], expect, rtol=1e-6, equal_nan=True)
+            hits += int((feeds[k.input_names["num"]][:, k.num_columns.index("uc_n")] > 0).sum())
+    assert hits > 0  # some candidates were of creators the user had seen

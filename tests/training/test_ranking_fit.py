@@ -65,6 +65,18 @@ def test_smoke_fit_learns_every_head(fitted):
         f = report["fusion"][scenario]
         assert f["ndcg@20"] > f["random_ndcg@20"] + 0.05
     assert report["parity_max_abs_diff"] < 1e-4
+    # The GBDT baseline on the same inputs, early-stopped on validation, in the same report.
+    gbdt = report["baselines"]["gbdt"]
+    assert set(gbdt) == {h for h in model if h != "watch_time"}
+    for head, m in gbdt.items():
+        if m["positives"] >= 30:
+            assert m["auc"] > 0.6, (head, m)
+    assert report["training"]["gbdt"]["samples_per_s"] > 0
+    assert set(report["validation"]) == {"model", "single_task", "gbdt"}
+    for head, m in model.items():  # rare heads carry a bootstrap interval and a verdict
+        if 0 < m["positives"] < 300 and head in report["baselines"]["item_rate"]:
+            lo, hi = m["auc_ci95"]
+            assert lo <= m["auc"] <= hi and m["vs_item_rate"] in ("above", "below", "not distinguishable")
     assert json.loads((out / "metrics.json").read_text())["model"].keys() == model.keys()
 
 
@@ -82,9 +94,17 @@ def test_bundle_meta_describes_onnx_inputs(fitted, synthetic_tables: FeatureTabl
     assert set(meta["scenarios"]) == {"feed", "commerce"}
     # Serving can find every numeric input in the feature tables it ships.
     items = synthetic_tables.items.columns
+    beh = synthetic_tables.spec["behaviour"]["columns"]
     for col, src in zip(meta["inputs"][2]["columns"], meta["inputs"][2]["sources"]):
-        table, name = src.split(":")
-        assert table in ("items", "fans", "users") and (table != "items" or name in items), (col, src)
+        table, _, name = src.partition(":")
+        assert table in ("items", "fans", "users", "user_creator", "item_ctx", "creator_ctx"), (col, src)
+        if table == "items":
+            assert name in items, (col, src)
+        elif table in ("item_ctx", "creator_ctx"):
+            ctx, _, name = name.partition(":")
+            assert name in beh[f"{table}:{ctx}"], (col, src)
+        elif table == "user_creator":
+            assert name in beh["pair"] and name in synthetic_tables.behaviour["user_creator"].columns
 
 
 def test_resume_continues_from_last_checkpoint(synthetic_config: Path, synthetic_tables: FeatureTables, tmp_path: Path):

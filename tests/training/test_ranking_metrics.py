@@ -100,3 +100,31 @@ def test_ndcg_matches_loop():
     assert ndcg_at_k(gains, gains, users, k)[0] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="non-negative"):
         ndcg_at_k(scores, gains - 1, users, k)
+
+
+def test_weighted_auc_equals_auc_of_repeated_rows():
+    from training.ranking.metrics import auc, weighted_auc
+
+    rng = np.random.default_rng(3)
+    y = rng.random(300) < 0.2
+    p = np.round(rng.random(300), 2)  # ties
+    w = rng.integers(0, 4, 300)
+    assert np.isclose(weighted_auc(y, p, np.ones(300)), auc(y, p))
+    assert np.isclose(weighted_auc(y, p, w), auc(np.repeat(y, w), np.repeat(p, w)))
+
+
+def test_user_bootstrap_interval_brackets_the_auc_and_narrows_with_more_users():
+    from training.ranking.metrics import auc, bootstrap_auc_interval
+
+    rng = np.random.default_rng(4)
+
+    def width(n_users: int) -> float:
+        users = np.repeat(np.arange(n_users), 10)
+        y = rng.random(len(users)) < 0.1
+        p = y * 0.5 + rng.random(len(users))
+        lo, hi = bootstrap_auc_interval(y, p, users, 200, seed=0)
+        assert lo < auc(y, p) < hi
+        assert (lo, hi) == bootstrap_auc_interval(y, p, users, 200, seed=0)  # seeded
+        return hi - lo
+
+    assert width(2000) < width(100)

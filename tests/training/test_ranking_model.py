@@ -218,3 +218,33 @@ def test_parity_is_absolute_for_probabilities_and_relative_for_large_outputs(tmp
     bad = check_parity(_TwoOutputs(prob_shift=1e-3), path, make)
     assert not bad.ok(1e-4) and bad.per_output["p"] == pytest.approx(1e-3, rel=1e-2)
     assert "'p'" in bad.describe()
+
+
+def test_val_score_reads_only_the_monitored_heads_and_history_keeps_all():
+    from training.ranking.metrics import auc
+    from training.ranking.task import RankingTask
+
+    rng = np.random.default_rng(5)
+    n = 400
+    y = (rng.random((n, len(HEADS))) < 0.3).astype(np.float32)
+    logits = torch.from_numpy(rng.normal(size=(n, len(HEADS))).astype(np.float32)) + torch.from_numpy(y) * 0.5
+    kinds = ["binary", "binary", "binary", "watch_time"]
+    for monitor, expect_heads in ((None, [0, 1, 2]), ([1], [1])):
+        task = RankingTask(Ranker(make_spec("mmoe")), kinds, [1.0] * 4, 1e-3, names=HEADS, monitor=monitor)
+        logged = {}
+        task.log = lambda name, value, **kw: logged.__setitem__(name, value)  # no trainer in a unit test
+        task._val.append((logits, torch.from_numpy(y)))
+        task.on_validation_epoch_end()
+        p = torch.sigmoid(logits).numpy()
+        want = np.mean([auc(y[:, t], p[:, t]) for t in expect_heads])
+        assert np.isclose(logged["ranking/val_score"], want)
+        assert set(task.val_history[-1]) == {"click", "like", "hate"}
+
+
+def test_uncertainty_weighting_learns_a_log_variance_per_head():
+    from training.ranking.task import RankingTask
+
+    task = RankingTask(Ranker(make_spec("mmoe")), ["binary"] * 3 + ["watch_time"], [1.0] * 4, 1e-3, uncertainty=True)
+    assert task.log_var is not None and task.log_var.shape == (4,)
+    assert any(p is task.log_var for p in task.configure_optimizers().param_groups[0]["params"])
+    assert "log_var" not in dict(task.model.named_parameters())  # not part of the exported model

@@ -29,6 +29,7 @@ class RankingConfig:
     architecture: Literal["mmoe", "ple"] = "mmoe"
     heads: list[str] = field(default_factory=list)  # empty = all binary signals + the watch-time signal
     loss_weights: dict[str, float] = field(default_factory=dict)  # head -> weight; missing heads weigh 1.0
+    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"  # uncertainty: learned per-head log-variance
     # Embeddings: id-like columns (vocab > small_vocab) get embedding_dim, small attribute vocabs get
     # small_embedding_dim; the user's history is pooled over the item-id table (mean and target attention).
     embedding_dim: int = 16
@@ -48,12 +49,26 @@ class RankingConfig:
     batch_size: int = 2048
     max_epochs: int = 10
     patience: int = 2  # epochs without a better validation mean AUC before stopping
+    # Early stopping and checkpoint choice read the mean validation AUC of the heads with at least this many
+    # validation positives (all binary heads when none has): rare heads' AUCs are too noisy to choose epochs.
+    monitor_min_positives: int = 300
     learning_rate: float = 0.002
     weight_decay: float = 0.0
     embedding_l2: float = 1e-6  # on the embedding rows a batch touches
     single_task_baselines: bool = True
     single_task_max_epochs: int | None = None  # None = max_epochs
     export_single_task: bool = True
+    # GBDT baseline (training/ranking/gbdt.py): LightGBM per binary head on the ranker's input columns.
+    gbdt_baseline: bool = True
+    gbdt_learning_rate: float = 0.1
+    gbdt_num_leaves: int = 31
+    gbdt_min_data_in_leaf: int = 100
+    gbdt_max_rounds: int = 2000
+    gbdt_early_stopping: int = 50  # rounds without a better validation AUC
+    gbdt_max_categorical: int = 1000  # cat columns with larger vocabularies enter as plain codes
+    # Heads with fewer test positives get a user-bootstrap 95% interval of their AUC.
+    rare_head_positives: int = 300
+    bootstrap_samples: int = 200
     ece_bins: int = 15
     fusion_k: int = 20
     scenarios: dict[str, dict[str, float]] = field(default_factory=_default_scenarios)
@@ -61,7 +76,8 @@ class RankingConfig:
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "small_embedding_dim", "num_experts", "shared_experts", "ple_levels",
-                     "tower_hidden", "batch_size", "max_epochs", "watch_time_buckets", "ece_bins", "fusion_k"):
+                     "tower_hidden", "batch_size", "max_epochs", "watch_time_buckets", "ece_bins", "fusion_k",
+                     "gbdt_num_leaves", "gbdt_max_rounds", "gbdt_early_stopping", "bootstrap_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ranking.{name} must be >= 1, got {getattr(self, name)}")
         if self.watch_time_grid < 3:

@@ -28,7 +28,10 @@ class FeatureLayout:
     cat_sizes: list[int]
     cat_sources: list[str]  # where serving gets it: "request:<vocab>", "users:<col>", "items:<col>"
     num_columns: list[str]
-    num_sources: list[str]  # "items:<col>", "fans:<col>" (by user_id, creator_id; missing = 0), "users:<col>"
+    # "items:<col>", "fans:<col>" (by user_id, creator_id; missing = 0), "users:<col>", and the behaviour
+    # tables keyed by pairs (missing = the spec's prior): "user_creator:<col>" (by user_id, creator_id),
+    # "item_ctx:<ctx>:<col>" / "creator_ctx:<ctx>:<col>" (by item or creator and the request's context <ctx>)
+    num_sources: list[str]
     history_column: str
     history_length: int
     history_vocab: str
@@ -51,6 +54,10 @@ class FeatureLayout:
             num.append(c); num_src.append(f"users:{c}")
         for c in spec["pair_numeric"]:
             num.append(c); num_src.append(f"fans:{c}")
+        for kind, cols in spec.get("behaviour", {}).get("columns", {}).items():
+            prefix = {"user": "users", "pair": "user_creator"}.get(kind, kind)
+            for c in cols:
+                num.append(c); num_src.append(f"{prefix}:{c}")
         num.append(DURATION); num_src.append(f"items:{DURATION}")
         h = spec["history"]
         return cls(cat, vocabs, sizes, sources, num, num_src, h["column"], int(h["length"]), h["vocab"])

@@ -24,7 +24,7 @@ import pandas as pd
 from features.tables import FeatureTables
 from training.config import TrainConfig
 from training.ranking.data import DURATION, FeatureLayout
-from training.ranking.metrics import head_report, ndcg_at_k, watch_report
+from training.ranking.metrics import bootstrap_auc_interval, head_report, ndcg_at_k, watch_report
 from training.ranking.watch_time import WatchTimeQuantiles
 
 META = "ranking.json"
@@ -88,8 +88,13 @@ def build_report(
     ece_bins: int,
     fusion_k: int,
     seed: int = 0,
+    gbdt: dict[str, np.ndarray] | None = None,
+    rare_positives: int = 300,
+    bootstrap_samples: int = 200,
 ) -> dict[str, Any]:
-    """``model`` = (scores (N, T), watch ms (N,) or None); ``single_task`` = head -> (scores (N, 1), watch ms)."""
+    """``model`` = (scores (N, T), watch ms (N,) or None); ``single_task`` = head -> (scores (N, 1), watch ms);
+    ``gbdt`` = head -> (N,) probabilities. A head with fewer than ``rare_positives`` positives gets a
+    user-bootstrap 95% interval of its AUC and a verdict against the item-rate AUC."""
     users = rows["user_id"].to_numpy()
     binary = [(t, n) for t, (n, k) in enumerate(heads) if k == "binary"]
     watch = [(t, n) for t, (n, k) in enumerate(heads) if k == "watch_time"]
@@ -103,6 +108,14 @@ def build_report(
             report["baselines"]["item_rate"][name] = head_report(y, rates[:, t], users, ece_bins)
         if single_task and name in single_task:
             report["baselines"]["single_task"][name] = head_report(y, single_task[name][0][:, 0], users, ece_bins)
+        if gbdt and name in gbdt:
+            report["baselines"].setdefault("gbdt", {})[name] = head_report(y, gbdt[name], users, ece_bins)
+        m = report["model"][name]
+        if 0 < m["positives"] < rare_positives and name in report["baselines"]["item_rate"]:
+            lo, hi = bootstrap_auc_interval(y, scores[:, t], users, bootstrap_samples, seed)
+            ir = report["baselines"]["item_rate"][name]["auc"]
+            m["auc_ci95"] = [lo, hi]
+            m["vs_item_rate"] = "not distinguishable" if lo <= ir <= hi else ("above" if lo > ir else "below")
     if not report["baselines"]["single_task"]:
         del report["baselines"]["single_task"]
 
@@ -146,8 +159,9 @@ def build_report(
         "impressions": len(rows),
         "users": int(rows["user_id"].nunique()),
     }
-    if "single_task" in report["baselines"]:
-        report["summary"]["single_task_mean_auc"] = mean_auc(report["baselines"]["single_task"])
+    for base in ("single_task", "gbdt"):
+        if base in report["baselines"]:
+            report["summary"][f"{base}_mean_auc"] = mean_auc(report["baselines"][base])
     return report
 
 

@@ -159,3 +159,38 @@ def watch_report(true_ms: np.ndarray, pred_ms: np.ndarray) -> dict[str, float]:
     pred_ms = np.asarray(pred_ms, np.float64)
     ok = np.isfinite(true_ms) & np.isfinite(pred_ms)
     return {"xauc": xauc(true_ms[ok], pred_ms[ok]), "mae_ms": float(np.mean(np.abs(true_ms[ok] - pred_ms[ok])))}
+
+
+def weighted_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> float:
+    """AUC with row weights (ties count one half): sum over score groups of w_pos * (w_neg below + w_neg
+    tied / 2), over W_pos * W_neg. Unit weights give :func:`auc`."""
+    y = np.asarray(y).astype(bool)
+    w = np.asarray(w, np.float64)
+    _, group = np.unique(np.asarray(p, np.float64), return_inverse=True)
+    wp = np.bincount(group, weights=w * y)
+    wn = np.bincount(group, weights=w * ~y)
+    total_p, total_n = wp.sum(), wn.sum()
+    if total_p <= 0 or total_n <= 0:
+        return float("nan")
+    below = np.cumsum(wn) - wn
+    return float((wp * (below + 0.5 * wn)).sum() / (total_p * total_n))
+
+
+def bootstrap_auc_interval(y: np.ndarray, p: np.ndarray, users: np.ndarray, samples: int, seed: int,
+                           level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the AUC over user-bootstrap resamples (users drawn with replacement, each
+    bringing all its impressions: impressions of one user are not independent)."""
+    code, uniq = pd.factorize(pd.Series(np.asarray(users)))
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y).astype(bool)
+    _, group = np.unique(np.asarray(p, np.float64), return_inverse=True)
+    vals = []
+    for _ in range(samples):
+        counts = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)).astype(np.float64)
+        a = weighted_auc(y, group, counts[code])
+        if np.isfinite(a):
+            vals.append(a)
+    if not vals:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))

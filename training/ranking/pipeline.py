@@ -28,6 +28,8 @@ from training.config import TrainConfig
 from training.onnx_export import OPSET, ParityReport, check_parity, export_onnx
 from training.ranking.data import BatchDataset, FeatureLayout, loader
 from training.ranking.evaluate import META, build_report, score_bundle
+from training.ranking.gbdt import GbdtResult, fit_gbdt
+from training.ranking.metrics import auc
 from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, RankerSpec, RequestScorer, embedding_dims
 from training.ranking.task import MONITOR, ActiveRunLogger, KeepBest, RankingTask
 from training.ranking.watch_time import WatchTimeQuantiles
@@ -107,7 +109,10 @@ def _new_task(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], colum
     model.numeric.set_statistics(data.num_stats)
     model.set_head_bias(np.nanmean(data.labels["train"][:, columns], axis=0))
     weights = [rc.loss_weights.get(n, 1.0) for n, _ in heads]
-    return RankingTask(model, [k for _, k in heads], weights, rc.learning_rate, rc.weight_decay, rc.embedding_l2)
+    yv = data.labels["valid"][:, columns]
+    monitor = [t for t, (_, k) in enumerate(heads) if k == "binary" and np.nansum(yv[:, t]) >= rc.monitor_min_positives]
+    return RankingTask(model, [k for _, k in heads], weights, rc.learning_rate, rc.weight_decay, rc.embedding_l2,
+                       [n for n, _ in heads], rc.loss_weighting == "uncertainty", monitor or None)
 
 
 def platt(logits: np.ndarray, y: np.ndarray, steps: int = 50) -> tuple[float, float]:
@@ -147,29 +152,40 @@ def platt(logits: np.ndarray, y: np.ndarray, steps: int = 50) -> tuple[float, fl
     return (a, b) if np.isfinite([a, b]).all() and a > 1e-3 else (1.0, 0.0)
 
 
+def valid_logits(model: torch.nn.Module, data: _Data) -> np.ndarray:
+    """(N_valid, T) logits of the validation period, eval mode."""
+    model.eval()
+    va = {k: torch.from_numpy(v) for k, v in data.inputs["valid"].items()}
+    with torch.inference_mode():
+        return torch.cat([model(va["cat"][a : a + 8192], va["hist"][a : a + 8192], va["num"][a : a + 8192])
+                          for a in range(0, len(va["cat"]), 8192)]).numpy()
+
+
+def _valid_aucs(heads: list[tuple[str, str]], y: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, float]:
+    return {n: auc(y[:, t], scores[n]) for t, (n, k) in enumerate(heads) if k == "binary" and n in scores}
+
+
 def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: _Data, columns: list[int],
-            calibration: dict[str, list[float]] | None = None) -> RankerScorer:
+            calibration: dict[str, list[float]] | None = None) -> tuple[RankerScorer, np.ndarray]:
     """The export wrapper, with binary heads Platt-calibrated on the validation period (the watch head
-    predicts a quantile and is left as is), or with a held-out fit's ``calibration`` (the refit has no
-    validation period). Calibration changes no ranking within a head."""
+    predicts a quantile and is left as is; calibration changes no ranking within a head), and the
+    validation logits (N_valid, T) it was calibrated on. With a held-out fit's ``calibration`` (the refit,
+    which has no validation period) that calibration is used and the logits are empty."""
     w = [t for t, (_, k) in enumerate(heads) if k == "watch_time"]
     scorer = RankerScorer(task.model, w[0] if w else None, data.wtq, data.layout.duration_position).eval()
     if calibration is not None:
         with torch.no_grad():
             scorer.calib_scale.copy_(torch.tensor(calibration["scale"], dtype=scorer.calib_scale.dtype))
             scorer.calib_bias.copy_(torch.tensor(calibration["bias"], dtype=scorer.calib_bias.dtype))
-        return scorer
-    va = {k: torch.from_numpy(v) for k, v in data.inputs["valid"].items()}
-    with torch.inference_mode():
-        logits = torch.cat([task.model(va["cat"][a : a + 8192], va["hist"][a : a + 8192], va["num"][a : a + 8192])
-                            for a in range(0, len(va["cat"]), 8192)]).numpy()
+        return scorer, np.zeros((0, len(heads)), np.float32)
+    logits = valid_logits(task.model, data)
     y = data.labels["valid"][:, columns]
     with torch.no_grad():
         for t, (_, kind) in enumerate(heads):
             if kind == "binary":
                 a, b = platt(logits[:, t], y[:, t])
                 scorer.calib_scale[t], scorer.calib_bias[t] = a, b
-    return scorer
+    return scorer, logits
 
 
 def _export(scorer: RankerScorer, data: _Data, path: Path, seed: int, graph: torch.nn.Module | None = None,
@@ -252,6 +268,7 @@ def _fit_main(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], out_d
         "train_samples": int(task.train_samples),
         "samples_per_s": round(task.train_samples / task.train_seconds, 1) if task.train_seconds > 0 else None,
         "threads": torch.get_num_threads(),
+        "val_auc_by_epoch": task.val_history,
     }
     return task, info
 
@@ -268,18 +285,26 @@ def _fit_single(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], t: 
     return task
 
 
+def _fit_gbdt(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]]) -> GbdtResult:
+    lay = data.layout
+    return fit_gbdt(cfg.ranking, data.inputs, data.labels, heads, lay.cat_columns, lay.cat_sizes, lay.num_columns,
+                    cfg.seed, threads=torch.get_num_threads())
+
+
 def _per_head_table(report: dict[str, Any]) -> pd.DataFrame:
     rows = []
+    bases = [("single_task", "single_task"), ("item_rate", "item_rate"), ("gbdt", "gbdt")]
     for head, m in report["model"].items():
-        ir = report["baselines"]["item_rate"].get(head, {})
-        st = report["baselines"].get("single_task", {}).get(head, {})
-        rows.append({
-            "head": head, "positives": m["positives"], "impressions": m["impressions"],
-            "auc": m["auc"], "auc_single_task": st.get("auc"), "auc_item_rate": ir.get("auc"),
-            "gauc": m["gauc"], "gauc_single_task": st.get("gauc"), "gauc_item_rate": ir.get("gauc"),
-            "logloss": m["logloss"], "logloss_single_task": st.get("logloss"), "logloss_item_rate": ir.get("logloss"),
-            "ece": m["ece"], "ece_quantile": m["ece_quantile"],
-        })
+        row: dict[str, Any] = {"head": head, "positives": m["positives"], "impressions": m["impressions"]}
+        for metric in ("auc", "gauc", "logloss"):
+            row[metric] = m[metric]
+            for key, label in bases:
+                row[f"{metric}_{label}"] = report["baselines"].get(key, {}).get(head, {}).get(metric)
+        ci = m.get("auc_ci95")
+        row["auc_ci95"] = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        row["vs_item_rate"] = m.get("vs_item_rate", "")
+        row["ece"], row["ece_quantile"] = m["ece"], m["ece_quantile"]
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -369,7 +394,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     data = _Data(cfg, tables, heads, refit=refit is not None)
 
     task, train_info = _fit_main(cfg, data, heads, out_dir, resume, progress, refit.epochs if refit else None)
-    scorer = _scorer(task, heads, data, list(range(len(heads))), refit.calibration if refit else None)
+    scorer, logits_valid = _scorer(task, heads, data, list(range(len(heads))), refit.calibration if refit else None)
     parity = _export(scorer, data, out_dir / "ranker.onnx", cfg.seed)
     # The serving graph: the same model with one request's shared columns computed once (RequestScorer),
     # checked against the full scorer on request-shaped inputs.
@@ -383,16 +408,20 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
 
     single_files: dict[str, str] = {}
     single_parity: dict[str, float] = {}
+    single_valid: dict[str, np.ndarray] = {}
     t_single = time.perf_counter()
     if rc.single_task_baselines and refit is None:  # baselines exist to be compared on the test period
         for t, (name, _) in enumerate(heads):
             L.seed_everything(cfg.seed, workers=False, verbose=False)
             st = _fit_single(cfg, data, heads, t, progress)
             rel = f"single_task/{name}.onnx"
-            single_parity[name] = _export(_scorer(st, [heads[t]], data, [t]), data, out_dir / rel, cfg.seed).max_scaled_diff
+            st_scorer, st_logits = _scorer(st, [heads[t]], data, [t])
+            single_valid[name] = st_logits[:, 0]
+            single_parity[name] = _export(st_scorer, data, out_dir / rel, cfg.seed).max_scaled_diff
             single_files[name] = rel
             log.info("single-task %s: %.1fs", name, time.perf_counter() - t_single)
     single_seconds = time.perf_counter() - t_single
+    gbdt = _fit_gbdt(cfg, data, heads) if rc.gbdt_baseline and refit is None else None
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -452,8 +481,17 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     model_out, single_out = score_bundle(out_dir, meta, data.inputs["test"])
     test = data.rows["test"]
     report = build_report(test, heads, data.wtq, rc.scenarios, model_out, single_out or None, rc.ece_bins,
-                          rc.fusion_k, cfg.seed)
-    report["training"] = {**train_info, "single_task_seconds": round(single_seconds, 1),
+                          rc.fusion_k, cfg.seed, gbdt.scores if gbdt else None, rc.rare_head_positives,
+                          rc.bootstrap_samples)
+    yv = data.labels["valid"]
+    report["validation"] = {"model": _valid_aucs(heads, yv, {n: logits_valid[:, t] for t, (n, _) in enumerate(heads)})}
+    if single_valid:
+        report["validation"]["single_task"] = _valid_aucs(heads, yv, single_valid)
+    if gbdt:
+        report["validation"]["gbdt"] = _valid_aucs(heads, yv, gbdt.valid_scores)
+    gbdt_info = ({"gbdt": {"fit_seconds": gbdt.fit_seconds, "samples_per_s": gbdt.samples_per_s,
+                           "rounds": gbdt.rounds, "features": len(gbdt.feature_names)}} if gbdt else {})
+    report["training"] = {**train_info, **gbdt_info, "single_task_seconds": round(single_seconds, 1),
                           "eval_seconds": round(time.perf_counter() - t_eval, 1),
                           "wall_seconds": round(time.perf_counter() - t_start, 1)}
     report["parity_max_abs_diff"] = parity.max_abs_diff
@@ -467,5 +505,6 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     files = [out_dir / f for f in (META, "metrics.json", "per_head.csv", "per_head.md", "reliability.png", "ranker.onnx",
                                    REQUEST_ONNX)]
     files += [out_dir / f for f in single_files.values()]
-    _log_mlflow({k: v for k, v in report.items() if k != "training"} | {"training": train_info}, out_dir, files)
+    _log_mlflow({k: v for k, v in report.items() if k != "training"} | {"training": {**train_info, **gbdt_info}},
+                out_dir, files)
     return report

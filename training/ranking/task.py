@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from lightning.pytorch.loggers import MLFlowLogger
 
 from training.ranking.metrics import auc
@@ -19,15 +20,24 @@ MONITOR = "ranking/val_score"
 
 class RankingTask(L.LightningModule):
     """Loss = sum over heads of weight * mean BCE-with-logits (binary labels; the watch-time head's soft
-    label is the watch quantile in [0, 1]); NaN labels are left out. ``val_score`` is the mean validation
-    AUC over binary heads, or minus the validation loss when there is no binary head."""
+    label is the watch quantile in [0, 1]); NaN labels are left out. With ``uncertainty`` weighting each
+    head's term becomes ``exp(-s_t) * weight * loss_t + s_t / 2`` with a learned log-variance s_t (Kendall
+    et al., 2018; it lives here, not in the exported model). ``val_score`` is the mean validation AUC over
+    binary heads (those in ``monitor`` when given), or minus the validation loss when there is no binary
+    head; ``val_history`` keeps every
+    epoch's per-head validation AUC."""
 
     def __init__(self, model: Ranker, kinds: list[str], loss_weights: list[float], lr: float,
-                 weight_decay: float = 0.0, embedding_l2: float = 0.0):
+                 weight_decay: float = 0.0, embedding_l2: float = 0.0, names: list[str] | None = None,
+                 uncertainty: bool = False, monitor: list[int] | None = None):
         super().__init__()
         self.model = model
         self.kinds = kinds
+        self.names = names or [str(t) for t in range(len(kinds))]
         self.register_buffer("loss_weights", torch.tensor(loss_weights, dtype=torch.float32))
+        self.log_var = nn.Parameter(torch.zeros(len(kinds))) if uncertainty else None
+        self.val_history: list[dict[str, float]] = []
+        self.monitor = monitor  # heads whose validation AUC makes val_score (None = every binary head)
         self.lr, self.weight_decay, self.embedding_l2 = lr, weight_decay, embedding_l2
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.train_seconds = 0.0
@@ -45,8 +55,10 @@ class RankingTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["cat"], batch["hist"], batch["num"])
-        per_head = self.head_losses(logits, batch["y"])
-        loss = (per_head * self.loss_weights).sum()
+        per_head = self.head_losses(logits, batch["y"]) * self.loss_weights
+        if self.log_var is not None:
+            per_head = torch.exp(-self.log_var) * per_head + 0.5 * self.log_var
+        loss = per_head.sum()
         if self.embedding_l2 > 0:
             loss = loss + self.embedding_l2 * self.model.embedding.penalty(batch["cat"], batch["hist"])
         self.train_samples += len(batch["y"])
@@ -73,11 +85,15 @@ class RankingTask(L.LightningModule):
         loss = float((per_head * self.loss_weights).sum())
         p = torch.sigmoid(logits).numpy()
         aucs = []
+        epoch: dict[str, float] = {}
         for t, kind in enumerate(self.kinds):
             if kind == "binary":
                 a = auc(y[:, t].numpy(), p[:, t])
                 if np.isfinite(a):
-                    aucs.append(a)
+                    if self.monitor is None or t in self.monitor:
+                        aucs.append(a)
+                    epoch[self.names[t]] = round(float(a), 5)
+        self.val_history.append(epoch)
         score = float(np.mean(aucs)) if aucs else -loss
         self.log("ranking/val_loss", loss)
         if aucs:
@@ -85,7 +101,7 @@ class RankingTask(L.LightningModule):
         self.log(MONITOR, score, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
 class KeepBest(L.Callback):

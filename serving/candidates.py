@@ -59,12 +59,16 @@ class SeenMemory:
 
 def channel_quotas(configured: dict[str, int], bundle_quotas: dict[str, int] | None, total: int,
                    has_tables: bool) -> dict[str, int]:
-    """Config quotas win; else the bundle's (chosen on validation); else the ANN alone for ``total``."""
+    """Config quotas win; else the bundle's mix (chosen on validation) scaled to ``total`` candidates (the
+    ANN takes the rounding); else the ANN alone for ``total``."""
     if configured:
         return dict(configured)
-    if bundle_quotas and has_tables:
-        return dict(bundle_quotas)
-    return {"ann": total}
+    if not bundle_quotas or not has_tables or sum(bundle_quotas.values()) <= 0:
+        return {"ann": total}
+    scale = total / sum(bundle_quotas.values())
+    out = {name: int(q * scale) for name, q in bundle_quotas.items()}
+    out["ann"] = out.get("ann", 0) + total - sum(out.values())
+    return out
 
 
 def merge_for_user(tables: ChannelTables | None, quotas: dict[str, int], ann: np.ndarray, history: np.ndarray,

@@ -35,7 +35,9 @@ def test_seen_memory_window_and_bounds():
 
 def test_quotas_come_from_config_then_bundle():
     assert channel_quotas({"ann": 5}, {"ann": 1, "covisit": 2}, 500, True) == {"ann": 5}
-    assert channel_quotas({}, {"ann": 1, "covisit": 2}, 500, True) == {"ann": 1, "covisit": 2}
+    # The bundle's validated mix, scaled to serving.candidates; the ANN takes the rounding.
+    assert channel_quotas({}, {"ann": 400, "covisit": 100}, 500, True) == {"ann": 400, "covisit": 100}
+    assert channel_quotas({}, {"ann": 400, "covisit": 70, "fresh": 30}, 20, True) == {"ann": 17, "covisit": 2, "fresh": 1}
     assert channel_quotas({}, {"ann": 1, "covisit": 2}, 500, False) == {"ann": 500}
     with pytest.raises(ConfigError, match="unknown channels \\['nope'\\]"):
         ServingConfig(channel_quotas={"nope": 3})

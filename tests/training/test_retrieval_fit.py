@@ -195,3 +195,6 @@ def test_evaluate_bundle_matches_fit_time_test_metrics(fitted, world, synthetic_
         assert got["model"][key] == pytest.approx(value, abs=1e-4), key
     for key, value in metrics["baselines"]["popularity"].items():
         assert got["baselines"]["popularity"][key] == pytest.approx(value, abs=1e-12), key
+    # MF and co-visitation are refit on the bundle's data with the hyper-parameters the fit chose.
+    for name in ("mf", "covisit"):
+        assert got["baselines"][name]["recall@50"] == pytest.approx(metrics["baselines"][name]["recall@50"], abs=0.02)

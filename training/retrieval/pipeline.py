@@ -359,6 +359,7 @@ def fit_retrieval(
                   "search_params": index.search_params, "rows": "same as item_vectors",
                   f"recall@{index.k}_vs_exact": index.recall_vs_exact, "recall_queries": index.queries,
                   "recall_query_source": "test-period users' query vectors"},
+        "baselines": {n: t["params"] for n, t in tuning.items()},  # chosen on validation; evaluate refits them
         "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOL},
         "config": asdict(rc),
         "training": {k: v for k, v in training.items() if k != "val_history"},

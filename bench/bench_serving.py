@@ -209,6 +209,7 @@ def synthetic_bundle(base: Path, n_items: int, factory: str, ef_search: int, cac
     faiss.write_index(index, str(tmp / "retrieval" / "index.faiss"))
     meta = json.loads((tmp / "retrieval" / "retrieval.json").read_text())
     meta.pop("item_vectors", None)
+    meta.pop("channels", None)  # its tables cover the base catalogue: the synthetic one serves the ANN alone
     meta["index"] = {**meta.get("index", {}), "factory": factory, "ntotal": n_items, "search_params": {"efSearch": ef_search}}
     meta["index_factory"] = factory
     (tmp / "retrieval" / "retrieval.json").write_text(json.dumps(meta))

@@ -24,6 +24,7 @@ def load_eager(base_bundle: Path, run_dir: Path):
     from training.checkpoints import load_eager_ranker, model_state
     from training.config import TrainConfig
     from training.retrieval.data import InputLayout, ItemFeatures
+    from training.retrieval.model import PriorUserTower
     from training.retrieval.pipeline import build_model, load_interactions
 
     manifest = json.loads((base_bundle / "manifest.json").read_text())
@@ -36,7 +37,9 @@ def load_eager(base_bundle: Path, run_dir: Path):
     two_tower.load_state_dict(model_state(run_dir / "retrieval" / "checkpoints" / "best.ckpt"))
     meta = json.loads((base_bundle / "ranking" / "ranking.json").read_text())
     scorer, rlayout, _ = load_eager_ranker(meta, run_dir / "ranking" / "checkpoints" / "best.ckpt")
-    return two_tower.user_tower.eval(), scorer, rlayout, meta, layout
+    prior = json.loads((base_bundle / "retrieval" / "retrieval.json").read_text()).get("prior")
+    user_tower = two_tower.user_tower if prior is None else PriorUserTower(two_tower.user_tower, prior["beta"])
+    return user_tower.eval(), scorer, rlayout, meta, layout
 
 
 def naive_eager_p50(big_bundle: Path, base_bundle: Path, run_dir: Path, users: list[str], n: int, k: int,

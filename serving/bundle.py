@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from features.bundle import BundleError, verify_bundle
+from features.candidates import ChannelTables
 from serving.behaviour import KINDS as BEHAVIOUR_KINDS
 from serving.behaviour import BehaviourLookup
 
@@ -196,6 +197,9 @@ class Bundle:
     data_end_ms: float
     behaviour: BehaviourLookup | None = None  # pair-keyed behaviour inputs of the ranker
     ranker_file: str = "ranker.onnx"  # which graph ``ranker`` runs: ranking.json's request_onnx when present
+    channels: ChannelTables | None = None  # co-visitation, trending, fresh, seen sets (bundles before: None)
+    channel_quotas: dict[str, int] | None = None  # the quotas chosen on validation
+    idx_to_row: np.ndarray | None = None  # item_id_idx -> catalogue row (-1 none), for history items
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -286,6 +290,9 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
         raise BundleError(f"users.parquet lacks columns the models read: {missing}")
     user_cols = {c: users[c].to_numpy() for c in needed_user_cols}
     user_row = _id_map(user_ids)
+    channels, quotas = _load_channels(path, rmeta, len(users), len(items))
+    idx_to_row = np.full(len(idx_category), -1, np.int64)
+    idx_to_row[item_idx[item_idx > 0]] = np.flatnonzero(item_idx > 0)
 
     # Fans as CSR over user rows, creator codes sorted within each user.
     fan_cols = [c for c in ("is_fan", "is_iron_fan", "fan_interactions") if c in fans.columns]
@@ -354,7 +361,19 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
         request_cat=request_cat,
         utc_offset_hours=float((cfg.get("data") or {}).get("utc_offset_hours", 0.0)),
         data_end_ms=float(tr[1] or 0), ranker_file=request_graph or "ranker.onnx", behaviour=behaviour,
+        channels=channels, channel_quotas=quotas, idx_to_row=idx_to_row,
     )
+
+
+def _load_channels(path: Path, rmeta: dict[str, Any], n_users: int, n_items: int):
+    spec = rmeta.get("channels")
+    if not spec:
+        return None, None
+    tables = ChannelTables.load(path / "retrieval" / spec["file"])
+    if tables.seen.shape != (n_users, n_items) or tables.covisit.shape != (n_items, n_items):
+        raise BundleError(f"retrieval/{spec['file']} covers {tables.seen.shape} users x items, the feature tables "
+                          f"({n_users}, {n_items}): rows must match")
+    return tables, {str(k): int(v) for k, v in (spec.get("quotas") or {}).items()}
 
 
 def _apply_search_params(index, params: dict[str, int], faiss) -> None:

@@ -43,10 +43,24 @@ class ServingConfig:
     tracking_uri: str | None = None  # MLflow tracking URI for models:/ (default: MLflow's own default)
     fresh_reference: Literal["bundle", "now"] = "bundle"  # "fresh" items are measured from the data's end or now
     hour_from: Literal["now", "bundle"] = "now"  # hour context feature when the request gives none
+    # Candidate channels (ann, covisit, trending, fresh) -> items each adds, merged in this order; empty =
+    # the quotas the bundle chose on validation (retrieval.json), or the ANN alone for `candidates`.
+    channel_quotas: dict[str, int] = field(default_factory=dict)
+    exclude_seen: bool = True  # drop items the user was shown (bundle data, request, remembered seen_item_ids)
+    seen_window_s: float = 86400.0  # how long a request's seen_item_ids are remembered for the user
+    seen_max_users: int = 100_000  # memory bound: least recently active users are forgotten first
+    seen_max_items: int = 1000  # per user, newest kept
 
     def __post_init__(self) -> None:
         if self.candidates < 1:
             raise ConfigError(f"serving.candidates must be >= 1, got {self.candidates}")
+        unknown = sorted(set(self.channel_quotas) - {"ann", "covisit", "trending", "fresh"})
+        if unknown:
+            raise ConfigError(f"serving.channel_quotas names unknown channels {unknown}; known: ann, covisit, trending, fresh")
+        if any(q < 0 for q in self.channel_quotas.values()):
+            raise ConfigError(f"serving.channel_quotas must be >= 0, got {self.channel_quotas}")
+        if self.seen_window_s < 0 or self.seen_max_users < 0 or self.seen_max_items < 0:
+            raise ConfigError("serving.seen_window_s, seen_max_users and seen_max_items must be >= 0")
         if self.onnx_threads < 1 or self.faiss_threads < 1:
             raise ConfigError("serving.onnx_threads and serving.faiss_threads must be >= 1")
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from features.bundle import BundleError
 from serving.bundle import DAY_MS, Bundle, load_bundle, resolve_bundle
+from serving.candidates import CHANNEL_REASONS, SeenMemory, channel_quotas, merge_for_user
 from serving.config import ServeSettings
 from serving.policy import Candidates, ExposureTracker, FeedPolicy
 
@@ -85,6 +86,8 @@ class Recommender:
         self._state = self._make_state(bundle, frozenset(gov.blocked_items), frozenset(gov.blocked_creators))
         self.exposure = ExposureTracker(len(bundle.creator_ids), settings.policy.exposure_control,
                                         self._eligible_creators(self._state), store=exposure_store)
+        s = settings.serving
+        self.seen_memory = SeenMemory(s.seen_window_s, s.seen_max_users, s.seen_max_items)
         self._configure_threads()
         self._vectors: tuple[Any, np.ndarray] | None = None  # (bundle, (N, d) item vectors), loaded lazily
         self._warm_exposure_pool(bundle)
@@ -377,30 +380,67 @@ class Recommender:
                            reasons[j], None if watch_ms is None else round(float(watch_ms[j]), 1))
                 for j in range(len(rows))]
 
+    def _blocked(self, st: _State, user_id: str, row: int, exclude_item_ids: Sequence[str],
+                 seen_item_ids: Sequence[str]) -> tuple[np.ndarray, int]:
+        """(N,) mask of rows never to serve this request (not servable, excluded, seen) and how many of
+        them are the user's own (excluded or seen), which the ANN search must reach past."""
+        b = st.bundle
+        ids = list(exclude_item_ids)
+        mine = [b.item_row[i] for i in ids if i in b.item_row]
+        if self.settings.serving.exclude_seen:
+            remembered = self.seen_memory.add_and_get(user_id, seen_item_ids)
+            mine += [b.item_row[i] for i in remembered if i in b.item_row]
+            if b.channels is not None and row >= 0:
+                mine += b.channels.seen_rows(row).tolist()
+        blocked = ~st.servable
+        if mine:
+            blocked = blocked.copy()
+            blocked[np.asarray(mine, np.int64)] = True
+        return blocked, len(mine)
+
+    def _merged(self, st: _State, row: int, hist: np.ndarray, blocked: np.ndarray,
+                n_mine: int) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray | None]:
+        """Merged candidate rows, their channel reason index, cold flag and the user vector."""
+        b = st.bundle
+        s = self.settings.serving
+        quotas = channel_quotas(s.channel_quotas, b.channel_quotas, s.candidates, b.channels is not None)
+        n = quotas.get("ann", 0) + n_mine
+        while True:
+            ann, cold, vec = self._search(st, row, hist, max(n, 1))
+            rows, tags = merge_for_user(b.channels, quotas, ann, hist, b.idx_to_row, blocked)
+            got = int((tags == 0).sum())
+            # Non-servable items in the ANN's top cut its share: search wider once more.
+            if got >= quotas.get("ann", 0) or len(ann) < n or n >= b.n_items:
+                return rows, tags, cold, vec
+            n = min(2 * n + 10, b.n_items)
+
     def recommend(self, user_id: str, k: int, scenario: str | None = None,
-                  exclude_item_ids: Sequence[str] = (), context: dict[str, Any] | None = None) -> Result:
+                  exclude_item_ids: Sequence[str] = (), context: dict[str, Any] | None = None,
+                  seen_item_ids: Sequence[str] = ()) -> Result:
         st = self._state
         b = st.bundle
         name = self._scenario(st, scenario)
         t0 = time.perf_counter()
         row, hist = self._user(b, user_id)
-        excluded = np.array([b.item_row[i] for i in exclude_item_ids if i in b.item_row], dtype=np.int64)
-        n = self.settings.serving.candidates + len(excluded)
-        rows, cold, vec = self._search(st, row, hist, n)
+        blocked, n_mine = self._blocked(st, user_id, row, exclude_item_ids, seen_item_ids)
+        rows, tags, cold, vec = self._merged(st, row, hist, blocked, n_mine)
         extra = self._exposure_candidates(st, vec, rows, name)
+        extra = extra[~blocked[extra]]
         n_retrieved = len(rows)
         if len(extra):
             rows = np.concatenate([rows, extra])
+            tags = np.concatenate([tags, np.full(len(extra), CHANNEL_REASONS.index("channel:exposure"), np.int8)])
         t1 = time.perf_counter()
         preds, watch_ms = self._score(b, user_id, row, hist, rows, context)
         t2 = time.perf_counter()
-        cands = self._candidates(st, row, hist, rows, preds, name, excluded)
+        cands = self._candidates(st, row, hist, rows, preds, name, None)
         if len(extra):
             cands.exposure_pool = np.arange(len(rows)) >= n_retrieved
         page = st.policy.page(cands, k, name, self.exposure)
         t3 = time.perf_counter()
         sel = rows[page.index]
-        items = self._items(b, sel, preds[page.index], page.score, page.reasons,
+        reasons = [r + [CHANNEL_REASONS[t]] for r, t in zip(page.reasons, tags[page.index].tolist())]
+        items = self._items(b, sel, preds[page.index], page.score, reasons,
                             None if watch_ms is None else watch_ms[page.index])
         timings = {"retrieval": (t1 - t0) * 1e3, "ranking": (t2 - t1) * 1e3, "policy": (t3 - t2) * 1e3}
         return Result(items, b.version, name, cold, int(len(rows)), timings_ms=timings)

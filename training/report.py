@@ -23,6 +23,15 @@ def retrieval_table(section: dict[str, Any]) -> str:
     return table(["model", *keys], [[name, *(m.get(k) for k in keys)] for name, m in models.items()])
 
 
+def channels_table(ch: dict[str, Any]) -> str:
+    """Recall@K of each candidate channel alone and of the quota merge the ranker sees."""
+    k = ch.get("k", "K")
+    rows = [[name, "", v] for name, v in ch.get("single", {}).items()]
+    quotas = ", ".join(f"{n} {q}" for n, q in ch.get("quotas", {}).items())
+    rows.append(["merged", quotas, ch.get("merged")])
+    return table(["candidates", "quotas", f"Recall@{k}"], rows)
+
+
 def ranking_table(section: dict[str, Any]) -> str:
     model = section.get("model", {})
     base = section.get("baselines", {})
@@ -43,6 +52,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     if "retrieval" in metrics:
         r = metrics["retrieval"]
         parts.append(f"retrieval ({r.get('test_users', '?')} test users)\n" + retrieval_table(r))
+        if "channels" in r:
+            parts.append("candidate channels (test period, seen items removed)\n" + channels_table(r["channels"]))
     if "ranking" in metrics:
         r = metrics["ranking"]
         parts.append("ranking\n" + ranking_table(r))

@@ -28,6 +28,27 @@ def test_recommend_over_http(server: httpx.Client, some_user: str):
     assert cold["cold_start"] is True and len(cold["items"]) == 5
 
 
+def test_never_serves_what_the_user_has_seen(server: httpx.Client, serving_bundle: Path):
+    import pandas as pd
+
+    log = pd.read_parquet(serving_bundle / "features" / "interactions.parquet", columns=["user_id", "item_id"])
+    log = log.astype(str)
+    user = log["user_id"].value_counts().index[0]  # the heaviest user: the most to exclude
+    shown = set(log.loc[log["user_id"] == user, "item_id"])
+    first = server.post("/recommend", json={"user_id": user, "k": 40}).json()["items"]
+    served = {i["item_id"] for i in first}
+    assert len(first) == 40 and not served & shown
+    assert all(any(r.startswith("channel:") for r in i["reasons"]) for i in first)
+    # What the client reports as seen is excluded now and remembered: the next plain request avoids it.
+    for who in (user, "brand-new-user"):  # cold-start candidates too
+        page = server.post("/recommend", json={"user_id": who, "k": 20}).json()["items"]
+        reported = [i["item_id"] for i in page]
+        again = server.post("/recommend", json={"user_id": who, "k": 20, "seen_item_ids": reported}).json()["items"]
+        later = server.post("/recommend", json={"user_id": who, "k": 20}).json()["items"]
+        for p in (again, later):
+            assert len(p) == 20 and not {i["item_id"] for i in p} & set(reported), who
+
+
 @pytest.mark.parametrize("body, status, field", [
     ({"user_id": "1", "k": 0}, 400, "k"),
     ({"user_id": "1", "k": 100000}, 400, "k"),

@@ -28,6 +28,8 @@ TINY = [
     "retrieval.embedding_dim=16", "retrieval.id_dim=16", "retrieval.feature_dim=8", "retrieval.hidden=[32]",
     "retrieval.batch_size=256", "retrieval.uniform_negatives=128", "retrieval.max_epochs=6",
     "retrieval.patience=6", "retrieval.temperature=0.1", "retrieval.learning_rate=0.01",
+    "retrieval.prior_betas=[0.0, 0.1]", "retrieval.baselines.als_factors=[4]", "retrieval.baselines.als_iterations=5",
+    "retrieval.baselines.als_impression_weight=[0.3]", "retrieval.baselines.covisit_pop_weight=[1.0]",
 ]
 
 
@@ -48,9 +50,17 @@ def test_fit_writes_the_stage_outputs(fitted, synthetic_tables):
                  "metrics.json", "recall_vs_k.png", "checkpoints/last.ckpt"):
         assert (out / name).exists(), name
     vecs = np.load(out / "item_vectors.npy")
-    assert vecs.dtype == np.float32 and vecs.shape == (len(synthetic_tables.items), 16)
-    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert vecs.dtype == np.float32 and vecs.shape == (len(synthetic_tables.items), 17)  # + the prior's dimension
+    np.testing.assert_allclose(np.linalg.norm(vecs[:, :16], axis=1), 1.0, atol=1e-5)
     meta = json.loads((out / "retrieval.json").read_text())
+    # The prior column is log(1 + positives) over the whole log; the user side carries the chosen beta.
+    log = pd.read_parquet(synthetic_tables.dir / "interactions.parquet")
+    counts = log[log["long_view"] > 0]["item_id"].astype(str).value_counts()
+    expect = np.log1p(synthetic_tables.items["item_id"].astype(str).map(counts).fillna(0).to_numpy())
+    np.testing.assert_allclose(vecs[:, 16], expect, rtol=1e-5)
+    assert meta["prior"]["beta"] in (0.0, 0.1) and meta["embedding_dim"] == 17
+    assert set(metrics["baselines"]) == {"popularity", "recent_popularity", "mf", "covisit"}
+    assert set(metrics["valid"]["prior_sweep"]) == {"0.0", "0.1"}
     layout = InputLayout.from_tables(synthetic_tables)
     assert meta["user_tower"]["inputs"][0]["columns"] == layout.user_cat
     assert meta["item_tower"]["inputs"][1]["columns"] == layout.item_num
@@ -78,10 +88,12 @@ def test_model_beats_popularity_on_synthetic_interests(fitted):
     # Users in the synthetic world pick items by topic interest: a working model must beat both the
     # non-personal baselines and a random ranking (expected recall@50 = 50 / candidates).
     assert m["test_users"] > 50
-    best_baseline = max(b["recall@50"] for b in m["baselines"].values())
-    assert m["model"]["recall@50"] > best_baseline + 0.03, m
+    popular = [m["baselines"][n] for n in ("popularity", "recent_popularity")]
+    assert m["model"]["recall@50"] > max(b["recall@50"] for b in popular) + 0.03, m
     assert m["model"]["recall@50"] > 2 * 50 / m["candidates"]
-    assert m["model"]["ndcg@50"] > max(b["ndcg@50"] for b in m["baselines"].values())
+    assert m["model"]["ndcg@50"] > max(b["ndcg@50"] for b in popular)
+    # The personal baselines learn the interests too (they are meant to be strong, not strawmen).
+    assert m["baselines"]["mf"]["recall@50"] > 2 * 50 / m["candidates"]
 
 
 def test_onnx_parity_on_fresh_inputs(fitted, synthetic_config, synthetic_tables):
@@ -106,12 +118,16 @@ def test_onnx_parity_on_fresh_inputs(fitted, synthetic_config, synthetic_tables)
         return {"item_cat": torch.stack([torch.randint(0, s, (b,), generator=g) for s in layout.item_cat_sizes], 1),
                 "item_num": torch.rand(b, n, generator=g) * 3}
 
-    for module, path, make in ((model.user_tower, "user_tower.onnx", users), (model.item_tower, "item_tower.onnx", items)):
+    from training.retrieval.model import PriorUserTower
+
+    beta = json.loads((out / "retrieval.json").read_text())["prior"]["beta"]
+    user_tower = PriorUserTower(model.user_tower, beta).eval()
+    for module, path, make in ((user_tower, "user_tower.onnx", users), (model.item_tower, "item_tower.onnx", items)):
         rep = check_parity(module, out / path, make, batch_sizes=(1, 5, 33))
         assert rep.max_abs_diff < 1e-4, (path, rep)
-    # The shipped catalogue vectors are the exported item tower on items.parquet.
+    # The shipped catalogue vectors are the exported item tower on items.parquet, plus the prior column.
     vecs = onnx_vectors(out / "item_tower.onnx", layout.item_arrays(synthetic_tables.items))
-    np.testing.assert_allclose(vecs, np.load(out / "item_vectors.npy"), atol=1e-6)
+    np.testing.assert_allclose(vecs, np.load(out / "item_vectors.npy")[:, :-1], atol=1e-6)
 
 
 def test_resume_continues_from_last_checkpoint(synthetic_config, synthetic_tables, tmp_path):
@@ -161,7 +177,12 @@ def test_evaluate_bundle_matches_fit_time_test_metrics(fitted, world, synthetic_
     # Item inputs by the column lists of retrieval.json, as serving builds them (the config written here
     # lists signals in another order, so the new build's feature_spec orders its numeric columns differently).
     meta = json.loads((rdir / "retrieval.json").read_text())
-    np.save(rdir / "item_vectors.npy", onnx_vectors(rdir / "item_tower.onnx", item_feeds(meta, tables.items)))
+    # The prior column as of the bundle's end: log(1 + positives) over everything before the test days.
+    seen = pd.read_parquet(tables.dir / "interactions.parquet")
+    counts = seen[seen["long_view"] > 0]["item_id"].astype(str).value_counts()
+    prior = np.log1p(tables.items["item_id"].astype(str).map(counts).fillna(0).to_numpy(np.float32))
+    vecs = onnx_vectors(rdir / "item_tower.onnx", item_feeds(meta, tables.items))
+    np.save(rdir / "item_vectors.npy", np.hstack([vecs, prior.reshape(-1, 1)]).astype(np.float32))
 
     later = tmp_path / "later.csv"
     world.log[world.log["time_ms"] >= test_start].to_csv(later, index=False)
@@ -174,3 +195,6 @@ def test_evaluate_bundle_matches_fit_time_test_metrics(fitted, world, synthetic_
         assert got["model"][key] == pytest.approx(value, abs=1e-4), key
     for key, value in metrics["baselines"]["popularity"].items():
         assert got["baselines"]["popularity"][key] == pytest.approx(value, abs=1e-12), key
+    # MF and co-visitation are refit on the bundle's data with the hyper-parameters the fit chose.
+    for name in ("mf", "covisit"):
+        assert got["baselines"][name]["recall@50"] == pytest.approx(metrics["baselines"][name]["recall@50"], abs=0.02)

@@ -119,3 +119,14 @@ def test_bad_factory_string_is_a_value_error():
         build_index(np.zeros((10, 4), np.float32), "NoSuchIndex")
     with pytest.raises(ValueError, match="IVF lists"):
         build_index(np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32), "IVF64,Flat")
+
+
+def test_top_k_stable_equals_a_stable_full_sort():
+    from training.retrieval.metrics import top_k_stable
+
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        s = rng.integers(0, 4, (6, 30)).astype(float)  # many ties
+        s[rng.random(s.shape) < 0.2] = -np.inf
+        k = int(rng.integers(1, 31))
+        np.testing.assert_array_equal(top_k_stable(s, k), np.argsort(-s, axis=1, kind="stable")[:, :k])

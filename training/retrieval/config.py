@@ -5,11 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from features.config import ConfigError
+from training.retrieval.baselines import BaselinesConfig
 
 
 @dataclass
 class RetrievalConfig:
-    positive_signal: str = "long_view"  # a row with this binary signal > 0 is a training positive
+    positive_signal: str = "long_view"  # what the evaluation counts as a hit (and a training positive)
+    # Training examples: every row whose weight is > 0, weight = impression_weight + sum of the weights of
+    # its binary signals that are > 0 (positive_signal weighs 1 unless signal_weights names it).
+    impression_weight: float = 0.0
+    signal_weights: dict[str, float] = field(default_factory=dict)
+    # Popularity prior added back at scoring: u.v + beta * log(1 + positives of the item), folded into
+    # one extra dimension on each side; beta is chosen on validation from this grid ([0] = no prior).
+    prior_betas: list[float] = field(default_factory=lambda: [0.0])
+    prior_days: float = 0.0  # count the prior over the last N days before the scored period (0 = all)
     embedding_dim: int = 64  # output size of both towers (the FAISS dimension)
     feature_dim: int = 16  # embedding size of each attribute column (user attributes, creator, category, ...)
     id_dim: int = 64  # embedding size of the user id and item id (the item id table is shared with history)
@@ -38,6 +47,24 @@ class RetrievalConfig:
     num_threads: int = 0  # torch intra-op threads for training; 0 = leave torch's default
     accelerator: str = "auto"
     seed: int | None = None  # None = the root `seed`
+    # Multi-channel candidates: quota mixes of `channel_total` tried on validation (ann gets the rest),
+    # judged by Recall@channel_total of the merged set; the best mix is what serving uses by default.
+    channel_total: int = 500
+    channel_covisit: list[int] = field(default_factory=lambda: [0, 50, 150])
+    channel_trending: list[int] = field(default_factory=lambda: [0, 50])
+    channel_fresh: list[int] = field(default_factory=lambda: [0, 20])
+    covisit_top: int = 50  # neighbours kept per item in the served co-visitation table
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+
+    def row_weights(self, rows) -> "np.ndarray":
+        """(R,) training weight of each row (a DataFrame with the signal columns); 0 = not an example."""
+        import numpy as np
+
+        weights = {self.positive_signal: 1.0, **self.signal_weights}
+        w = np.full(len(rows), self.impression_weight, dtype=np.float64)
+        for name, weight in weights.items():
+            w += weight * (rows[name].to_numpy() > 0)
+        return w
 
     def validate(self, binary_signals: list[str]) -> None:
         if self.positive_signal not in binary_signals:
@@ -55,5 +82,14 @@ class RetrievalConfig:
             raise ConfigError("retrieval.dropout and retrieval.id_dropout must be in [0, 1)")
         if self.monitor_k not in self.eval_ks:
             raise ConfigError(f"retrieval.monitor_k = {self.monitor_k} must be one of retrieval.eval_ks {self.eval_ks}")
+        unknown = sorted(set(self.signal_weights) - set(binary_signals))
+        if unknown:
+            raise ConfigError(f"retrieval.signal_weights names {unknown}, not binary signals; known: {binary_signals}")
+        if self.impression_weight < 0 or any(w < 0 for w in self.signal_weights.values()):
+            raise ConfigError("retrieval.impression_weight and retrieval.signal_weights must be >= 0")
+        if not self.prior_betas or self.prior_days < 0:
+            raise ConfigError(f"retrieval.prior_betas must list a value and prior_days be >= 0, got "
+                              f"{self.prior_betas}, {self.prior_days}")
+        self.baselines.validate()
         if self.recent_days <= 0:
             raise ConfigError(f"retrieval.recent_days must be > 0, got {self.recent_days}")

@@ -65,7 +65,7 @@ class InputLayout:
             "item_num": items[self.item_num].to_numpy(np.float32).reshape(len(items), len(self.item_num)),
         }
 
-    def to_json(self, embedding_dim: int) -> dict:
+    def to_json(self, embedding_dim: int, item_tower_dim: int | None = None) -> dict:
         return {
             "user_tower": {
                 "inputs": [
@@ -86,7 +86,7 @@ class InputLayout:
                     {"name": "item_num", "dtype": "float32", "shape": ["batch", len(self.item_num)],
                      "columns": self.item_num, "source": "items.parquet; raw values, normalised inside the model"},
                 ],
-                "output": {"name": "item_vec", "dtype": "float32", "shape": ["batch", embedding_dim]},
+                "output": {"name": "item_vec", "dtype": "float32", "shape": ["batch", item_tower_dim or embedding_dim]},
             },
         }
 
@@ -137,18 +137,22 @@ class TrainTensors:
     history: torch.Tensor  # (R, L)
     item_row: torch.Tensor  # (R,) catalogue row of the positive
     block: torch.Tensor  # (R,)
+    weight: torch.Tensor  # (R,) float32 loss weight of the example
 
     def __len__(self) -> int:
         return int(self.item_row.shape[0])
 
 
-def train_tensors(rows: pd.DataFrame, layout: InputLayout, feats: ItemFeatures) -> TrainTensors:
+def train_tensors(rows: pd.DataFrame, layout: InputLayout, feats: ItemFeatures,
+                  weight: np.ndarray | None = None) -> TrainTensors:
     arr = layout.user_arrays(rows)
+    w = np.ones(len(rows), np.float32) if weight is None else np.asarray(weight, np.float32)
     return TrainTensors(
         user_cat=torch.from_numpy(arr["user_cat"]),
         history=torch.from_numpy(arr["history"]),
         item_row=torch.from_numpy(feats.rows_of(rows["item_id"]).astype(np.int64)),
         block=torch.from_numpy(rows["block"].to_numpy(np.int64)),
+        weight=torch.from_numpy(w),
     )
 
 
@@ -163,4 +167,4 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
         i = torch.as_tensor(idx, dtype=torch.int64)
-        return self.t.user_cat[i], self.t.history[i], self.t.item_row[i], self.t.block[i]
+        return self.t.user_cat[i], self.t.history[i], self.t.item_row[i], self.t.block[i], self.t.weight[i]

@@ -3,7 +3,8 @@
 "Training" is the bundle's interactions.parquet (all its periods): candidates are the catalogue items that
 appear in it, test users are users that appear in it, each user's exclusions are the items it shows that
 user; the popularity baselines count the config signal's positives in it (recent: the last
-``retrieval.recent_days`` days before its end). User vectors come from the user tower on the serving
+``retrieval.recent_days`` days before its end); MF and co-visitation are refit on it with the
+hyper-parameters the fit chose on validation (``retrieval.json`` ``baselines``). User vectors come from the user tower on the serving
 snapshot features attached to ``rows`` (users.parquet history); item vectors are the bundle's
 ``item_vectors.npy`` (row i = items.parquet row i).
 """
@@ -20,6 +21,7 @@ from features.split import DAY_MS
 from features.tables import FeatureTables
 from training.config import TrainConfig
 from training.onnx_export import session
+from training.retrieval.baselines import make_scorer
 from training.retrieval.metrics import evaluate_all, make_eval_set, popularity_scores
 
 
@@ -66,6 +68,9 @@ def evaluate_retrieval(bundle_dir: Path, rows: pd.DataFrame, tables: FeatureTabl
     uv = sess.run(None, feeds)[0] if es.n_users else np.zeros((0, item_vectors.shape[1]), np.float32)
     recent_from = int(seen["ts"].max()) + 1 - int(cfg.retrieval.recent_days * DAY_MS)
     baselines = popularity_scores(seen, catalogue, es, signal, recent_from)
+    # MF and co-visitation with the hyper-parameters the fit chose on validation, refit on the bundle's data.
+    for name, params in (meta.get("baselines") or {}).items():
+        baselines[name] = make_scorer(name, params, cfg.retrieval.baselines, seen, catalogue, es, signal, cfg.seed)
     metrics, _ = evaluate_all(es, uv, item_vectors[es.candidates], baselines,
                               list(cfg.retrieval.eval_ks), list(cfg.retrieval.ndcg_ks))
     return metrics

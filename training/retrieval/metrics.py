@@ -73,6 +73,22 @@ def make_eval_set(
     return EvalSet(user_ids, first_row, candidates, exclude, targets)
 
 
+def top_k_stable(s: np.ndarray, k: int) -> np.ndarray:
+    """(c, k) column indices of each row's k largest scores, best first, ties to the lower column: the same
+    as ``np.argsort(-s, kind="stable")[:, :k]`` but by partition (O(N) per row, not O(N log N))."""
+    neg = -s
+    if k >= s.shape[1]:
+        return np.argsort(neg, axis=1, kind="stable")[:, :k]
+    kth = np.partition(neg, k - 1, axis=1)[:, k - 1 : k]  # (c, 1) the k-th best score
+    better = neg < kth
+    ties = neg == kth
+    room = k - better.sum(axis=1, keepdims=True)
+    sel = better | (ties & (np.cumsum(ties, axis=1) <= room))  # exactly k per row, tied ones by position
+    cols = np.nonzero(sel)[1].reshape(len(s), k)  # ascending column within each row
+    order = np.argsort(np.take_along_axis(neg, cols, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(cols, order, axis=1)
+
+
 def ranked_hits(
     score_chunk: Callable[[np.ndarray], np.ndarray], es: EvalSet, kmax: int, chunk: int = 1024
 ) -> np.ndarray:
@@ -90,7 +106,7 @@ def ranked_hits(
         ex = es.exclude[users]
         ex_rows = np.repeat(np.arange(len(users)), np.diff(ex.indptr))
         s[ex_rows, ex.indices] = -np.inf
-        idx = np.argsort(-s, axis=1, kind="stable")[:, :k]  # stable: ties go to the lower position
+        idx = top_k_stable(s, k)
         tg = es.targets[users].toarray().astype(bool)
         tg[ex_rows, ex.indices] = False  # an excluded item is never a hit, even when ranked (last) within k
         out[users, :k] = np.take_along_axis(tg, idx, axis=1)
@@ -140,6 +156,16 @@ def popularity_scores(
     return {"popularity": pop, "recent_popularity": recent}
 
 
+def weighted_counts(seen: pd.DataFrame, catalogue_item_ids: np.ndarray, weight: np.ndarray,
+                    from_ts: int | None = None) -> np.ndarray:
+    """(catalogue,) sum of ``weight`` over the seen rows of each item (rows with ts >= ``from_ts`` if given)."""
+    pos = pd.Index(np.asarray(catalogue_item_ids).astype(str)).get_indexer(seen["item_id"].astype(str))
+    ok = pos >= 0
+    if from_ts is not None:
+        ok &= seen["ts"].to_numpy() >= from_ts
+    return np.bincount(pos[ok], weights=np.asarray(weight, np.float64)[ok], minlength=len(catalogue_item_ids))
+
+
 CURVE_KS = [1, 5, 10, 20, 50, 100, 150, 200]
 
 
@@ -147,13 +173,14 @@ def evaluate_all(
     es: EvalSet,
     user_vecs: np.ndarray,
     item_vecs: np.ndarray,
-    baselines: dict[str, np.ndarray],
+    baselines: dict[str, np.ndarray | Callable[[np.ndarray], np.ndarray]],
     recall_ks: list[int],
     ndcg_ks: list[int],
 ) -> tuple[dict, dict[str, list[float]]]:
     """Metrics JSON "retrieval" section plus recall-vs-K curves for the plot.
 
-    ``user_vecs`` (U, D) in EvalSet user order; ``item_vecs`` (N, D) in candidate order.
+    ``user_vecs`` (U, D) in EvalSet user order; ``item_vecs`` (N, D) in candidate order; a baseline is
+    one (N,) score vector for every user or a ``score_chunk(user_positions) -> (c, N)`` callable.
     """
     kmax = max(recall_ks + ndcg_ks + CURVE_KS)
     n_pos = np.asarray(es.targets.sum(axis=1)).ravel()
@@ -163,7 +190,8 @@ def evaluate_all(
     out = {"model": recall_ndcg(hits, n_pos, recall_ks, ndcg_ks), "baselines": {}, "test_users": int(es.n_users)}
     curves = {"model": recall_curve(hits, n_pos, curve_ks)}
     for name, scores in baselines.items():
-        bh = ranked_hits(lambda u, s=scores: np.broadcast_to(s, (len(u), s.size)), es, kmax)
+        fn = scores if callable(scores) else (lambda u, s=scores: np.broadcast_to(s, (len(u), s.size)))
+        bh = ranked_hits(fn, es, kmax)
         out["baselines"][name] = recall_ndcg(bh, n_pos, recall_ks, ndcg_ks)
         curves[name] = recall_curve(bh, n_pos, curve_ks)
     out["candidates"] = int(es.candidates.size)

@@ -152,17 +152,36 @@ def sampled_softmax_loss(
     item_keys: torch.Tensor,
     log_q: torch.Tensor,
     temperature: float,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In-batch sampled softmax with logQ correction.
 
     user_vec (B, D); item_vec (B + M, D) whose first B rows are the positives of the B users, the rest
     extra (e.g. uniform) negatives; item_keys (B + M,) item identity, so another row's copy of a user's own
     positive is not counted as a negative; log_q (B + M,) log of each item's expected count in the
-    candidate pool, subtracted from the logits (logQ correction).
+    candidate pool, subtracted from the logits (logQ correction); weight (B,) per-example loss weights
+    (the weighted mean is returned).
     """
     b = user_vec.shape[0]
     logits = user_vec @ item_vec.T / temperature - log_q.unsqueeze(0)  # (B, B + M)
     accidental = item_keys.unsqueeze(0) == item_keys[:b].unsqueeze(1)
     accidental[torch.arange(b), torch.arange(b)] = False
     logits = logits.masked_fill(accidental, torch.finfo(logits.dtype).min)
-    return F.cross_entropy(logits, torch.arange(b, device=logits.device))
+    target = torch.arange(b, device=logits.device)
+    if weight is None:
+        return F.cross_entropy(logits, target)
+    return (F.cross_entropy(logits, target, reduction="none") * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+class PriorUserTower(nn.Module):
+    """The user tower with the popularity prior's weight appended: (B, D) -> (B, D + 1) = [u, beta], so that
+    [u, beta] . [v, log pop] = u.v + beta * log pop is one inner product (one FAISS search)."""
+
+    def __init__(self, tower: UserTower, beta: float):
+        super().__init__()
+        self.tower = tower
+        self.register_buffer("beta", torch.tensor([float(beta)]))
+
+    def forward(self, user_cat: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        u = self.tower(user_cat, history)
+        return torch.cat([u, self.beta.expand(u.shape[0], 1)], dim=1)

@@ -14,7 +14,8 @@ import logging
 import shutil
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 from pathlib import Path
 
 import lightning as L
@@ -30,15 +31,19 @@ from training.onnx_export import OPSET, check_parity, export_onnx, session
 from training.retrieval.config import RetrievalConfig
 from training.retrieval.data import BatchDataset, InputLayout, ItemFeatures, train_tensors
 from training.retrieval.index import build_and_measure
-from training.retrieval.metrics import EvalSet, evaluate_all, make_eval_set, plot_curves, popularity_scores
-from training.retrieval.model import ItemEmbeddings, ItemTower, TwoTower, UserTower
-from training.retrieval.task import RetrievalTask, Throughput, ValInputs, tower_vectors
+from training.retrieval.baselines import make_scorer, tune_baselines, tuned_json
+from training.retrieval.channels import build_tables, merged_recall, quota_grid
+from training.retrieval.metrics import (EvalSet, evaluate_all, make_eval_set, plot_curves, popularity_scores,
+                                        weighted_counts)
+from training.retrieval.model import ItemEmbeddings, ItemTower, PriorUserTower, TwoTower, UserTower
+from training.retrieval.task import RetrievalTask, Throughput, ValInputs, prior_sweep, tower_vectors
 from training.refit import RefitPlan
 
 FORMAT_VERSION = 1
 PARITY_TOL = 1e-4
 USER_ONNX, ITEM_ONNX = "user_tower.onnx", "item_tower.onnx"
 ITEM_VECTORS, INDEX, META, METRICS = "item_vectors.npy", "index.faiss", "retrieval.json", "metrics.json"
+CHANNELS = "channels.npz"
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,8 @@ def build_model(
     return TwoTower(user, item)
 
 
-def _val_inputs(es: EvalSet, rows: pd.DataFrame, layout: InputLayout, feats: ItemFeatures, block: int) -> ValInputs:
+def _val_inputs(es: EvalSet, rows: pd.DataFrame, layout: InputLayout, feats: ItemFeatures, block: int,
+                prior: np.ndarray | None = None) -> ValInputs:
     ua = layout.user_arrays(rows.iloc[es.first_row])
     return ValInputs(
         es,
@@ -73,7 +79,53 @@ def _val_inputs(es: EvalSet, rows: pd.DataFrame, layout: InputLayout, feats: Ite
         torch.from_numpy(ua["history"]),
         torch.from_numpy(feats.cat[es.candidates]),
         torch.from_numpy(np.ascontiguousarray(feats.num[block, es.candidates])),
+        None if prior is None else prior[es.candidates],
     )
+
+
+def log_prior(rc: RetrievalConfig, seen: pd.DataFrame, item_ids: np.ndarray, end_ts: int) -> np.ndarray:
+    """(catalogue,) log(1 + training weight of the item's rows), over the last ``prior_days`` before
+    ``end_ts`` (all seen rows when 0): the popularity the logQ correction took out of u.v."""
+    from_ts = int(end_ts - rc.prior_days * DAY_MS) if rc.prior_days > 0 else None
+    return np.log1p(weighted_counts(seen, item_ids, rc.row_weights(seen), from_ts)).astype(np.float32)
+
+
+def _with_prior(uv: np.ndarray, iv: np.ndarray, beta: float, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[u, beta] and [v, prior]: the folded vectors whose inner product is u.v + beta * prior."""
+    return (np.hstack([uv, np.full((len(uv), 1), beta, np.float32)]),
+            np.hstack([iv, prior.reshape(-1, 1).astype(np.float32)]))
+
+
+def _channels(rc: RetrievalConfig, seen: pd.DataFrame, period: pd.DataFrame, es: EvalSet, layout: InputLayout,
+              feats: ItemFeatures, tables: FeatureTables, window: int, start: int, score_chunk,
+              grid: list[dict[str, int]] | None) -> dict:
+    """Recall@channel_total of each channel and of the quota mixes, tables built from ``seen`` only."""
+    ch = build_tables(seen, tables.items, np.zeros(0, str), rc.positive_signal, window, rc.covisit_top,
+                      rc.recent_days, start)
+    hist = layout.user_arrays(period.iloc[es.first_row])["history"]
+    grid = grid or quota_grid(rc.channel_total, rc.channel_covisit, rc.channel_trending, rc.channel_fresh)
+    return merged_recall(es, score_chunk, hist, _idx_to_row(tables), ch, len(feats.item_ids), grid)
+
+
+def _idx_to_row(tables: FeatureTables) -> np.ndarray:
+    idx = tables.items["item_id_idx"].to_numpy(np.int64)
+    out = np.full(int(idx.max(initial=0)) + 1, -1, np.int64)
+    out[idx[idx > 0]] = np.flatnonzero(idx > 0)
+    return out
+
+
+def _baselines(rc: RetrievalConfig, train: pd.DataFrame, valid: pd.DataFrame, seen: pd.DataFrame,
+               item_ids: np.ndarray, val_es: EvalSet, test_es: EvalSet, split: dict, seed: int):
+    """Popularity scores and the MF / co-visitation scorers tuned on validation, refit on ``seen`` for test;
+    returns (validation scorers, test scorers, tuning record)."""
+    signal = rc.positive_signal
+    val = popularity_scores(train, item_ids, val_es, signal, int(split["valid_start"] - rc.recent_days * DAY_MS))
+    test = popularity_scores(seen, item_ids, test_es, signal, int(split["test_start"] - rc.recent_days * DAY_MS))
+    tuned = tune_baselines(rc.baselines, train, item_ids, val_es, signal, rc.monitor_k, seed)
+    for name, t in tuned.items():
+        val[name] = make_scorer(name, t.params, rc.baselines, train, item_ids, val_es, signal, seed)
+        test[name] = make_scorer(name, t.params, rc.baselines, seen, item_ids, test_es, signal, seed)
+    return val, test, tuned_json(tuned)
 
 
 def _random_inputs(layout: InputLayout, num_mean: np.ndarray, num_std: np.ndarray, seed: int):
@@ -145,7 +197,8 @@ def fit_retrieval(
     refit: RefitPlan | None = None,
 ) -> dict:
     """Train, evaluate on the test period, export, index. With ``refit``: train every row for the plan's
-    epochs (no validation), export and index; the metrics returned are the held-out fit's."""
+    epochs (no validation), export and index with the held-out fit's prior weight, channel quotas and
+    baseline settings; the metrics returned are what the refit did."""
     rc = cfg.retrieval
     rc.validate(cfg.data.binary_signals)
     out_dir = Path(out_dir)
@@ -168,10 +221,11 @@ def fit_retrieval(
     starts = list(split["block_starts"])
     valid_block, test_block = starts.index(split["valid_start"]), starts.index(split["test_start"])
     train, valid, test = (rows[rows["period"] == p] for p in ("train", "valid", "test"))
-    positives = train[train[signal] > 0]
+    weight = rc.row_weights(train)
+    positives = train[weight > 0]
     if positives.empty:
         raise ValueError(f"no training positives: no train-period row has {signal} > 0")
-    tt = train_tensors(positives, layout, feats)
+    tt = train_tensors(positives, layout, feats, weight[weight > 0])
     freq = np.bincount(tt.item_row.numpy(), minlength=len(feats.item_ids)) / len(tt)
     num = train[layout.item_num].to_numpy(np.float64)
     num_mean = np.nan_to_num(np.nanmean(num, axis=0)).astype(np.float32)
@@ -182,7 +236,10 @@ def fit_retrieval(
     if val_es is not None and val_es.n_users == 0:
         raise ValueError(f"the validation period has no user with a {signal} positive on a train item: "
                          "early stopping needs one; widen split.valid_* ")
-    val = _val_inputs(val_es, valid, layout, feats, valid_block) if val_es is not None else None
+    val = None
+    if val_es is not None:
+        val_prior = log_prior(rc, train, feats.item_ids, int(split["valid_start"]))
+        val = _val_inputs(val_es, valid, layout, feats, valid_block, val_prior)
     model = build_model(layout, feats, rc, num_mean, num_std)
     task = RetrievalTask(
         model, rc, torch.tensor(feats.cat), torch.from_numpy(feats.num), torch.from_numpy(freq),
@@ -218,7 +275,7 @@ def fit_retrieval(
         trainer.fit(task, train_dataloaders=train_dl, val_dataloaders=None if refit else val_dl, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - t_start
     if refit is not None:
-        return _refit_outputs(cfg, tables, out_dir, task.model.cpu().eval(), layout, feats, rows, refit,
+        return _refit_outputs(rc, tables, out_dir, task.model.cpu().eval(), layout, feats, rows, refit,
                               num_mean, num_std, seed, throughput, len(tt), train_seconds)
 
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else ckpt_dir / "best.ckpt"
@@ -227,28 +284,36 @@ def fit_retrieval(
     model = task.model.cpu().eval()
 
     # ---- evaluation: validation (the selection set) and test, each against both baselines
+    # The prior's weight beta is chosen on validation with the selected checkpoint, then fixed for test.
     kw = dict(recall_ks=list(rc.eval_ks), ndcg_ks=list(rc.ndcg_ks))
-    uv_val, iv_val = tower_vectors(model, _val_inputs(val_es, valid, layout, feats, valid_block))
-    val_metrics, _ = evaluate_all(
-        val_es, uv_val, iv_val,
-        popularity_scores(train, feats.item_ids, val_es, signal, int(split["valid_start"] - rc.recent_days * DAY_MS)),
-        **kw,
-    )
+    uv_val, iv_val = tower_vectors(model, val)
+    monitor_first = [rc.monitor_k] + [k for k in rc.eval_ks if k != rc.monitor_k]
+    beta, sweep = prior_sweep(val_es, uv_val, iv_val, val.prior, list(rc.prior_betas), monitor_first, [])
     seen = rows[rows["period"] != "test"]
     test_es = make_eval_set(seen, test, feats.item_ids, signal)
-    uv, iv = tower_vectors(model, _val_inputs(test_es, test, layout, feats, test_block))
-    baselines = popularity_scores(seen, feats.item_ids, test_es, signal, int(split["test_start"] - rc.recent_days * DAY_MS))
-    metrics, curves = evaluate_all(test_es, uv, iv, baselines, **kw)
+    val_base, test_base, tuning = _baselines(rc, train, valid, seen, feats.item_ids, val_es, test_es, split, seed)
+    val_metrics_vectors = _with_prior(uv_val, iv_val, beta, val.prior)
+    val_metrics, _ = evaluate_all(val_es, *val_metrics_vectors, val_base, **kw)
+    val_metrics["prior_sweep"] = {str(b): m for b, m in sweep.items()}
+    val_metrics["baseline_sweep"] = tuning
+    test_prior = log_prior(rc, seen, feats.item_ids, int(split["test_start"]))
+    test_in = _val_inputs(test_es, test, layout, feats, test_block, test_prior)
+    uv, iv = _with_prior(*tower_vectors(model, test_in), beta, test_in.prior)
+    metrics, curves = evaluate_all(test_es, uv, iv, test_base, **kw)
+    window = int(tuning.get("covisit", {}).get("params", {}).get("window", 10))
+    val_ch = _channels(rc, train, valid, val_es, layout, feats, tables, window, int(split["valid_start"]),
+                       lambda u: val_metrics_vectors[0][u] @ val_metrics_vectors[1].T, None)
+    quotas = max(val_ch["merged"], key=lambda r: r[f"recall@{rc.channel_total}"])["quotas"]
+    test_ch = _channels(rc, seen, test, test_es, layout, feats, tables, window, int(split["test_start"]),
+                        lambda u: uv[u] @ iv.T, [quotas])
+    metrics["channels"] = {"quotas": quotas, "k": rc.channel_total, "single": test_ch["single"],
+                           "merged": test_ch["merged"][0][f"recall@{rc.channel_total}"]}
+    val_metrics["channel_sweep"] = val_ch
     plot_curves(curves, out_dir / "recall_vs_k.png", f"test period: Recall@K ({metrics['test_users']} users)")
 
-    # ---- export, catalogue vectors, index
-    parity = _export_towers(model, layout, out_dir, num_mean, num_std, seed)
-    item_vectors = onnx_vectors(out_dir / ITEM_ONNX, layout.item_arrays(tables.items))
-    np.save(out_dir / ITEM_VECTORS, item_vectors)
-    index = build_and_measure(
-        item_vectors, uv, rc.index_factory, out_dir / INDEX, rc.index_recall_k, rc.hnsw_ef_search, rc.ivf_nprobe, seed,
-        rc.hnsw_ef_construction,
-    )
+    # ---- export, catalogue vectors, channels, index
+    shipped = _ship(rc, out_dir, model, beta, layout, feats, tables, rows, num_mean, num_std, seed, window,
+                    lambda: uv, "test-period users' query vectors")
 
     best_epoch = int(best["epoch"])
     training = {
@@ -258,90 +323,132 @@ def fit_retrieval(
         "resumed_from_epoch": resumed_from,
         "epochs_run_now": len(throughput.epochs),
         "train_positives": len(tt),
+        "train_weight": round(float(tt.weight.sum()), 1),
         "samples_per_s": round(throughput.samples_per_s, 1),
         "wall_seconds": round(train_seconds, 1),
         "val_history": history.rows,
     }
     metrics = {**metrics, "valid": val_metrics, "training": training,
                "protocol": {"signal": signal, "seen_periods": ["train", "valid"], "evaluated_period": "test",
-                            "recent_days": rc.recent_days}}
+                            "recent_days": rc.recent_days, "prior_beta": beta,
+                            "baselines": {n: t["params"] for n, t in tuning.items()}}}
     (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))
     if history.rows:
         _plot_history(history.rows, out_dir / "val_recall_by_epoch.png", task.val_metric)
 
-    meta = _meta(rc, layout, feats, item_vectors, index, parity, "test-period users' query vectors",
+    meta = _meta(rc, shipped, beta, quotas, window, {n: t["params"] for n, t in tuning.items()},
                  {k: v for k, v in training.items() if k != "val_history"}, metrics)
     (out_dir / META).write_text(json.dumps(meta, indent=2))
-    _log_mlflow(out_dir, metrics, index, parity)
+    _log_mlflow(out_dir, metrics, shipped.index, shipped.parity)
     return metrics
 
 
-def _export_towers(model: TwoTower, layout: InputLayout, out_dir: Path, num_mean: np.ndarray, num_std: np.ndarray,
-                   seed: int) -> dict[str, float]:
+@dataclass
+class _Shipped:
+    """What the stage ships to the bundle: towers (parity-checked), item vectors, channel tables, index."""
+
+    parity: dict[str, float]
+    item_vectors: np.ndarray
+    item_ids: np.ndarray
+    index: Any
+    layout_json: dict
+    query_source: str
+
+
+def _ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, beta: float, layout: InputLayout, feats: ItemFeatures,
+          tables: FeatureTables, rows: pd.DataFrame, num_mean: np.ndarray, num_std: np.ndarray, seed: int,
+          window: int, queries: Callable[[], np.ndarray], query_source: str) -> _Shipped:
+    """Export the towers (the user tower carrying the prior's beta), the catalogue vectors, the channel
+    tables and the index; ``queries()`` (called after the export) gives the index-recall query vectors."""
     user_make, item_make = _random_inputs(layout, num_mean, num_std, seed)
-    export_onnx(model.user_tower, user_make(2), out_dir / USER_ONNX, ["user_vec"])
+    user_tower = PriorUserTower(model.user_tower, beta).eval()
+    export_onnx(user_tower, user_make(2), out_dir / USER_ONNX, ["user_vec"])
     export_onnx(model.item_tower, item_make(2), out_dir / ITEM_ONNX, ["item_vec"])
     parity = {
-        "user_tower": check_parity(model.user_tower, out_dir / USER_ONNX, user_make).max_abs_diff,
+        "user_tower": check_parity(user_tower, out_dir / USER_ONNX, user_make).max_abs_diff,
         "item_tower": check_parity(model.item_tower, out_dir / ITEM_ONNX, item_make).max_abs_diff,
     }
     if max(parity.values()) > PARITY_TOL:
         raise RuntimeError(f"ONNX parity failed: max abs diff {parity} > {PARITY_TOL}")
-    return parity
+    # Served vectors: the prior counted over every row of the bundle's data (what serving knows).
+    serve_prior = log_prior(rc, rows, feats.item_ids, int(rows["ts"].max()) + 1)
+    item_vectors = np.hstack([onnx_vectors(out_dir / ITEM_ONNX, layout.item_arrays(tables.items)),
+                              serve_prior.reshape(-1, 1)]).astype(np.float32)
+    np.save(out_dir / ITEM_VECTORS, item_vectors)
+    build_tables(rows, tables.items, tables.users["user_id"].astype(str).to_numpy(), rc.positive_signal, window,
+                 rc.covisit_top, rc.recent_days, int(rows["ts"].max()) + 1).save(out_dir / CHANNELS)
+    index = build_and_measure(
+        item_vectors, queries(), rc.index_factory, out_dir / INDEX, rc.index_recall_k, rc.hnsw_ef_search,
+        rc.ivf_nprobe, seed, rc.hnsw_ef_construction,
+    )
+    return _Shipped(parity, item_vectors, feats.item_ids, index, layout.to_json(rc.embedding_dim + 1, rc.embedding_dim),
+                    query_source)
 
 
-def _meta(rc: RetrievalConfig, layout: InputLayout, feats: ItemFeatures, item_vectors: np.ndarray, index,
-          parity: dict[str, float], query_source: str, training: dict, metrics: dict) -> dict:
-    """``retrieval.json``: what serving needs to run the towers and the index, and the held-out metrics."""
+def _meta(rc: RetrievalConfig, shipped: _Shipped, beta: float, quotas: dict, window: int, baselines: dict,
+          training: dict, metrics: dict) -> dict:
+    """``retrieval.json``: what serving needs to run the towers, the index and the channels, and the metrics."""
+    index = shipped.index
     return {
         "format_version": FORMAT_VERSION,
-        "embedding_dim": rc.embedding_dim,
-        "similarity": "inner product of L2-normalised vectors",
+        "embedding_dim": rc.embedding_dim + 1,
+        "similarity": "inner product: L2-normalised tower outputs plus the popularity prior's dimension",
+        "prior": {"beta": beta, "dimension": rc.embedding_dim, "days": rc.prior_days,
+                  "user_side": "beta (constant)", "item_side": "log(1 + training weight of the item's rows)"},
         "temperature": rc.temperature,
         "positive_signal": rc.positive_signal,
         "opset": OPSET,
-        **layout.to_json(rc.embedding_dim),
-        "files": {"user_tower": USER_ONNX, "item_tower": ITEM_ONNX, "item_vectors": ITEM_VECTORS, "index": INDEX},
-        "item_vectors": {"file": ITEM_VECTORS, "dtype": "float32", "shape": list(item_vectors.shape),
+        **shipped.layout_json,
+        "files": {"user_tower": USER_ONNX, "item_tower": ITEM_ONNX, "item_vectors": ITEM_VECTORS, "index": INDEX,
+                  "channels": CHANNELS},
+        "channels": {"file": CHANNELS, "quotas": quotas, "order": list(quotas),
+                     "covisit": {"window": window, "top": rc.covisit_top, "signal": rc.positive_signal},
+                     "trending_days": rc.recent_days, "seen": "every item shown to each users.parquet user",
+                     "rows": "items.parquet rows; seen rows = users.parquet rows"},
+        "item_vectors": {"file": ITEM_VECTORS, "dtype": "float32", "shape": list(shipped.item_vectors.shape),
                          "row_order": "items.parquet rows (row i = items.parquet row i)",
                          "features": "serving snapshot of items.parquet",
-                         "item_ids": feats.item_ids.tolist()},
+                         "item_ids": shipped.item_ids.tolist()},
         "index": {"file": INDEX, "factory": index.factory, "metric": "inner_product", "ntotal": index.ntotal,
                   "search_params": index.search_params, "rows": "same as item_vectors",
                   f"recall@{index.k}_vs_exact": index.recall_vs_exact, "recall_queries": index.queries,
-                  "recall_query_source": query_source},
-        "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOL},
+                  "recall_query_source": shipped.query_source},
+        "baselines": baselines,  # chosen on validation; evaluate refits them
+        "parity": {"max_abs_diff": shipped.parity, "tolerance": PARITY_TOL},
         "config": asdict(rc),
         "training": training,
-        "metrics": {k: metrics[k] for k in ("model", "baselines", "test_users") if k in metrics},
+        "metrics": {k: metrics[k] for k in ("model", "baselines", "test_users", "channels") if k in metrics},
     }
 
 
-def _refit_outputs(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, model: TwoTower, layout: InputLayout,
+def _refit_outputs(rc: RetrievalConfig, tables: FeatureTables, out_dir: Path, model: TwoTower, layout: InputLayout,
                    feats: ItemFeatures, rows: pd.DataFrame, refit: RefitPlan, num_mean: np.ndarray,
                    num_std: np.ndarray, seed: int, throughput: Throughput, positives: int,
                    train_seconds: float) -> dict:
-    """The refit's towers, catalogue vectors and index; ``retrieval.json`` carries the held-out metrics."""
-    rc = cfg.retrieval
-    parity = _export_towers(model, layout, out_dir, num_mean, num_std, seed)
-    item_vectors = onnx_vectors(out_dir / ITEM_ONNX, layout.item_arrays(tables.items))
-    np.save(out_dir / ITEM_VECTORS, item_vectors)
-    queries = onnx_vectors(out_dir / USER_ONNX, _refit_queries(rows, layout, 2000, seed))
-    index = build_and_measure(item_vectors, queries, rc.index_factory, out_dir / INDEX, rc.index_recall_k,
-                              rc.hnsw_ef_search, rc.ivf_nprobe, seed, rc.hnsw_ef_construction)
+    """The refit ships with the held-out fit's prior weight, channel quotas and baseline settings;
+    ``retrieval.json`` carries the held-out metrics."""
     held = refit.held_out
-    training = {"epochs": refit.epochs, "train_positives": positives, "samples_per_s": round(throughput.samples_per_s, 1),
-                "wall_seconds": round(train_seconds, 1)}
-    meta = _meta(rc, layout, feats, item_vectors, index, parity, "refit: users' latest training rows", training, held)
+    protocol = held.get("protocol", {})
+    beta = float(protocol.get("prior_beta", 0.0))
+    baselines = protocol.get("baselines", {})
+    window = int(baselines.get("covisit", {}).get("window", 10))
+    quotas = held.get("channels", {}).get("quotas", {"ann": rc.channel_total})
+    # The index's recall is measured on the exported user tower's vectors of users' latest rows.
+    shipped = _ship(rc, out_dir, model, beta, layout, feats, tables, rows, num_mean, num_std, seed, window,
+                    lambda: onnx_vectors(out_dir / USER_ONNX, _refit_queries(rows, layout, 2000, seed)),
+                    "refit: users' latest training rows")
+    training = {"epochs": refit.epochs, "train_positives": positives,
+                "samples_per_s": round(throughput.samples_per_s, 1), "wall_seconds": round(train_seconds, 1)}
+    meta = _meta(rc, shipped, beta, quotas, window, baselines, training, held)
     meta["refit"] = {"epochs": refit.epochs, "rows": len(rows)}
     (out_dir / META).write_text(json.dumps(meta, indent=2))
-    report = {"training": training, "index_recall_vs_exact": index.recall_vs_exact,
-              "parity_max_abs_diff": max(parity.values())}
+    report = {"training": training, "index_recall_vs_exact": shipped.index.recall_vs_exact,
+              "parity_max_abs_diff": max(shipped.parity.values()), "prior_beta": beta}
     import mlflow
 
     if mlflow.active_run() is not None:
         mlflow.log_metrics({"refit/retrieval/samples_per_s": training["samples_per_s"],
-                            "refit/retrieval/index_recall_vs_exact": index.recall_vs_exact})
+                            "refit/retrieval/index_recall_vs_exact": shipped.index.recall_vs_exact})
         mlflow.log_artifact(str(out_dir / META), artifact_path="refit/retrieval")
     return report
 
@@ -377,6 +484,11 @@ def _log_mlflow(out_dir: Path, metrics: dict, index, parity: dict) -> None:
     for b, vals in metrics["baselines"].items():
         for name, v in vals.items():
             flat[f"retrieval/test/{b}/{_mlflow_name(name)}"] = v
+    ch = metrics.get("channels")
+    if ch:
+        for name, v in ch["single"].items():
+            flat[f"retrieval/test/channel_{name}/recall_at_{ch['k']}"] = v
+        flat[f"retrieval/test/channels_merged/recall_at_{ch['k']}"] = ch["merged"]
     flat["retrieval/test_users"] = metrics["test_users"]
     flat["retrieval/index_recall_vs_exact"] = index.recall_vs_exact
     flat["retrieval/parity_max_abs_diff"] = max(parity.values())

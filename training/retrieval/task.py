@@ -23,6 +23,22 @@ class ValInputs:
     history: torch.Tensor  # (U, L)
     item_cat: torch.Tensor  # (N, m) candidates
     item_num: torch.Tensor  # (N, n)
+    prior: np.ndarray | None = None  # (N,) log popularity of the candidates, for u.v + beta * prior
+
+
+def prior_sweep(es: EvalSet, uv: np.ndarray, iv: np.ndarray, prior: np.ndarray | None, betas: list[float],
+                recall_ks: list[int], ndcg_ks: list[int]) -> tuple[float, dict[float, dict[str, float]]]:
+    """Metrics of u.v + beta * prior for each beta; returns the beta with the best first-K recall and all."""
+    kmax = max(recall_ks + ndcg_ks)
+    n_pos = np.asarray(es.targets.sum(axis=1)).ravel()
+    out = {}
+    for beta in (betas if prior is not None else [0.0]):
+        add = 0.0 if prior is None or beta == 0 else (beta * prior).astype(np.float32)[None, :]
+        hits = ranked_hits(lambda u: uv[u] @ iv.T + add, es, kmax)
+        out[float(beta)] = recall_ndcg(hits, n_pos, recall_ks, ndcg_ks)
+    key = f"recall@{recall_ks[0]}"
+    best = max(out, key=lambda b: (out[b][key], -abs(b)))
+    return best, out
 
 
 def tower_vectors(model: TwoTower, v: ValInputs, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +85,7 @@ class RetrievalTask(L.LightningModule):
         return ids * keep
 
     def training_step(self, batch, batch_idx):
-        user_cat, history, item_row, block = batch
+        user_cat, history, item_row, block, weight = batch
         b, m = item_row.shape[0], self.cfg.uniform_negatives
         neg = self.vocab_rows[torch.randint(len(self.vocab_rows), (m,), device=item_row.device)]
         rows = torch.cat([item_row, neg])
@@ -86,7 +102,7 @@ class RetrievalTask(L.LightningModule):
             log_q = torch.log(b * self.positive_freq[rows] + m / len(self.vocab_rows))
         else:
             log_q = torch.zeros(len(rows), device=rows.device)
-        loss = sampled_softmax_loss(u, v, rows, log_q, self.cfg.temperature)
+        loss = sampled_softmax_loss(u, v, rows, log_q, self.cfg.temperature, weight)
         self.log("retrieval/train_loss", loss, on_step=False, on_epoch=True, batch_size=b)
         return loss
 
@@ -97,12 +113,11 @@ class RetrievalTask(L.LightningModule):
         if self.val is None or self.trainer.sanity_checking:
             return
         uv, iv = tower_vectors(self.model, self.val)
-        ks = sorted(set(self.cfg.eval_ks + self.cfg.ndcg_ks))
-        hits = ranked_hits(lambda u: uv[u] @ iv.T, self.val.es, max(ks))
-        n_pos = np.asarray(self.val.es.targets.sum(axis=1)).ravel()
-        res = recall_ndcg(hits, n_pos, self.cfg.eval_ks, self.cfg.ndcg_ks)
-        for name, value in res.items():
+        ks = [self.cfg.monitor_k] + [k for k in self.cfg.eval_ks if k != self.cfg.monitor_k]
+        beta, sweep = prior_sweep(self.val.es, uv, iv, self.val.prior, self.cfg.prior_betas, ks, self.cfg.ndcg_ks)
+        for name, value in sweep[beta].items():  # the epoch is judged with its best prior weight
             self.log(f"retrieval/val_{name.replace('@', '_at_')}", value)
+        self.log("retrieval/val_prior_beta", beta)
 
 
 class Throughput(L.Callback):

@@ -1,0 +1,147 @@
+"""Candidate channels beside the two-tower ANN, as plain arrays both layers share (no torch): the
+co-visitation table, the trending and fresh lists, each user's seen set, and the quota merge.
+
+Training builds the tables from the bundle's log and stores them in ``retrieval/channels.npz``; serving
+reads them back and merges the channels per request with the same :func:`merge_channels`, and the offline
+evaluation uses the same function, so the recall measured is the recall served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+CHANNELS = ("ann", "covisit", "trending", "fresh")
+
+
+def covisit_matrix(user: np.ndarray, item: np.ndarray, ts: np.ndarray, n_items: int, window: int) -> sp.csr_matrix:
+    """Symmetric (N, N) co-visitation weights: two positives of one user at most ``window`` apart in the
+    user's time order, weighted 1 / distance. ``item`` are item positions in 0..n_items-1."""
+    order = np.lexsort((ts, user))
+    u, it = user[order], item[order]
+    rows, cols, vals = [], [], []
+    for d in range(1, window + 1):
+        same = u[d:] == u[:-d]
+        a, b = it[:-d][same], it[d:][same]
+        keep = a != b
+        rows += [a[keep], b[keep]]
+        cols += [b[keep], a[keep]]
+        vals += [np.full(int(keep.sum()), 1.0 / d)] * 2
+    if not rows:
+        return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+    c = sp.csr_matrix((np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(n_items, n_items))
+    c.sum_duplicates()
+    return c
+
+
+def row_normalise(c: sp.csr_matrix) -> sp.csr_matrix:
+    """Each row sums to 1 (a history item spreads one vote over its neighbours)."""
+    deg = np.asarray(c.sum(axis=1)).ravel()
+    return (sp.diags(1.0 / np.maximum(deg, 1e-9)).astype(np.float32) @ c).tocsr()
+
+
+def top_per_row(c: sp.csr_matrix, top: int) -> sp.csr_matrix:
+    """Keep each row's ``top`` largest entries (ties: lower column first): a compact table to serve."""
+    c = c.tocsr()
+    rows, cols, vals = [], [], []
+    for r in range(c.shape[0]):
+        lo, hi = c.indptr[r], c.indptr[r + 1]
+        if hi == lo:
+            continue
+        idx, v = c.indices[lo:hi], c.data[lo:hi]
+        keep = np.lexsort((idx, -v))[:top]
+        rows.append(np.full(len(keep), r))
+        cols.append(idx[keep])
+        vals.append(v[keep])
+    if not rows:
+        return sp.csr_matrix(c.shape, dtype=np.float32)
+    out = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=c.shape,
+                        dtype=np.float32)
+    out.sort_indices()
+    return out
+
+
+def history_weights(history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(items, weights) of one user's history (most recent last, 0 = padding): weight 1 for the newest
+    down to 1/L, the same recency weighting as :func:`recent_positions`."""
+    h = history[history > 0]
+    return h, (1.0 / np.arange(len(h), 0, -1)).astype(np.float32)
+
+
+def covisit_top(table: sp.csr_matrix, items: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+    """Top-``n`` columns of sum_i weights[i] * table[items[i]] (ties: lower column first)."""
+    if not len(items) or n <= 0:
+        return np.zeros(0, np.int64)
+    cols, vals = [], []
+    for i, w in zip(items.tolist(), weights.tolist()):
+        lo, hi = table.indptr[i], table.indptr[i + 1]
+        cols.append(table.indices[lo:hi])
+        vals.append(table.data[lo:hi] * w)
+    c, v = np.concatenate(cols), np.concatenate(vals)
+    if not len(c):
+        return np.zeros(0, np.int64)
+    uniq, inv = np.unique(c, return_inverse=True)
+    score = np.bincount(inv, weights=v)
+    order = np.lexsort((uniq, -score))[:n]
+    return uniq[order].astype(np.int64)
+
+
+def merge_channels(lists: dict[str, np.ndarray], quotas: dict[str, int], blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge ranked candidate lists: channels in ``quotas`` order, each adding up to its quota of items not
+    ``blocked`` (a bool mask over rows: seen, excluded, not servable) and not taken by an earlier channel.
+
+    Returns (rows, channel index into ``list(quotas)``)."""
+    taken = blocked.copy()
+    rows, tags = [], []
+    for ci, (name, quota) in enumerate(quotas.items()):
+        cand = lists.get(name)
+        if cand is None or quota <= 0 or not len(cand):
+            continue
+        cand = cand[~taken[cand]]
+        cand = cand[np.sort(np.unique(cand, return_index=True)[1])][:quota]  # first copy, ranked order
+        taken[cand] = True
+        rows.append(cand)
+        tags.append(np.full(len(cand), ci, np.int8))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int8)
+    return np.concatenate(rows).astype(np.int64), np.concatenate(tags)
+
+
+@dataclass
+class ChannelTables:
+    """What the channels need, over catalogue rows (items.parquet order) and users.parquet rows.
+
+    ``covisit`` (N, N) CSR, top neighbours per item; ``trending`` rows by recent popularity; ``fresh``
+    rows newest upload first; ``seen`` (U, N) CSR of every item shown to the user in the bundle's data."""
+
+    covisit: sp.csr_matrix
+    trending: np.ndarray
+    fresh: np.ndarray
+    seen: sp.csr_matrix
+
+    def save(self, path: str | Path) -> None:
+        c, s = self.covisit.tocsr(), self.seen.tocsr()
+        np.savez_compressed(
+            path, covisit_indptr=c.indptr.astype(np.int64), covisit_indices=c.indices.astype(np.int32),
+            covisit_data=c.data.astype(np.float32), n_items=np.int64(c.shape[0]),
+            trending=self.trending.astype(np.int32), fresh=self.fresh.astype(np.int32),
+            seen_indptr=s.indptr.astype(np.int64), seen_indices=s.indices.astype(np.int32), n_users=np.int64(s.shape[0]),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ChannelTables":
+        z = np.load(path, allow_pickle=False)
+        n, u = int(z["n_items"]), int(z["n_users"])
+        cov = sp.csr_matrix((z["covisit_data"], z["covisit_indices"], z["covisit_indptr"]), shape=(n, n))
+        seen = sp.csr_matrix((np.ones(len(z["seen_indices"]), np.int8), z["seen_indices"], z["seen_indptr"]),
+                             shape=(u, n))
+        return cls(cov, z["trending"].astype(np.int64), z["fresh"].astype(np.int64), seen)
+
+    def seen_rows(self, user_row: int) -> np.ndarray:
+        if user_row < 0 or user_row >= self.seen.shape[0]:
+            return np.zeros(0, np.int64)
+        return self.seen.indices[self.seen.indptr[user_row]:self.seen.indptr[user_row + 1]].astype(np.int64)

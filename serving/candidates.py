@@ -1,0 +1,90 @@
+"""Multi-channel candidates per request: two-tower ANN, co-visitation from the user's recent positives,
+trending and fresh lists, merged with per-channel quotas (:func:`features.candidates.merge_channels`,
+the same code the offline evaluation measured), minus everything the user has already seen.
+
+"Seen" = the items the bundle's data showed the user (``channels.npz``), the request's
+``exclude_item_ids`` and ``seen_item_ids``, and the ``seen_item_ids`` of the user's earlier requests
+within ``serving.seen_window_s`` (:class:`SeenMemory`, bounded in users and items per user).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+
+from features.candidates import ChannelTables, covisit_top, history_weights, merge_channels
+
+CHANNEL_REASONS = ("channel:ann", "channel:covisit", "channel:trending", "channel:fresh", "channel:exposure")
+
+
+class SeenMemory:
+    """Items each user reported as seen, remembered for ``window_s`` seconds; least recently active users
+    are dropped beyond ``max_users`` and each user keeps at most ``max_items`` (the newest)."""
+
+    def __init__(self, window_s: float, max_users: int, max_items: int, clock=time.monotonic):
+        self.window_s, self.max_users, self.max_items = window_s, max_users, max_items
+        self._clock = clock
+        self._users: OrderedDict[str, OrderedDict[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def add_and_get(self, user_id: str, item_ids: Sequence[str]) -> list[str]:
+        """Remember ``item_ids`` for the user; return every item remembered for them, expired ones dropped."""
+        now = self._clock()
+        with self._lock:
+            items = self._users.pop(user_id, None)
+            if items is None:
+                if not item_ids:
+                    return []
+                items = OrderedDict()
+            for i in item_ids:
+                items.pop(i, None)
+                items[i] = now
+            while items and next(iter(items.values())) < now - self.window_s:
+                items.popitem(last=False)
+            while len(items) > self.max_items:
+                items.popitem(last=False)
+            if items:
+                self._users[user_id] = items  # most recently active last
+            while len(self._users) > self.max_users:
+                self._users.popitem(last=False)
+            return list(items)
+
+
+def channel_quotas(configured: dict[str, int], bundle_quotas: dict[str, int] | None, total: int,
+                   has_tables: bool) -> dict[str, int]:
+    """Config quotas win; else the bundle's mix (chosen on validation) scaled to ``total`` candidates (the
+    ANN takes the rounding); else the ANN alone for ``total``."""
+    if configured:
+        return dict(configured)
+    if not bundle_quotas or not has_tables or sum(bundle_quotas.values()) <= 0:
+        return {"ann": total}
+    scale = total / sum(bundle_quotas.values())
+    out = {name: int(q * scale) for name, q in bundle_quotas.items()}
+    out["ann"] = out.get("ann", 0) + total - sum(out.values())
+    return out
+
+
+def merge_for_user(tables: ChannelTables | None, quotas: dict[str, int], ann: np.ndarray, history: np.ndarray,
+                   idx_to_row: np.ndarray, blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, reason index into CHANNEL_REASONS) of the merged candidates for one request."""
+    lists = {"ann": ann}
+    if tables is not None:
+        if quotas.get("covisit", 0) > 0:
+            items, w = history_weights(history)
+            ok = items < len(idx_to_row)
+            rows, w = idx_to_row[items[ok]], w[ok]
+            keep = rows >= 0
+            lists["covisit"] = covisit_top(tables.covisit, rows[keep], w[keep], quotas["covisit"] + 50)
+        n = max(quotas.get("trending", 0), quotas.get("fresh", 0)) + 1000
+        lists["trending"], lists["fresh"] = tables.trending[:n], tables.fresh[:n]
+    rows, tags = merge_channels(lists, quotas, blocked)
+    names = list(quotas)
+    reason = np.array([CHANNEL_REASONS.index(f"channel:{names[t]}") for t in range(len(names))], np.int8)
+    return rows, reason[tags] if len(tags) else tags

@@ -1,0 +1,76 @@
+"""Channel tables and the quota merge against plain loops on tiny seeded data."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import scipy.sparse as sp
+
+from features.candidates import (ChannelTables, covisit_matrix, covisit_top, history_weights, merge_channels,
+                                 row_normalise, top_per_row)
+
+
+def _log(seed: int = 0, n: int = 300, users: int = 20, items: int = 30):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, users, n), rng.integers(0, items, n), rng.permutation(n) * 1000, items
+
+
+def test_covisit_matrix_matches_loop():
+    user, item, ts, n_items = _log()
+    got = covisit_matrix(user, item, ts, n_items, window=3).toarray()
+    want = np.zeros((n_items, n_items))
+    for u in np.unique(user):
+        seq = item[user == u][np.argsort(ts[user == u])]
+        for a in range(len(seq)):
+            for b in range(a + 1, min(a + 4, len(seq))):
+                if seq[a] != seq[b]:
+                    want[seq[a], seq[b]] += 1 / (b - a)
+                    want[seq[b], seq[a]] += 1 / (b - a)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_top_per_row_and_scores_match_loop():
+    user, item, ts, n_items = _log(1)
+    c = row_normalise(covisit_matrix(user, item, ts, n_items, window=5))
+    np.testing.assert_allclose(np.asarray(c.sum(1)).ravel()[np.diff(c.indptr) > 0], 1.0, rtol=1e-5)
+    t = top_per_row(c, 4)
+    dense = c.toarray()
+    for r in range(n_items):
+        keep = sorted(np.flatnonzero(dense[r]), key=lambda j: (-dense[r, j], j))[:4]
+        assert sorted(t[r].indices.tolist()) == sorted(keep)
+    history = np.array([0, 0, 3, 7, 3, 11])  # padding 0, most recent last
+    items, w = history_weights(history)
+    assert items.tolist() == [3, 7, 3, 11]
+    np.testing.assert_allclose(w, [0.25, 1 / 3, 0.5, 1.0], rtol=1e-6)
+    score = defaultdict(float)
+    td = t.toarray()
+    for i, wi in zip(items, w):
+        for j in np.flatnonzero(td[i]):
+            score[j] += wi * td[i, j]
+    want = sorted(score, key=lambda j: (-score[j], j))[:5]
+    assert covisit_top(t, items, w, 5).tolist() == want
+
+
+def test_merge_respects_quotas_order_blocks_and_dedup():
+    lists = {"ann": np.array([5, 1, 2, 3, 9]), "covisit": np.array([2, 4, 4, 6, 7]), "trending": np.array([1, 8, 0])}
+    blocked = np.zeros(10, bool)
+    blocked[[3, 6]] = True
+    rows, tags = merge_channels(lists, {"ann": 3, "covisit": 2, "trending": 5, "fresh": 4}, blocked)
+    assert rows.tolist() == [5, 1, 2, 4, 7, 8, 0]
+    assert tags.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert not blocked[[5, 1, 2, 4, 7, 8, 0]].any()  # the caller's mask is not modified
+
+
+def test_channel_tables_round_trip(tmp_path):
+    user, item, ts, n_items = _log(2)
+    cov = top_per_row(row_normalise(covisit_matrix(user, item, ts, n_items, 3)), 5)
+    seen = sp.csr_matrix((np.ones(len(user), np.int8), (user, item)), shape=(20, n_items))
+    seen.sum_duplicates()
+    t = ChannelTables(cov, np.array([4, 2, 9]), np.array([7, 1]), seen)
+    t.save(tmp_path / "c.npz")
+    back = ChannelTables.load(tmp_path / "c.npz")
+    np.testing.assert_allclose(back.covisit.toarray(), cov.toarray())
+    assert back.trending.tolist() == [4, 2, 9] and back.fresh.tolist() == [7, 1]
+    assert back.seen_rows(3).tolist() == sorted(set(item[user == 3].tolist()))
+    assert back.seen_rows(-1).size == 0 and back.seen_rows(99).size == 0

@@ -1,0 +1,91 @@
+"""Multi-channel candidates offline: build the tables serving needs (co-visitation, trending, fresh, seen
+sets) from a log, and measure Recall@K of each channel alone and of the quota merge on an EvalSet, with the
+same merge code serving runs (:mod:`features.candidates`). Quotas are chosen on validation.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from features.candidates import (ChannelTables, covisit_matrix, covisit_top, history_weights, merge_channels,
+                                 row_normalise, top_per_row)
+from features.split import DAY_MS
+from training.retrieval.metrics import EvalSet
+
+
+def build_tables(rows: pd.DataFrame, items: pd.DataFrame, user_ids: np.ndarray, signal: str, window: int,
+                 top: int, recent_days: float, end_ts: int) -> ChannelTables:
+    """Tables from ``rows`` (user_id, item_id, ts, signal) over catalogue rows and ``user_ids`` rows."""
+    cat = pd.Index(items["item_id"].astype(str))
+    n = len(cat)
+    item = cat.get_indexer(rows["item_id"].astype(str))
+    pos = (rows[signal].to_numpy() > 0) & (item >= 0)
+    users = pd.Index(rows["user_id"].astype(str)).factorize()[0] if len(rows) else np.zeros(0, np.int64)
+    ts = rows["ts"].to_numpy()
+    cov = top_per_row(row_normalise(covisit_matrix(users[pos], item[pos], ts[pos], n, window)), top)
+    recent = pos & (ts >= end_ts - recent_days * DAY_MS)
+    pop = np.bincount(item[pos], minlength=n).astype(np.float64)
+    trend_score = np.bincount(item[recent], minlength=n) + pop / (pop.max(initial=0) + 1.0)
+    trending = np.lexsort((np.arange(n), -trend_score))
+    trending = trending[trend_score[trending] > 0]
+    up = items["upload_ts"].to_numpy(np.float64) if "upload_ts" in items else np.full(n, np.nan)
+    fresh = np.lexsort((np.arange(n), -np.nan_to_num(up, nan=-np.inf)))
+    fresh = fresh[np.isfinite(up[fresh])]
+    u = pd.Index(np.asarray(user_ids).astype(str)).get_indexer(rows["user_id"].astype(str))
+    ok = (u >= 0) & (item >= 0)
+    seen = sp.csr_matrix((np.ones(int(ok.sum()), np.int8), (u[ok], item[ok])), shape=(len(user_ids), n))
+    seen.sum_duplicates()
+    seen.data[:] = 1
+    return ChannelTables(cov, trending.astype(np.int64), fresh.astype(np.int64), seen)
+
+
+def channel_lists(es: EvalSet, scores: np.ndarray, histories: np.ndarray, idx_to_row: np.ndarray,
+                  tables: ChannelTables, user: int, n: int) -> dict[str, np.ndarray]:
+    """One evaluated user's ranked catalogue rows per channel (``scores`` (N,) over es.candidates)."""
+    ann = es.candidates[np.argsort(-scores, kind="stable")[: n + es.exclude[user].nnz]]
+    items, w = history_weights(histories[user])
+    rows = idx_to_row[np.minimum(items, len(idx_to_row) - 1)]
+    keep = (items < len(idx_to_row)) & (rows >= 0)
+    return {"ann": ann, "covisit": covisit_top(tables.covisit, rows[keep], w[keep], n),
+            "trending": tables.trending[: n + 300], "fresh": tables.fresh[: n + 300]}
+
+
+def quota_grid(total: int, covisit: list[int], trending: list[int], fresh: list[int]) -> list[dict[str, int]]:
+    out = []
+    for c, t, f in itertools.product(covisit, trending, fresh):
+        if c + t + f <= total:
+            out.append({"ann": total - c - t - f, "covisit": c, "trending": t, "fresh": f})
+    return out
+
+
+def merged_recall(es: EvalSet, score_chunk, histories: np.ndarray, idx_to_row: np.ndarray,
+                  tables: ChannelTables, n_items: int, grid: list[dict[str, int]]) -> dict:
+    """Recall@total of each channel alone (its top ``total``) and of every quota mix in ``grid``.
+
+    Excluded (seen) items are removed from every channel, as serving removes them."""
+    total = sum(grid[0].values())
+    cand_pos = np.full(n_items, -1, np.int64)
+    cand_pos[es.candidates] = np.arange(len(es.candidates))
+    single = {c: 0.0 for c in ("ann", "covisit", "trending", "fresh")}
+    mixes = np.zeros(len(grid))
+    for lo in range(0, es.n_users, 512):
+        users = np.arange(lo, min(lo + 512, es.n_users))
+        chunk = score_chunk(users)
+        for j, u in enumerate(users):
+            blocked = np.zeros(n_items, bool)
+            blocked[es.candidates[es.exclude[u].indices]] = True
+            targets = es.candidates[es.targets[u].indices]
+            lists = channel_lists(es, chunk[j], histories, idx_to_row, tables, u, total)
+            for name in single:
+                got, _ = merge_channels(lists, {name: total}, blocked)
+                single[name] += np.isin(targets, got).sum() / len(targets)
+            for g, quotas in enumerate(grid):
+                got, _ = merge_channels(lists, quotas, blocked)
+                mixes[g] += np.isin(targets, got).sum() / len(targets)
+    m = max(es.n_users, 1)
+    return {"k": total, "single": {k: v / m for k, v in single.items()},
+            "merged": [{"quotas": q, f"recall@{total}": float(r / m)} for q, r in zip(grid, mixes)]}

@@ -33,17 +33,25 @@ def channels_table(ch: dict[str, Any]) -> str:
 
 
 def ranking_table(section: dict[str, Any]) -> str:
+    """Per head: the ranker beside the GBDT, single-task and item-rate baselines (when the run has them);
+    rare heads carry their bootstrap interval and whether they beat item-rate distinguishably."""
     model = section.get("model", {})
     base = section.get("baselines", {})
+    extra = [b for b in ("gbdt", "single_task") if base.get(b)]
     rows = []
     for head, m in model.items():
         if not isinstance(m, dict):
             continue
-        st = base.get("single_task", {}).get(head, {})
-        ir = base.get("item_rate", {}).get(head, {})
-        rows.append([head, m.get("positives"), m.get("auc"), st.get("auc"), ir.get("auc"), m.get("gauc"),
-                     st.get("gauc"), m.get("logloss"), m.get("ece")])
-    header = ["head", "positives", "AUC", "AUC single-task", "AUC item-rate", "GAUC", "GAUC single-task", "logloss", "ECE"]
+        ci = m.get("auc_ci95")
+        auc = _fmt(m.get("auc")) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        if m.get("vs_item_rate") == "not distinguishable":
+            auc += " n.d."
+        rows.append([head, m.get("positives"), auc, *(base[b].get(head, {}).get("auc") for b in extra),
+                     base.get("item_rate", {}).get(head, {}).get("auc"), m.get("gauc"),
+                     *(base[b].get(head, {}).get("gauc") for b in extra), m.get("logloss"), m.get("ece")])
+    names = {"gbdt": "GBDT", "single_task": "single-task"}
+    header = ["head", "positives", "AUC", *(f"AUC {names[b]}" for b in extra), "AUC item-rate", "GAUC",
+              *(f"GAUC {names[b]}" for b in extra), "logloss", "ECE"]
     return table(header, rows)
 
 

@@ -149,13 +149,15 @@ def main() -> int:
     ev.add_argument("--out", default="metrics.json", help="where to write the metrics JSON")
     ev.add_argument("--config", default=None, help="dataset config for the log (default: the bundle's own)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    from training.policy_eval import add_arguments as add_policy_eval_arguments, run as evaluate_policy
+    # The policy evaluation runs serving's own code, so it lives above both layers (evaluation/); this
+    # subcommand forwards there so that scripts written against it keep working.
+    sub.add_parser("evaluate-policy", add_help=False,
+                   help="feed policy vs engagement-only, offline (= python -m evaluation policy ...)")
+    if len(sys.argv) > 1 and sys.argv[1] == "evaluate-policy":
+        import subprocess
 
-    pe = sub.add_parser("evaluate-policy", help="feed policy vs engagement-only, offline (serving.offline protocol)")
-    add_policy_eval_arguments(pe)
+        return subprocess.call([sys.executable, "-m", "evaluation", "policy", *sys.argv[2:]])
     args = ap.parse_args()
-    if args.command == "evaluate-policy":
-        return evaluate_policy(args)
     return _fit(args) if args.command == "fit" else _evaluate(args)
 
 

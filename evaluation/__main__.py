@@ -1,0 +1,24 @@
+"""feedstack offline evaluation CLI.
+
+    python -m evaluation policy --bundle runs/full/bundle [--period valid|test | --log LATER.csv] --out policy.json
+
+(`python -m training evaluate-policy ...` forwards here, so existing scripts keep working.)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from evaluation.policy import add_arguments, run
+from features.cli_common import run_cli
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m evaluation", description="feedstack offline evaluation")
+    sub = ap.add_subparsers(dest="command", required=True)
+    add_arguments(sub.add_parser("policy", help="feed policy vs engagement-only, offline (serving.offline protocol)"))
+    return run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -14,9 +14,11 @@ def model_state(ckpt: Path, prefix: str = "model.") -> dict[str, Any]:
     return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_eager_ranker(meta: dict[str, Any], ckpt: Path):
-    """(scorer, layout, heads): the ranker of a ranking stage as an eval-mode :class:`RankerScorer`, built from
-    its ``ranking.json`` (``meta``) and a checkpoint, calibration included: what ``ranker.onnx`` computes."""
+def load_eager_ranker(meta: dict[str, Any], ckpt: Path, ranking_dir: Path | None = None):
+    """(scorer, layout, heads): the ranker of a ranking stage as an eval-mode module taking (cat, hist, num),
+    built from its ``ranking.json`` (``meta``) and a checkpoint, calibration included, and for a hybrid
+    ranker the saved LightGBM models beside it (``ranking_dir``, default the checkpoint's grandparent): what
+    ``ranker.onnx`` computes."""
     from training.ranking.data import FeatureLayout
     from training.ranking.model import Ranker, RankerScorer, RankerSpec
     from training.ranking.watch_time import WatchTimeQuantiles
@@ -28,7 +30,14 @@ def load_eager_ranker(meta: dict[str, Any], ckpt: Path):
     watch = heads.index("watch_time") if "watch_time" in heads else None
     wtq = WatchTimeQuantiles.from_json(meta["watch_time"]) if meta.get("watch_time") else None
     scorer = RankerScorer(ranker, watch, wtq, layout.duration_position).eval()
-    if meta.get("calibration"):
-        scorer.calib_scale.copy_(torch.tensor(meta["calibration"]["scale"]))
-        scorer.calib_bias.copy_(torch.tensor(meta["calibration"]["bias"]))
+    calib = meta.get("calibration") or {}
+    for key, buf in (("scale", scorer.calib_scale), ("bias", scorer.calib_bias), ("gbdt_weight", scorer.gbdt_weight)):
+        if key in calib:
+            buf.copy_(torch.tensor(calib[key]))
+    hybrid = meta.get("hybrid") or {}
+    if hybrid.get("gbdt_files"):
+        from training.ranking.gbdt import WithTrees, load_boosters
+
+        where = Path(ranking_dir) if ranking_dir is not None else Path(ckpt).parent.parent
+        return WithTrees(scorer, load_boosters(where, hybrid["gbdt_files"], hybrid["gbdt_rounds"]), heads), layout, heads
     return scorer, layout, heads

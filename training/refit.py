@@ -23,7 +23,8 @@ class RefitPlan:
 
     epochs: int  # train exactly this many epochs (no validation, no early stopping)
     held_out: dict[str, Any] = field(default_factory=dict)  # the held-out fit's metrics, carried into the meta
-    calibration: dict[str, list[float]] | None = None  # ranking: Platt scale / bias per head, from validation
+    calibration: dict[str, list[float]] | None = None  # ranking: scale / bias (/ gbdt_weight) per head, from validation
+    gbdt_rounds: dict[str, int] | None = None  # ranking, hybrid: trees per head whose GBDT the served graph blends in
 
 
 def refit_config(cfg: TrainConfig) -> TrainConfig:
@@ -48,8 +49,12 @@ def retrieval_plan(metrics: dict[str, Any]) -> RefitPlan:
 
 def ranking_plan(metrics: dict[str, Any], ranking_meta: dict[str, Any]) -> RefitPlan:
     calib = ranking_meta.get("calibration", {})
-    return RefitPlan(epochs=_epochs("ranking", metrics, "best_epoch"), held_out=metrics,
-                     calibration={"scale": list(calib["scale"]), "bias": list(calib["bias"])})
+    calibration = {"scale": list(calib["scale"]), "bias": list(calib["bias"])}
+    if "gbdt_weight" in calib:
+        calibration["gbdt_weight"] = list(calib["gbdt_weight"])
+    rounds = (ranking_meta.get("hybrid") or {}).get("gbdt_rounds") or None
+    return RefitPlan(epochs=_epochs("ranking", metrics, "best_epoch"), held_out=metrics, calibration=calibration,
+                     gbdt_rounds={h: int(r) for h, r in rounds.items()} if rounds else None)
 
 
 def run_refit(cfg: TrainConfig, metrics: dict[str, Any], progress: bool = True) -> Path:

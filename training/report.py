@@ -33,11 +33,12 @@ def channels_table(ch: dict[str, Any]) -> str:
 
 
 def ranking_table(section: dict[str, Any]) -> str:
-    """Per head: the ranker beside the GBDT, single-task and item-rate baselines (when the run has them);
+    """Per head: the ranker beside the GBDT, its own deep part alone (a hybrid ranker), single-task and
+    item-rate baselines (when the run has them);
     rare heads carry their bootstrap interval and whether they beat item-rate distinguishably."""
     model = section.get("model", {})
     base = section.get("baselines", {})
-    extra = [b for b in ("gbdt", "single_task") if base.get(b)]
+    extra = [b for b in ("gbdt", "deep", "single_task") if base.get(b)]
     rows = []
     for head, m in model.items():
         if not isinstance(m, dict):
@@ -49,7 +50,7 @@ def ranking_table(section: dict[str, Any]) -> str:
         rows.append([head, m.get("positives"), auc, *(base[b].get(head, {}).get("auc") for b in extra),
                      base.get("item_rate", {}).get(head, {}).get("auc"), m.get("gauc"),
                      *(base[b].get(head, {}).get("gauc") for b in extra), m.get("logloss"), m.get("ece")])
-    names = {"gbdt": "GBDT", "single_task": "single-task"}
+    names = {"gbdt": "GBDT", "deep": "deep part", "single_task": "single-task"}
     header = ["head", "positives", "AUC", *(f"AUC {names[b]}" for b in extra), "AUC item-rate", "GAUC",
               *(f"GAUC {names[b]}" for b in extra), "logloss", "ECE"]
     return table(header, rows)

@@ -157,7 +157,42 @@ def test_eager_ranker_from_checkpoint_matches_the_shipped_onnx(fitted):
     make = random_inputs(layout, np.random.default_rng(0).normal(size=(64, len(layout.num_columns))).astype(np.float32), 3)
     report = check_parity(scorer, out / meta["onnx"], make)
     assert report.ok(1e-4), report.describe()
-    # Without the stored calibration the same weights give other probabilities.
-    scorer.calib_scale.fill_(1.0)
-    scorer.calib_bias.fill_(0.0)
+    # Without the stored calibration (and blend) the same weights give other probabilities.
+    base = getattr(scorer, "graph", scorer)  # a hybrid ranker wraps the scorer with its trees
+    base.calib_scale.fill_(1.0)
+    base.calib_bias.fill_(0.0)
+    base.gbdt_weight.fill_(0.0)
     assert not check_parity(scorer, out / meta["onnx"], make).ok(1e-4)
+
+
+def test_hybrid_ranker_ships_its_trees_in_the_graph(synthetic_config: Path, synthetic_tables: FeatureTables,
+                                                    tmp_path: Path):
+    """Forced onto every binary head (min gain -1), the blend's trees sit inside both served graphs, which
+    keep the ranker's inputs; the eager deep model + saved LightGBM models reproduce them, and without the
+    trees' weight they would not."""
+    import onnx
+
+    from training.checkpoints import load_eager_ranker
+    from training.onnx_export import check_parity
+    from training.ranking.pipeline import random_inputs
+
+    cfg = config(synthetic_config, "ranking.max_epochs=1", "ranking.single_task_baselines=false",
+                 "ranking.hybrid_min_gain=-1")
+    report = fit_ranking(cfg, synthetic_tables, tmp_path, progress=False)
+    meta = json.loads((tmp_path / "ranking.json").read_text())
+    names = [h["name"] for h in meta["heads"]]
+    binary = [h["name"] for h in meta["heads"] if h["kind"] == "binary"]
+    assert set(meta["hybrid"]["gbdt_rounds"]) == set(binary) == set(report["hybrid"])
+    weight = dict(zip(names, meta["calibration"]["gbdt_weight"]))
+    assert all(weight[h] != 0 for h in binary) and weight["watch_time"] == 0
+    for f in (meta["onnx"], meta["request_onnx"]):
+        graph = onnx.load(str(tmp_path / f)).graph
+        assert [i.name for i in graph.input] == ["cat", "hist", "num"]
+        assert sum(n.op_type == "TreeEnsemble" for n in graph.node) == 1
+    assert report["parity_max_scaled_diff"] < 1e-4
+    assert {"gbdt", "deep", "item_rate"} <= set(report["baselines"])
+    scorer, layout, _ = load_eager_ranker(meta, tmp_path / "checkpoints" / "best.ckpt")
+    make = random_inputs(layout, np.random.default_rng(0).normal(size=(64, len(layout.num_columns))).astype(np.float32), 5)
+    assert check_parity(scorer, tmp_path / meta["onnx"], make).ok(1e-4)
+    scorer.graph.gbdt_weight.fill_(0.0)
+    assert not check_parity(scorer, tmp_path / meta["onnx"], make).ok(1e-4)

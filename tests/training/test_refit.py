@@ -41,7 +41,11 @@ def refitted(synthetic_config: Path, synthetic_bundle: Path, synthetic_tables: F
     late = set(int(i) for i in later.index[:LATE_ITEMS])
     log[~(log[item_col].isin(late) & (log[ts_col] < valid_start))].to_csv(log_path, index=False)
     (out / "ranking").mkdir()
-    shutil.copy(Path(synthetic_bundle).parent / "ranking" / "ranking.json", out / "ranking" / "ranking.json")
+    # The held-out fit as a hybrid ranker blending 5 trees into click (whatever the synthetic fit chose).
+    meta = json.loads((Path(synthetic_bundle).parent / "ranking" / "ranking.json").read_text())
+    meta["calibration"]["gbdt_weight"] = [0.5 if h["name"] == "click" else 0.0 for h in meta["heads"]]
+    meta["hybrid"] = {"gbdt_rounds": {"click": 5}}
+    (out / "ranking" / "ranking.json").write_text(json.dumps(meta))
     cfg = load_config(synthetic_config, [f"output_dir={out / 'run'}", f"data.dir={data}",
                                          "ranking.single_task_baselines=false"], TrainConfig)
     (out / "run").mkdir()
@@ -50,6 +54,20 @@ def refitted(synthetic_config: Path, synthetic_bundle: Path, synthetic_tables: F
     metrics = json.loads(json.dumps(held_out))
     source = run_refit(cfg, metrics, progress=False)
     return source, held_out, metrics, cfg, late
+
+
+def test_refit_retrains_the_blended_trees_on_every_row(refitted):
+    import onnx
+
+    source, *_ = refitted
+    meta = json.loads((source / "ranking" / "ranking.json").read_text())
+    assert meta["hybrid"]["gbdt_rounds"] == {"click": 5}
+    weight = dict(zip([h["name"] for h in meta["heads"]], meta["calibration"]["gbdt_weight"]))
+    assert weight["click"] == 0.5 and not any(w for h, w in weight.items() if h != "click")
+    for f in (meta["onnx"], meta["request_onnx"]):
+        trees = [n for n in onnx.load(str(source / "ranking" / f)).graph.node if n.op_type == "TreeEnsemble"]
+        assert len(trees) == 1 and len(next(a for a in trees[0].attribute if a.name == "tree_roots").ints) == 5
+    assert meta["parity_max_scaled_diff"] < 1e-4
 
 
 def test_refit_config_keeps_the_recipe_and_puts_every_row_in_train(synthetic_config: Path, tmp_path: Path):
@@ -66,6 +84,12 @@ def test_plans_take_the_best_epoch_and_the_calibration():
     assert plan.epochs == 4
     r = ranking_plan({"training": {"best_epoch": 0}}, {"calibration": {"scale": [1.5, 2.0], "bias": [0.1, -0.2]}})
     assert r.epochs == 1 and r.calibration == {"scale": [1.5, 2.0], "bias": [0.1, -0.2]}
+    assert r.gbdt_rounds is None
+    # a hybrid ranker: the blend weights and the blended heads' tree counts carry over
+    h = ranking_plan({"training": {"best_epoch": 2}},
+                     {"calibration": {"scale": [1.5, 2.0], "bias": [0.1, -0.2], "gbdt_weight": [0.4, 0.0]},
+                      "hybrid": {"gbdt_rounds": {"click": 37}}})
+    assert h.epochs == 3 and h.calibration["gbdt_weight"] == [0.4, 0.0] and h.gbdt_rounds == {"click": 37}
     with pytest.raises(ValueError, match="recorded no 'best_epoch'"):
         retrieval_plan({"training": {}})
 

@@ -88,12 +88,12 @@ def build_report(
     ece_bins: int,
     fusion_k: int,
     seed: int = 0,
-    gbdt: dict[str, np.ndarray] | None = None,
+    baselines: dict[str, dict[str, np.ndarray]] | None = None,
     rare_positives: int = 300,
     bootstrap_samples: int = 200,
 ) -> dict[str, Any]:
     """``model`` = (scores (N, T), watch ms (N,) or None); ``single_task`` = head -> (scores (N, 1), watch ms);
-    ``gbdt`` = head -> (N,) probabilities. A head with fewer than ``rare_positives`` positives gets a
+    ``baselines`` = name (``gbdt``, ``deep``) -> head -> (N,) probabilities. A head with fewer than ``rare_positives`` positives gets a
     user-bootstrap 95% interval of its AUC and a verdict against the item-rate AUC."""
     users = rows["user_id"].to_numpy()
     binary = [(t, n) for t, (n, k) in enumerate(heads) if k == "binary"]
@@ -108,8 +108,9 @@ def build_report(
             report["baselines"]["item_rate"][name] = head_report(y, rates[:, t], users, ece_bins)
         if single_task and name in single_task:
             report["baselines"]["single_task"][name] = head_report(y, single_task[name][0][:, 0], users, ece_bins)
-        if gbdt and name in gbdt:
-            report["baselines"].setdefault("gbdt", {})[name] = head_report(y, gbdt[name], users, ece_bins)
+        for base, by_head in (baselines or {}).items():
+            if name in by_head:
+                report["baselines"].setdefault(base, {})[name] = head_report(y, by_head[name], users, ece_bins)
         m = report["model"][name]
         if 0 < m["positives"] < rare_positives and name in report["baselines"]["item_rate"]:
             lo, hi = bootstrap_auc_interval(y, scores[:, t], users, bootstrap_samples, seed)
@@ -159,8 +160,8 @@ def build_report(
         "impressions": len(rows),
         "users": int(rows["user_id"].nunique()),
     }
-    for base in ("single_task", "gbdt"):
-        if base in report["baselines"]:
+    for base in report["baselines"]:
+        if base != "item_rate":
             report["summary"][f"{base}_mean_auc"] = mean_auc(report["baselines"][base])
     return report
 

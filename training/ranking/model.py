@@ -289,17 +289,25 @@ class RankerScorer(nn.Module):
         n = len(ranker.spec.heads)
         self.register_buffer("calib_scale", torch.ones(n))
         self.register_buffer("calib_bias", torch.zeros(n))
+        # The hybrid ranker's weight on each head's GBDT margin (training/ranking/hybrid.py); 0 = deep only.
+        self.register_buffer("gbdt_weight", torch.zeros(n))
 
     @property
     def output_names(self) -> list[str]:
         return ["scores", "watch_time_s"] if self.decoder is not None else ["scores"]
 
-    def forward(self, cat: torch.Tensor, hist: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.finish(self.ranker(cat, hist, num), num)
+    def forward(self, cat: torch.Tensor, hist: torch.Tensor, num: torch.Tensor,
+                gbdt_margin: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return self.finish(self.ranker(cat, hist, num), num, gbdt_margin)
 
-    def finish(self, logits: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Calibrated head scores (and decoded watch seconds) from the ranker's logits."""
-        scores = torch.sigmoid(logits * self.calib_scale + self.calib_bias)
+    def finish(self, logits: torch.Tensor, num: torch.Tensor,
+               gbdt_margin: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Calibrated head scores (and decoded watch seconds) from the ranker's logits and, in the hybrid
+        ranker, the GBDT's (B, T) margins (the exported graph computes them with its tree ensemble)."""
+        z = logits * self.calib_scale + self.calib_bias
+        if gbdt_margin is not None:
+            z = z + gbdt_margin * self.gbdt_weight
+        scores = torch.sigmoid(z)
         if self.decoder is None or self.watch_index is None:
             return (scores,)
         # Seconds, not ms: float32 keeps ~7 digits, so ms values near 1e6 would differ between eager and ONNX
@@ -357,7 +365,8 @@ class RequestScorer(nn.Module):
         self.register_buffer("g_const", gw[:, ci, :].contiguous())
         self.n_experts, self.hidden = k, h
 
-    def forward(self, cat: torch.Tensor, hist: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, cat: torch.Tensor, hist: torch.Tensor, num: torch.Tensor,
+                gbdt_margin: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         ranker = self.scorer.ranker
         emb = ranker.embedding
         embs, hist_e = emb.lookup(cat, hist[:1])  # the history once: (1, L, d)
@@ -379,7 +388,7 @@ class RequestScorer(nn.Module):
         x = torch.matmul(g.transpose(0, 1), e.transpose(0, 1)).transpose(0, 1)  # (G, n, H)
         for lvl in list(ranker.levels)[1:]:
             x = lvl(x)
-        return self.scorer.finish(ranker.heads(x), num)
+        return self.scorer.finish(ranker.heads(x), num, gbdt_margin)
 
 
 def embedding_dims(sizes: list[int], dim: int, small_dim: int, small_vocab: int) -> list[int]:

@@ -28,7 +28,9 @@ from training.config import TrainConfig
 from training.onnx_export import OPSET, ParityReport, check_parity, export_onnx
 from training.ranking.data import BatchDataset, FeatureLayout, loader
 from training.ranking.evaluate import META, build_report, score_bundle
-from training.ranking.gbdt import GbdtResult, fit_gbdt
+from training.ranking.gbdt import GbdtResult, WithTrees, fit_gbdt, save_boosters
+from training.ranking.gbdt_onnx import splice_trees
+from training.ranking.hybrid import HeadBlend, fit_blend
 from training.ranking.metrics import auc
 from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, RankerSpec, RequestScorer, embedding_dims
 from training.ranking.task import MONITOR, ActiveRunLogger, KeepBest, RankingTask
@@ -152,10 +154,10 @@ def platt(logits: np.ndarray, y: np.ndarray, steps: int = 50) -> tuple[float, fl
     return (a, b) if np.isfinite([a, b]).all() and a > 1e-3 else (1.0, 0.0)
 
 
-def valid_logits(model: torch.nn.Module, data: _Data) -> np.ndarray:
-    """(N_valid, T) logits of the validation period, eval mode."""
+def valid_logits(model: torch.nn.Module, data: _Data, period: str = "valid") -> np.ndarray:
+    """(N, T) logits of a period (default: validation), eval mode."""
     model.eval()
-    va = {k: torch.from_numpy(v) for k, v in data.inputs["valid"].items()}
+    va = {k: torch.from_numpy(v) for k, v in data.inputs[period].items()}
     with torch.inference_mode():
         return torch.cat([model(va["cat"][a : a + 8192], va["hist"][a : a + 8192], va["num"][a : a + 8192])
                           for a in range(0, len(va["cat"]), 8192)]).numpy()
@@ -166,36 +168,73 @@ def _valid_aucs(heads: list[tuple[str, str]], y: np.ndarray, scores: dict[str, n
 
 
 def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: _Data, columns: list[int],
-            calibration: dict[str, list[float]] | None = None) -> tuple[RankerScorer, np.ndarray]:
-    """The export wrapper, with binary heads Platt-calibrated on the validation period (the watch head
-    predicts a quantile and is left as is; calibration changes no ranking within a head), and the
-    validation logits (N_valid, T) it was calibrated on. With a held-out fit's ``calibration`` (the refit,
-    which has no validation period) that calibration is used and the logits are empty."""
+            calibration: dict[str, list[float]] | None = None, gbdt: GbdtResult | None = None,
+            seed: int = 0, min_gain: float = 0.0) -> tuple[RankerScorer, np.ndarray, dict[str, HeadBlend]]:
+    """The export wrapper, with binary heads calibrated on the validation period (the watch head predicts a
+    quantile and is left as is): Platt scaling of the deep logit or, given ``gbdt`` (the hybrid ranker),
+    the head's blend with its GBDT margin where that wins out of sample. Also returns the validation
+    logits (N_valid, T) and the blends fitted. With a held-out fit's ``calibration`` (the refit, which has
+    no validation period) that calibration is used and the logits are empty."""
     w = [t for t, (_, k) in enumerate(heads) if k == "watch_time"]
     scorer = RankerScorer(task.model, w[0] if w else None, data.wtq, data.layout.duration_position).eval()
     if calibration is not None:
         with torch.no_grad():
-            scorer.calib_scale.copy_(torch.tensor(calibration["scale"], dtype=scorer.calib_scale.dtype))
-            scorer.calib_bias.copy_(torch.tensor(calibration["bias"], dtype=scorer.calib_bias.dtype))
-        return scorer, np.zeros((0, len(heads)), np.float32)
+            for key, buf in (("scale", scorer.calib_scale), ("bias", scorer.calib_bias),
+                             ("gbdt_weight", scorer.gbdt_weight)):
+                if key in calibration:
+                    buf.copy_(torch.tensor(calibration[key], dtype=buf.dtype))
+        return scorer, np.zeros((0, len(heads)), np.float32), {}
     logits = valid_logits(task.model, data)
     y = data.labels["valid"][:, columns]
+    users = data.rows["valid"]["user_id"].to_numpy()
+    blends: dict[str, HeadBlend] = {}
     with torch.no_grad():
-        for t, (_, kind) in enumerate(heads):
-            if kind == "binary":
+        for t, (name, kind) in enumerate(heads):
+            if kind != "binary":
+                continue
+            blend = (fit_blend(logits[:, t], gbdt.margins["valid"][name], y[:, t], users, seed, min_gain)
+                     if gbdt is not None and name in gbdt.margins.get("valid", {}) else None)
+            if blend is not None:
+                blends[name] = blend
+            if blend is not None and blend.used:
+                scorer.calib_scale[t], scorer.gbdt_weight[t], scorer.calib_bias[t] = blend.scale, blend.weight, blend.bias
+            else:
                 a, b = platt(logits[:, t], y[:, t])
                 scorer.calib_scale[t], scorer.calib_bias[t] = a, b
-    return scorer, logits
+    return scorer, logits, blends
+
+
+def _blended(scorer: RankerScorer, gbdt: GbdtResult | None) -> GbdtResult | None:
+    """The GBDT reduced to the heads the scorer blends in (None: a deep-only graph)."""
+    if gbdt is None:
+        return None
+    heads = scorer.ranker.spec.heads
+    used = {h for t, h in enumerate(heads) if float(scorer.gbdt_weight[t]) != 0.0 and h in gbdt.boosters}
+    if not used:
+        return None
+    return GbdtResult({h: b for h, b in gbdt.boosters.items() if h in used},
+                      {h: r for h, r in gbdt.rounds.items() if h in used}, {}, gbdt.fit_seconds, gbdt.samples_per_s,
+                      gbdt.feature_names)
 
 
 def _export(scorer: RankerScorer, data: _Data, path: Path, seed: int, graph: torch.nn.Module | None = None,
-            shape=None) -> ParityReport:
+            shape=None, trees: GbdtResult | None = None) -> ParityReport:
     """Export ``graph`` (default: the scorer itself) with a dynamic batch and check it against the eager
-    scorer on fresh random inputs (passed through ``shape``, e.g. :func:`request_shaped`, when given)."""
+    scorer on fresh random inputs (passed through ``shape``, e.g. :func:`request_shaped`, when given).
+    With ``trees`` (the hybrid ranker) the GBDT margins become a tree ensemble inside the same graph."""
     example = {k: torch.from_numpy(v[:4]) for k, v in data.inputs["train"].items()}
+    heads = scorer.ranker.spec.heads
+    if trees is not None:
+        example["gbdt_margin"] = torch.zeros((4, len(heads)), dtype=torch.float32)
     export_onnx(graph if graph is not None else scorer, example, path, scorer.output_names)
+    reference: torch.nn.Module = scorer
+    if trees is not None:
+        index = {h: t for t, h in enumerate(heads)}
+        splice_trees(path, {index[h]: b for h, b in trees.boosters.items()},
+                     {index[h]: r for h, r in trees.rounds.items()}, len(heads))
+        reference = WithTrees(scorer, trees, heads)
     make = random_inputs(data.layout, data.inputs["train"]["num"], seed)
-    return check_parity(scorer, path, shape(make) if shape else make)
+    return check_parity(reference, path, shape(make) if shape else make)
 
 
 def request_shaped(make, const_cat: list[int], const_num: list[int]):
@@ -285,15 +324,35 @@ def _fit_single(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], t: 
     return task
 
 
-def _fit_gbdt(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]]) -> GbdtResult:
+def _fit_gbdt(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]],
+              rounds: dict[str, int] | None = None) -> GbdtResult:
     lay = data.layout
     return fit_gbdt(cfg.ranking, data.inputs, data.labels, heads, lay.cat_columns, lay.cat_sizes, lay.num_columns,
-                    cfg.seed, threads=torch.get_num_threads())
+                    cfg.seed, threads=torch.get_num_threads(), rounds=rounds)
+
+
+def _baseline_scores(task: RankingTask, heads: list[tuple[str, str]], data: _Data, gbdt: GbdtResult | None,
+                     logits_valid: np.ndarray, trees: GbdtResult | None) -> dict[str, dict[str, np.ndarray]]:
+    """Test-period probabilities of the GBDT and, when the served ranker is a hybrid, of its deep part alone
+    (Platt-calibrated on validation), so the table shows what each component brings."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if gbdt is not None:
+        out["gbdt"] = gbdt.scores("test")
+    if trees is not None:
+        logits = valid_logits(task.model, data, "test")
+        yv = data.labels["valid"]
+        deep = {}
+        for t, (name, kind) in enumerate(heads):
+            if kind == "binary":
+                a, b = platt(logits_valid[:, t], yv[:, t])
+                deep[name] = (1.0 / (1.0 + np.exp(-(a * logits[:, t] + b)))).astype(np.float32)
+        out["deep"] = deep
+    return out
 
 
 def _per_head_table(report: dict[str, Any]) -> pd.DataFrame:
     rows = []
-    bases = [("single_task", "single_task"), ("item_rate", "item_rate"), ("gbdt", "gbdt")]
+    bases = [("single_task", "single_task"), ("item_rate", "item_rate"), ("gbdt", "gbdt"), ("deep", "deep")]
     for head, m in report["model"].items():
         row: dict[str, Any] = {"head": head, "positives": m["positives"], "impressions": m["impressions"]}
         for metric in ("auc", "gauc", "logloss"):
@@ -394,14 +453,23 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     data = _Data(cfg, tables, heads, refit=refit is not None)
 
     task, train_info = _fit_main(cfg, data, heads, out_dir, resume, progress, refit.epochs if refit else None)
-    scorer, logits_valid = _scorer(task, heads, data, list(range(len(heads))), refit.calibration if refit else None)
-    parity = _export(scorer, data, out_dir / "ranker.onnx", cfg.seed)
+    # The GBDT: the baseline, and the hybrid ranker's second component (refit: the blended heads only).
+    gbdt = None
+    if refit is None and (rc.gbdt_baseline or rc.hybrid):
+        gbdt = _fit_gbdt(cfg, data, heads)
+    elif refit is not None and rc.hybrid and refit.gbdt_rounds:
+        gbdt = _fit_gbdt(cfg, data, heads, rounds=refit.gbdt_rounds)
+    scorer, logits_valid, blends = _scorer(task, heads, data, list(range(len(heads))),
+                                           refit.calibration if refit else None, gbdt if rc.hybrid else None, cfg.seed,
+                                           rc.hybrid_min_gain)
+    trees = _blended(scorer, gbdt) if rc.hybrid else None
+    parity = _export(scorer, data, out_dir / "ranker.onnx", cfg.seed, trees=trees)
     # The serving graph: the same model with one request's shared columns computed once (RequestScorer),
     # checked against the full scorer on request-shaped inputs.
     const_cat, const_num = data.layout.request_constant()
     request_parity = _export(scorer, data, out_dir / REQUEST_ONNX, cfg.seed + 1,
                              RequestScorer(scorer, const_cat, const_num).eval(),
-                             lambda make: request_shaped(make, const_cat, const_num))
+                             lambda make: request_shaped(make, const_cat, const_num), trees=trees)
     for what, report in (("ranker", parity), ("request ranker", request_parity)):
         if not report.ok(rc.parity_tolerance):
             raise RuntimeError(f"ONNX parity of the {what} failed: {report.describe()} > {rc.parity_tolerance:.0e}")
@@ -415,13 +483,12 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
             L.seed_everything(cfg.seed, workers=False, verbose=False)
             st = _fit_single(cfg, data, heads, t, progress)
             rel = f"single_task/{name}.onnx"
-            st_scorer, st_logits = _scorer(st, [heads[t]], data, [t])
+            st_scorer, st_logits, _ = _scorer(st, [heads[t]], data, [t])
             single_valid[name] = st_logits[:, 0]
             single_parity[name] = _export(st_scorer, data, out_dir / rel, cfg.seed).max_scaled_diff
             single_files[name] = rel
             log.info("single-task %s: %.1fs", name, time.perf_counter() - t_single)
     single_seconds = time.perf_counter() - t_single
-    gbdt = _fit_gbdt(cfg, data, heads) if rc.gbdt_baseline and refit is None else None
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -458,9 +525,17 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         "parity_max_abs_diff": parity.max_abs_diff,
         "parity_max_scaled_diff": parity.max_scaled_diff,
         "parity_per_output": parity.per_output,
-        "calibration": {"method": "Platt scaling per binary head on the validation period"
-                                  + (" of the held-out fit" if refit else ""),
-                        "scale": scorer.calib_scale.tolist(), "bias": scorer.calib_bias.tolist()},
+        "calibration": {"method": ("sigmoid(scale * logit + gbdt_weight * gbdt_margin + bias) per binary head, "
+                                   "fitted on the validation period" + (" of the held-out fit" if refit else "")),
+                        "scale": scorer.calib_scale.tolist(), "bias": scorer.calib_bias.tolist(),
+                        "gbdt_weight": scorer.gbdt_weight.tolist()},
+        # The hybrid ranker: which heads blend their GBDT into the graph (chosen on validation), with how
+        # many trees; the refit retrains those trees on every day.
+        # (The refit reuses the held-out fit's choice, so its "heads" is empty.)
+        "hybrid": {"enabled": bool(rc.hybrid), "gbdt_rounds": dict(trees.rounds) if trees else {},
+                   "gbdt_files": save_boosters(trees, out_dir) if trees else {},
+                   "gbdt_features": trees.feature_names if trees else [],
+                   "heads": {h: b.to_json() for h, b in blends.items()}},
         "single_task": single_files,
         "single_task_parity_max_scaled_diff": single_parity,
         "training": train_info,
@@ -481,14 +556,17 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     model_out, single_out = score_bundle(out_dir, meta, data.inputs["test"])
     test = data.rows["test"]
     report = build_report(test, heads, data.wtq, rc.scenarios, model_out, single_out or None, rc.ece_bins,
-                          rc.fusion_k, cfg.seed, gbdt.scores if gbdt else None, rc.rare_head_positives,
+                          rc.fusion_k, cfg.seed, _baseline_scores(task, heads, data, gbdt, logits_valid, trees),
+                          rc.rare_head_positives,
                           rc.bootstrap_samples)
     yv = data.labels["valid"]
     report["validation"] = {"model": _valid_aucs(heads, yv, {n: logits_valid[:, t] for t, (n, _) in enumerate(heads)})}
     if single_valid:
         report["validation"]["single_task"] = _valid_aucs(heads, yv, single_valid)
     if gbdt:
-        report["validation"]["gbdt"] = _valid_aucs(heads, yv, gbdt.valid_scores)
+        report["validation"]["gbdt"] = _valid_aucs(heads, yv, gbdt.scores("valid"))
+    if blends:
+        report["hybrid"] = {h: b.to_json() for h, b in blends.items()}
     gbdt_info = ({"gbdt": {"fit_seconds": gbdt.fit_seconds, "samples_per_s": gbdt.samples_per_s,
                            "rounds": gbdt.rounds, "features": len(gbdt.feature_names)}} if gbdt else {})
     report["training"] = {**train_info, **gbdt_info, "single_task_seconds": round(single_seconds, 1),

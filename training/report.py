@@ -18,7 +18,8 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def retrieval_table(section: dict[str, Any]) -> str:
-    models = {"two-tower": section.get("model", {}), **section.get("baselines", {})}
+    mf = (section.get("protocol") or {}).get("mf_weight") or 0
+    models = {"two-tower + MF" if mf > 0 else "two-tower": section.get("model", {}), **section.get("baselines", {})}
     keys = list(section.get("model", {}))
     return table(["model", *keys], [[name, *(m.get(k) for k in keys)] for name, m in models.items()])
 

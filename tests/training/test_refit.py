@@ -52,6 +52,7 @@ def refitted(synthetic_config: Path, synthetic_bundle: Path, synthetic_tables: F
     shutil.move(out / "ranking", out / "run" / "ranking")
     held_out = verify_bundle(synthetic_bundle)["metrics"]
     metrics = json.loads(json.dumps(held_out))
+    metrics["retrieval"]["protocol"]["mf_weight"] = 1.5  # as if validation had chosen the MF dimensions
     source = run_refit(cfg, metrics, progress=False)
     return source, held_out, metrics, cfg, late
 
@@ -68,6 +69,15 @@ def test_refit_retrains_the_blended_trees_on_every_row(refitted):
         trees = [n for n in onnx.load(str(source / "ranking" / f)).graph.node if n.op_type == "TreeEnsemble"]
         assert len(trees) == 1 and len(next(a for a in trees[0].attribute if a.name == "tree_roots").ints) == 5
     assert meta["parity_max_scaled_diff"] < 1e-4
+
+
+def test_refit_ships_the_held_out_mf_weight(refitted):
+    source, _, metrics, *_ = refitted
+    meta = json.loads((source / "retrieval" / "retrieval.json").read_text())
+    d, f = meta["mf"]["dimensions"]
+    assert meta["mf"]["weight"] == 1.5 and f > d and meta["embedding_dim"] == f + 1
+    assert np.load(source / "retrieval" / "item_vectors.npy").shape[1] == f + 1
+    assert metrics["refit"]["retrieval"]["mf_weight"] == 1.5
 
 
 def test_refit_config_keeps_the_recipe_and_puts_every_row_in_train(synthetic_config: Path, tmp_path: Path):
@@ -142,3 +152,14 @@ def test_refit_bundle_is_sound_and_serves_the_refit_models(refitted):
     vectors = np.load(bundle / "retrieval" / "item_vectors.npy")
     items = pd.read_parquet(bundle / "features" / "items.parquet")
     assert vectors.shape[0] == len(items) and np.isfinite(vectors).all()
+    # Serving loads it (hybrid ranker graph with its trees, MF dimensions in the vectors) and recommends.
+    from serving.bundle import load_bundle
+    from serving.config import ServeSettings
+    from serving.recommender import Recommender
+
+    rec = Recommender(load_bundle(bundle), ServeSettings())
+    user = str(pd.read_parquet(bundle / "features" / "users.parquet")["user_id"].iloc[0])
+    page = rec.recommend(user, 10)
+    assert len(page.items) == 10
+    ranked = rec.rank(user, [it.item_id for it in page.items])
+    assert len(ranked.items) == 10

@@ -198,3 +198,45 @@ def test_evaluate_bundle_matches_fit_time_test_metrics(fitted, world, synthetic_
     # MF and co-visitation are refit on the bundle's data with the hyper-parameters the fit chose.
     for name in ("mf", "covisit"):
         assert got["baselines"][name]["recall@50"] == pytest.approx(metrics["baselines"][name]["recall@50"], abs=0.02)
+
+
+def test_mf_dimensions_ride_in_the_served_vectors(synthetic_config: Path, synthetic_tables: FeatureTables,
+                                                  tmp_path: Path):
+    """Folding the tuned MF baseline in: the sweep picks the MF weight with beta on validation, the exported
+    user tower carries weight x the ALS user factors by user index (0 for unknown users), the item vectors
+    the ALS item factors, and the test table shows the towers alone beside it."""
+    from training.retrieval.data import InputLayout
+    from training.retrieval.pipeline import _mf_fit
+
+    cfg = _cfg(synthetic_config, "retrieval.mf_weights=[0.0, 2.0]", "retrieval.max_epochs=2")
+    out = tmp_path / "retrieval"
+    metrics = fit_retrieval(cfg, synthetic_tables, out, progress=False)
+    sweep = metrics["valid"]["mf_weight_sweep"]
+    assert set(sweep) == {"0.0", "2.0"}
+    chosen = metrics["protocol"]["mf_weight"]
+    assert sweep[str(chosen)]["recall@100"] == max(v["recall@100"] for v in sweep.values())
+    # Force the MF dimensions on to check what ships.
+    cfg = _cfg(synthetic_config, "retrieval.mf_weights=[2.0]", "retrieval.max_epochs=2")
+    metrics = fit_retrieval(cfg, synthetic_tables, out, progress=False)
+    assert metrics["protocol"]["mf_weight"] == 2.0 and "two_tower_alone" in metrics["baselines"]
+    meta = json.loads((out / "retrieval.json").read_text())
+    d, f = meta["mf"]["dimensions"]
+    assert (d, f) == (16, 20) and meta["prior"]["dimension"] == 20 and meta["embedding_dim"] == 21
+    vecs = np.load(out / "item_vectors.npy")
+    assert vecs.shape == (len(synthetic_tables.items), 21)
+    layout = InputLayout.from_tables(synthetic_tables)
+    rows = pd.read_parquet(synthetic_tables.dir / "interactions.parquet")
+    from training.retrieval.data import ItemFeatures
+
+    mf = _mf_fit(cfg.retrieval, rows, ItemFeatures(cfg, synthetic_tables, layout, rows), synthetic_tables,
+                 layout.user_cat_sizes[0], meta["baselines"]["mf"], 2.0, cfg.seed)
+    np.testing.assert_allclose(vecs[:, d:f], mf.items, atol=1e-5)
+    users = synthetic_tables.users.iloc[:50]
+    feeds = layout.user_arrays(users)
+    feeds["user_cat"] = feeds["user_cat"].copy()
+    feeds["user_cat"][:5, 0] = 0  # unknown users
+    uv = onnx_vectors(out / "user_tower.onnx", feeds)
+    assert uv.shape == (50, 21)
+    np.testing.assert_allclose(uv[:, d:f], mf.table[feeds["user_cat"][:, 0]], atol=1e-5)
+    assert not uv[:5, d:f].any() and np.abs(uv[5:, d:f]).sum() > 0
+    np.testing.assert_allclose(uv[:, f], meta["prior"]["beta"], atol=1e-6)

@@ -68,11 +68,23 @@ def als_scores(seen: pd.DataFrame, catalogue: np.ndarray, es: EvalSet, signal: s
                seed: int = 0) -> ScoreChunk:
     """Implicit ALS (Hu et al. 2008) on every seen user: preference 1 + per shown (user, item) the
     positive count, plus ``impression_weight`` per impression; confidence 1 + alpha * that value."""
+    users, uf, itf = als_factors(seen, np.asarray(catalogue)[es.candidates], signal, factors, regularization, alpha,
+                                 impression_weight, iterations, seed)
+    pos = users.get_indexer(es.user_ids)
+    uf = np.where((pos >= 0)[:, None], uf[pos], 0.0).astype(np.float32)
+    return lambda u: uf[u] @ itf.T
+
+
+def als_factors(seen: pd.DataFrame, items: np.ndarray, signal: str, factors: int, regularization: float,
+                alpha: float, impression_weight: float, iterations: int,
+                seed: int = 0) -> tuple[pd.Index, np.ndarray, np.ndarray]:
+    """(user ids, (U, f) user factors, (len(items), f) item factors) of implicit ALS on ``seen``; items never
+    seen get zero factors."""
     from threadpoolctl import threadpool_limits
     from implicit.cpu.als import AlternatingLeastSquares
 
     users = pd.Index(seen["user_id"].astype(str).unique())
-    cand = pd.Index(np.asarray(catalogue).astype(str)[es.candidates])
+    cand = pd.Index(np.asarray(items).astype(str))
     ui = users.get_indexer(seen["user_id"].astype(str))
     ii = cand.get_indexer(seen["item_id"].astype(str))
     value = (seen[signal].to_numpy() > 0).astype(np.float32) + np.float32(impression_weight)
@@ -83,9 +95,7 @@ def als_scores(seen: pd.DataFrame, catalogue: np.ndarray, es: EvalSet, signal: s
         model = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
                                         iterations=iterations, random_state=seed, num_threads=1)
         model.fit(m, show_progress=False)
-    uf = np.asarray(model.user_factors)[users.get_indexer(es.user_ids)]
-    itf = np.asarray(model.item_factors)
-    return lambda u: uf[u] @ itf.T
+    return users, np.asarray(model.user_factors, np.float32), np.asarray(model.item_factors, np.float32)
 
 
 def recent_positions(user: np.ndarray, item: np.ndarray, ts: np.ndarray, n_users: int, n_items: int,

@@ -19,6 +19,10 @@ class RetrievalConfig:
     # one extra dimension on each side; beta is chosen on validation from this grid ([0] = no prior).
     prior_betas: list[float] = field(default_factory=lambda: [0.0])
     prior_days: float = 0.0  # count the prior over the last N days before the scored period (0 = all)
+    # Matrix-factorisation dimensions folded into the served vectors: [u, w * mf_user, beta] . [v, mf_item,
+    # log pop], the ALS of the tuned MF baseline (fit on every row the bundle knows). w is chosen on
+    # validation with beta from this grid ([0] = the two-tower alone); needs baselines.als.
+    mf_weights: list[float] = field(default_factory=lambda: [0.0])
     embedding_dim: int = 64  # output size of both towers (the FAISS dimension)
     feature_dim: int = 16  # embedding size of each attribute column (user attributes, creator, category, ...)
     id_dim: int = 64  # embedding size of the user id and item id (the item id table is shared with history)
@@ -91,5 +95,10 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.prior_betas must list a value and prior_days be >= 0, got "
                               f"{self.prior_betas}, {self.prior_days}")
         self.baselines.validate()
+        if not self.mf_weights or min(self.mf_weights) < 0:
+            raise ConfigError(f"retrieval.mf_weights must list values >= 0, got {self.mf_weights}")
+        if max(self.mf_weights) > 0 and not self.baselines.als:
+            raise ConfigError("retrieval.mf_weights folds the MF baseline into the vectors: it needs "
+                              "retrieval.baselines.als: true")
         if self.recent_days <= 0:
             raise ConfigError(f"retrieval.recent_days must be > 0, got {self.recent_days}")

@@ -175,13 +175,20 @@ def sampled_softmax_loss(
 
 class PriorUserTower(nn.Module):
     """The user tower with the popularity prior's weight appended: (B, D) -> (B, D + 1) = [u, beta], so that
-    [u, beta] . [v, log pop] = u.v + beta * log pop is one inner product (one FAISS search)."""
+    [u, beta] . [v, log pop] = u.v + beta * log pop is one inner product (one FAISS search). With ``mf``
+    ((user vocabulary, f): the matrix-factorisation user factors by ``user_cat[:, 0]``, already weighted;
+    row 0, the unknown user, is zero) the output is [u, mf[user], beta] against items' [v, mf item, log pop]."""
 
-    def __init__(self, tower: UserTower, beta: float):
+    def __init__(self, tower: UserTower, beta: float, mf: torch.Tensor | None = None):
         super().__init__()
         self.tower = tower
         self.register_buffer("beta", torch.tensor([float(beta)]))
+        self.register_buffer("mf", mf.float() if mf is not None else torch.zeros(1, 0))
 
     def forward(self, user_cat: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         u = self.tower(user_cat, history)
-        return torch.cat([u, self.beta.expand(u.shape[0], 1)], dim=1)
+        parts = [u]
+        if self.mf.shape[1]:
+            parts.append(self.mf.index_select(0, user_cat[:, 0]))
+        parts.append(self.beta.expand(u.shape[0], 1))
+        return torch.cat(parts, dim=1)

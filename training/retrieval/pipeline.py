@@ -31,7 +31,7 @@ from training.onnx_export import OPSET, check_parity, export_onnx, session
 from training.retrieval.config import RetrievalConfig
 from training.retrieval.data import BatchDataset, InputLayout, ItemFeatures, train_tensors
 from training.retrieval.index import build_and_measure
-from training.retrieval.baselines import make_scorer, tune_baselines, tuned_json
+from training.retrieval.baselines import als_factors, make_scorer, tune_baselines, tuned_json
 from training.retrieval.channels import build_tables, merged_recall, quota_grid
 from training.retrieval.metrics import (EvalSet, evaluate_all, make_eval_set, plot_curves, popularity_scores,
                                         weighted_counts)
@@ -94,6 +94,62 @@ def _with_prior(uv: np.ndarray, iv: np.ndarray, beta: float, prior: np.ndarray) 
     """[u, beta] and [v, prior]: the folded vectors whose inner product is u.v + beta * prior."""
     return (np.hstack([uv, np.full((len(uv), 1), beta, np.float32)]),
             np.hstack([iv, prior.reshape(-1, 1).astype(np.float32)]))
+
+
+@dataclass
+class _MF:
+    """The MF dimensions of the served vectors: ``table`` (user vocabulary, f) = weight x ALS user factors by
+    ``user_id_idx`` (row 0, the unknown user, and users ALS never saw are 0), ``items`` (catalogue, f)."""
+
+    weight: float
+    table: np.ndarray
+    items: np.ndarray
+
+
+def _mf_fit(rc: RetrievalConfig, seen: pd.DataFrame, feats: ItemFeatures, tables: FeatureTables, vocab_size: int,
+            params: dict, weight: float, seed: int) -> _MF:
+    users, uf, itf = als_factors(seen, feats.item_ids, rc.positive_signal, int(params["factors"]),
+                                 params["regularization"], params["alpha"], params["impression_weight"],
+                                 rc.baselines.als_iterations, seed)
+    pos = users.get_indexer(tables.users["user_id"].astype(str))
+    idx = tables.users["user_id_idx"].to_numpy(np.int64)
+    ok = (pos >= 0) & (idx > 0)
+    table = np.zeros((vocab_size, uf.shape[1]), np.float32)
+    table[idx[ok]] = uf[pos[ok]] * np.float32(weight)
+    return _MF(float(weight), table, itf)
+
+
+def _with_mf(uv: np.ndarray, iv: np.ndarray, mf: _MF | None, user_cat: torch.Tensor,
+             candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tower vectors with the MF dimensions appended, as the exported user tower and item vectors lay them out."""
+    if mf is None:
+        return uv, iv
+    return (np.hstack([uv, mf.table[user_cat[:, 0].numpy()]]).astype(np.float32),
+            np.hstack([iv, mf.items[candidates]]).astype(np.float32))
+
+
+def _mf_sweep(rc: RetrievalConfig, tuning: dict, train: pd.DataFrame, feats: ItemFeatures, tables: FeatureTables,
+              layout: InputLayout, val: ValInputs, es: EvalSet, uv: np.ndarray, iv: np.ndarray, ks: list[int],
+              seed: int) -> tuple[float, float, dict, dict]:
+    """(MF weight, prior beta, the prior sweep at that weight, recall@k by weight): chosen together on
+    validation, MF fitted on the train period with the tuned baseline's settings."""
+    key = f"recall@{ks[0]}"
+    weights = sorted(set(rc.mf_weights)) if "mf" in tuning else [0.0]
+    if weights == [0.0]:
+        beta, sweep = prior_sweep(es, uv, iv, val.prior, list(rc.prior_betas), ks, [])
+        return 0.0, beta, sweep, {}
+    unit = _mf_fit(rc, train, feats, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], 1.0, seed)
+    best, by_weight = None, {}
+    for w in weights:
+        mf = _MF(w, unit.table * np.float32(w), unit.items)
+        beta, sweep = prior_sweep(es, *_with_mf(uv, iv, mf, val.user_cat, es.candidates), val.prior,
+                                  list(rc.prior_betas), ks, [])
+        by_weight[str(w)] = {"beta": beta, key: sweep[beta][key]}
+        log.info("MF weight %s: beta %s, valid %s %.4f", w, beta, key, sweep[beta][key])
+        if best is None or sweep[beta][key] > best[2][best[1]][key]:
+            best = (w, beta, sweep)
+    assert best is not None
+    return best[0], best[1], best[2], by_weight
 
 
 def _channels(rc: RetrievalConfig, seen: pd.DataFrame, period: pd.DataFrame, es: EvalSet, layout: InputLayout,
@@ -288,17 +344,30 @@ def fit_retrieval(
     kw = dict(recall_ks=list(rc.eval_ks), ndcg_ks=list(rc.ndcg_ks))
     uv_val, iv_val = tower_vectors(model, val)
     monitor_first = [rc.monitor_k] + [k for k in rc.eval_ks if k != rc.monitor_k]
-    beta, sweep = prior_sweep(val_es, uv_val, iv_val, val.prior, list(rc.prior_betas), monitor_first, [])
     seen = rows[rows["period"] != "test"]
     test_es = make_eval_set(seen, test, feats.item_ids, signal)
     val_base, test_base, tuning = _baselines(rc, train, valid, seen, feats.item_ids, val_es, test_es, split, seed)
-    val_metrics_vectors = _with_prior(uv_val, iv_val, beta, val.prior)
+    # The MF weight and the prior's beta are chosen together on validation with the selected checkpoint.
+    mf_weight, beta, sweep, mf_sweep = _mf_sweep(rc, tuning, train, feats, tables, layout, val, val_es, uv_val,
+                                                 iv_val, monitor_first, seed)
+    mf_val = (_mf_fit(rc, train, feats, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], mf_weight, seed)
+              if mf_weight > 0 else None)
+    val_metrics_vectors = _with_prior(*_with_mf(uv_val, iv_val, mf_val, val.user_cat, val_es.candidates), beta, val.prior)
     val_metrics, _ = evaluate_all(val_es, *val_metrics_vectors, val_base, **kw)
     val_metrics["prior_sweep"] = {str(b): m for b, m in sweep.items()}
     val_metrics["baseline_sweep"] = tuning
+    if mf_sweep:
+        val_metrics["mf_weight_sweep"] = mf_sweep
     test_prior = log_prior(rc, seen, feats.item_ids, int(split["test_start"]))
     test_in = _val_inputs(test_es, test, layout, feats, test_block, test_prior)
-    uv, iv = _with_prior(*tower_vectors(model, test_in), beta, test_in.prior)
+    uv_tt, iv_tt = tower_vectors(model, test_in)
+    mf_test = (_mf_fit(rc, seen, feats, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], mf_weight, seed)
+               if mf_weight > 0 else None)
+    uv, iv = _with_prior(*_with_mf(uv_tt, iv_tt, mf_test, test_in.user_cat, test_es.candidates), beta, test_in.prior)
+    if mf_test is not None:  # what the MF dimensions add: the towers alone, with their own best beta
+        beta_tt = float(mf_sweep["0.0"]["beta"]) if "0.0" in mf_sweep else beta
+        uv0, iv0 = _with_prior(uv_tt, iv_tt, beta_tt, test_in.prior)
+        test_base["two_tower_alone"] = lambda u: uv0[u] @ iv0.T
     metrics, curves = evaluate_all(test_es, uv, iv, test_base, **kw)
     window = int(tuning.get("covisit", {}).get("params", {}).get("window", 10))
     val_ch = _channels(rc, train, valid, val_es, layout, feats, tables, window, int(split["valid_start"]),
@@ -312,8 +381,10 @@ def fit_retrieval(
     plot_curves(curves, out_dir / "recall_vs_k.png", f"test period: Recall@K ({metrics['test_users']} users)")
 
     # ---- export, catalogue vectors, channels, index
+    mf_ship = (_mf_fit(rc, rows, feats, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], mf_weight, seed)
+               if mf_weight > 0 else None)
     shipped = _ship(rc, out_dir, model, beta, layout, feats, tables, rows, num_mean, num_std, seed, window,
-                    lambda: uv, "test-period users' query vectors")
+                    lambda: uv, "test-period users' query vectors", mf_ship)
 
     best_epoch = int(best["epoch"])
     training = {
@@ -330,7 +401,7 @@ def fit_retrieval(
     }
     metrics = {**metrics, "valid": val_metrics, "training": training,
                "protocol": {"signal": signal, "seen_periods": ["train", "valid"], "evaluated_period": "test",
-                            "recent_days": rc.recent_days, "prior_beta": beta,
+                            "recent_days": rc.recent_days, "prior_beta": beta, "mf_weight": mf_weight,
                             "baselines": {n: t["params"] for n, t in tuning.items()}}}
     (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))
     if history.rows:
@@ -353,15 +424,18 @@ class _Shipped:
     index: Any
     layout_json: dict
     query_source: str
+    mf_dim: int = 0
+    mf_weight: float = 0.0
 
 
 def _ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, beta: float, layout: InputLayout, feats: ItemFeatures,
           tables: FeatureTables, rows: pd.DataFrame, num_mean: np.ndarray, num_std: np.ndarray, seed: int,
-          window: int, queries: Callable[[], np.ndarray], query_source: str) -> _Shipped:
-    """Export the towers (the user tower carrying the prior's beta), the catalogue vectors, the channel
-    tables and the index; ``queries()`` (called after the export) gives the index-recall query vectors."""
+          window: int, queries: Callable[[], np.ndarray], query_source: str, mf: _MF | None = None) -> _Shipped:
+    """Export the towers (the user tower carrying the prior's beta and the MF user factors), the catalogue
+    vectors, the channel tables and the index; ``queries()`` (called after the export) gives the
+    index-recall query vectors."""
     user_make, item_make = _random_inputs(layout, num_mean, num_std, seed)
-    user_tower = PriorUserTower(model.user_tower, beta).eval()
+    user_tower = PriorUserTower(model.user_tower, beta, torch.from_numpy(mf.table) if mf else None).eval()
     export_onnx(user_tower, user_make(2), out_dir / USER_ONNX, ["user_vec"])
     export_onnx(model.item_tower, item_make(2), out_dir / ITEM_ONNX, ["item_vec"])
     parity = {
@@ -373,6 +447,7 @@ def _ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, beta: float, layo
     # Served vectors: the prior counted over every row of the bundle's data (what serving knows).
     serve_prior = log_prior(rc, rows, feats.item_ids, int(rows["ts"].max()) + 1)
     item_vectors = np.hstack([onnx_vectors(out_dir / ITEM_ONNX, layout.item_arrays(tables.items)),
+                              mf.items if mf else np.zeros((len(tables.items), 0), np.float32),
                               serve_prior.reshape(-1, 1)]).astype(np.float32)
     np.save(out_dir / ITEM_VECTORS, item_vectors)
     build_tables(rows, tables.items, tables.users["user_id"].astype(str).to_numpy(), rc.positive_signal, window,
@@ -381,8 +456,10 @@ def _ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, beta: float, layo
         item_vectors, queries(), rc.index_factory, out_dir / INDEX, rc.index_recall_k, rc.hnsw_ef_search,
         rc.ivf_nprobe, seed, rc.hnsw_ef_construction,
     )
-    return _Shipped(parity, item_vectors, feats.item_ids, index, layout.to_json(rc.embedding_dim + 1, rc.embedding_dim),
-                    query_source)
+    mf_dim = mf.items.shape[1] if mf else 0
+    return _Shipped(parity, item_vectors, feats.item_ids, index,
+                    layout.to_json(rc.embedding_dim + mf_dim + 1, rc.embedding_dim), query_source, mf_dim,
+                    mf.weight if mf else 0.0)
 
 
 def _meta(rc: RetrievalConfig, shipped: _Shipped, beta: float, quotas: dict, window: int, baselines: dict,
@@ -391,9 +468,13 @@ def _meta(rc: RetrievalConfig, shipped: _Shipped, beta: float, quotas: dict, win
     index = shipped.index
     return {
         "format_version": FORMAT_VERSION,
-        "embedding_dim": rc.embedding_dim + 1,
-        "similarity": "inner product: L2-normalised tower outputs plus the popularity prior's dimension",
-        "prior": {"beta": beta, "dimension": rc.embedding_dim, "days": rc.prior_days,
+        "embedding_dim": rc.embedding_dim + shipped.mf_dim + 1,
+        "similarity": "inner product: L2-normalised tower outputs, then the MF factors (if any), then the "
+                      "popularity prior's dimension",
+        "mf": {"weight": shipped.mf_weight, "dimensions": [rc.embedding_dim, rc.embedding_dim + shipped.mf_dim],
+               "user_side": "weight x ALS user factors by user_id_idx (0 for unknown users)",
+               "item_side": "ALS item factors", "fit_on": "every row of the bundle's data"},
+        "prior": {"beta": beta, "dimension": rc.embedding_dim + shipped.mf_dim, "days": rc.prior_days,
                   "user_side": "beta (constant)", "item_side": "log(1 + training weight of the item's rows)"},
         "temperature": rc.temperature,
         "positive_signal": rc.positive_signal,
@@ -433,17 +514,20 @@ def _refit_outputs(rc: RetrievalConfig, tables: FeatureTables, out_dir: Path, mo
     baselines = protocol.get("baselines", {})
     window = int(baselines.get("covisit", {}).get("window", 10))
     quotas = held.get("channels", {}).get("quotas", {"ann": rc.channel_total})
+    mf_weight = float(protocol.get("mf_weight", 0.0))
+    mf = (_mf_fit(rc, rows, feats, tables, layout.user_cat_sizes[0], baselines["mf"], mf_weight, seed)
+          if mf_weight > 0 else None)
     # The index's recall is measured on the exported user tower's vectors of users' latest rows.
     shipped = _ship(rc, out_dir, model, beta, layout, feats, tables, rows, num_mean, num_std, seed, window,
                     lambda: onnx_vectors(out_dir / USER_ONNX, _refit_queries(rows, layout, 2000, seed)),
-                    "refit: users' latest training rows")
+                    "refit: users' latest training rows", mf)
     training = {"epochs": refit.epochs, "train_positives": positives,
                 "samples_per_s": round(throughput.samples_per_s, 1), "wall_seconds": round(train_seconds, 1)}
     meta = _meta(rc, shipped, beta, quotas, window, baselines, training, held)
     meta["refit"] = {"epochs": refit.epochs, "rows": len(rows)}
     (out_dir / META).write_text(json.dumps(meta, indent=2))
     report = {"training": training, "index_recall_vs_exact": shipped.index.recall_vs_exact,
-              "parity_max_abs_diff": max(shipped.parity.values()), "prior_beta": beta}
+              "parity_max_abs_diff": max(shipped.parity.values()), "prior_beta": beta, "mf_weight": mf_weight}
     import mlflow
 
     if mlflow.active_run() is not None:

@@ -4,7 +4,9 @@ Scores one user's N candidates (default 500) with the ranker on 1 thread: ONNX R
 ``inference_mode`` on the same inputs in the same run; then a few training steps (forward, backward,
 Adam) on 2 threads for samples/s. With ``--ranking-dir`` (a fitted ``<output_dir>/ranking``) it times the
 shipped ``ranker.onnx`` (and the request graph ``ranker_request.onnx`` serving uses, when present) against
-the same weights in torch (``checkpoints/best.ckpt``); without one it
+the same weights in torch (``checkpoints/best.ckpt``; a hybrid ranker's torch side adds LightGBM's own
+``predict`` of its saved trees, and its deep part alone is exported and timed too, so the trees' cost is
+measured in the same run); without one it
 builds the default-config ranker for the features in ``--features`` (random weights: timing only).
 
     python bench/bench_ranker.py --ranking-dir runs/full/ranking --features runs/full/features
@@ -134,20 +136,31 @@ def main() -> None:
                 scorer(*tensors.values())
 
         # The serving graph (one request's shared columns once), when the ranking stage exported one.
-        request_sess, request_diff = None, None
+        request_sess, request_diff, deep_sess = None, None, None
         if args.ranking_dir and meta.get("request_onnx"):
             request_sess = session(Path(args.ranking_dir) / meta["request_onnx"], threads=1)
             request_diff = max(float(np.max(np.abs(e.numpy() - o))) for e, o in zip(eager, request_sess.run(None, feed)))
+        # A hybrid ranker: its deep part alone as a request graph (no trees), timed in the same rounds.
+        if request_sess is not None and hasattr(scorer, "graph"):
+            from training.ranking.model import RequestScorer
+
+            const = meta["request_constant"]
+            deep = RequestScorer(scorer.graph, const["cat"], const["num"]).eval()
+            deep_sess = session(export_onnx(deep, tensors, Path(tmp) / "deep_request.onnx", scorer.output_names),
+                                threads=1)
 
         # Interleave rounds so that drift in machine load hits every engine alike.
         ort_ms: list[float] = []
         torch_ms: list[float] = []
         request_ms: list[float] = []
+        deep_ms: list[float] = []
         for _ in range(3):
             ort_ms += time_it(lambda: sess.run(None, feed), args.reps // 3)
             torch_ms += time_it(run_torch, args.reps // 3)
             if request_sess is not None:
                 request_ms += time_it(lambda: request_sess.run(None, feed), args.reps // 3)
+            if deep_sess is not None:
+                deep_ms += time_it(lambda: deep_sess.run(None, feed), args.reps // 3)
 
     # Training throughput: forward + backward + Adam on 2 threads, batches drawn from the candidate pool.
     torch.set_num_threads(2)
@@ -183,6 +196,8 @@ def main() -> None:
         "max_abs_diff": diff,
         "request_onnx_median_ms": round(statistics.median(request_ms), 3) if request_ms else None,
         "request_max_abs_diff": request_diff,
+        "hybrid_trees": sum((meta.get("hybrid") or {}).get("gbdt_rounds", {}).values()) if args.ranking_dir else 0,
+        "request_deep_only_median_ms": round(statistics.median(deep_ms), 3) if deep_ms else None,
         "train_step_samples_per_s_2threads": round(args.train_batch / (statistics.median(step_ms) / 1e3), 0),
         "fit_samples_per_s": fit_sps,
         "bar_onnx_lt_2p5ms": ort_med < 2.5,

@@ -26,6 +26,7 @@ def load_eager(base_bundle: Path, run_dir: Path):
     from training.retrieval.data import InputLayout, ItemFeatures
     from training.retrieval.model import PriorUserTower
     from training.retrieval.pipeline import build_model, load_interactions
+    import torch
 
     manifest = json.loads((base_bundle / "manifest.json").read_text())
     cfg = from_dict(TrainConfig, manifest["config"])
@@ -37,8 +38,11 @@ def load_eager(base_bundle: Path, run_dir: Path):
     two_tower.load_state_dict(model_state(run_dir / "retrieval" / "checkpoints" / "best.ckpt"))
     meta = json.loads((base_bundle / "ranking" / "ranking.json").read_text())
     scorer, rlayout, _ = load_eager_ranker(meta, run_dir / "ranking" / "checkpoints" / "best.ckpt")
-    prior = json.loads((base_bundle / "retrieval" / "retrieval.json").read_text()).get("prior")
-    user_tower = two_tower.user_tower if prior is None else PriorUserTower(two_tower.user_tower, prior["beta"])
+    rmeta = json.loads((base_bundle / "retrieval" / "retrieval.json").read_text())
+    prior, mf_file = rmeta.get("prior"), (rmeta.get("mf") or {}).get("user_factors_file")
+    mf = torch.from_numpy(np.load(base_bundle / "retrieval" / mf_file)) if mf_file else None
+    user_tower = (two_tower.user_tower if prior is None
+                  else PriorUserTower(two_tower.user_tower, prior["beta"], mf))
     return user_tower.eval(), scorer, rlayout, meta, layout
 
 

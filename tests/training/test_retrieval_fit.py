@@ -231,6 +231,7 @@ def test_mf_dimensions_ride_in_the_served_vectors(synthetic_config: Path, synthe
     mf = _mf_fit(cfg.retrieval, rows, ItemFeatures(cfg, synthetic_tables, layout, rows), synthetic_tables,
                  layout.user_cat_sizes[0], meta["baselines"]["mf"], 2.0, cfg.seed)
     np.testing.assert_allclose(vecs[:, d:f], mf.items, atol=1e-5)
+    np.testing.assert_allclose(np.load(out / meta["mf"]["user_factors_file"]), mf.table, atol=1e-6)
     users = synthetic_tables.users.iloc[:50]
     feeds = layout.user_arrays(users)
     feeds["user_cat"] = feeds["user_cat"].copy()

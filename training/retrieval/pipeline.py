@@ -46,6 +46,7 @@ ITEM_VECTORS, INDEX, META, METRICS = "item_vectors.npy", "index.faiss", "retriev
 CHANNELS = "channels.npz"
 
 log = logging.getLogger(__name__)
+MF_USER_FACTORS = "mf_user_factors.npy"
 
 
 def load_interactions(tables: FeatureTables) -> pd.DataFrame:
@@ -436,6 +437,8 @@ def _ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, beta: float, layo
     index-recall query vectors."""
     user_make, item_make = _random_inputs(layout, num_mean, num_std, seed)
     user_tower = PriorUserTower(model.user_tower, beta, torch.from_numpy(mf.table) if mf else None).eval()
+    if mf is not None:  # also inside the user tower graph; this copy is for eager re-use (bench/naive_path.py)
+        np.save(out_dir / MF_USER_FACTORS, mf.table)
     export_onnx(user_tower, user_make(2), out_dir / USER_ONNX, ["user_vec"])
     export_onnx(model.item_tower, item_make(2), out_dir / ITEM_ONNX, ["item_vec"])
     parity = {
@@ -473,7 +476,8 @@ def _meta(rc: RetrievalConfig, shipped: _Shipped, beta: float, quotas: dict, win
                       "popularity prior's dimension",
         "mf": {"weight": shipped.mf_weight, "dimensions": [rc.embedding_dim, rc.embedding_dim + shipped.mf_dim],
                "user_side": "weight x ALS user factors by user_id_idx (0 for unknown users)",
-               "item_side": "ALS item factors", "fit_on": "every row of the bundle's data"},
+               "item_side": "ALS item factors", "fit_on": "every row of the bundle's data",
+               "user_factors_file": MF_USER_FACTORS if shipped.mf_dim else None},
         "prior": {"beta": beta, "dimension": rc.embedding_dim + shipped.mf_dim, "days": rc.prior_days,
                   "user_side": "beta (constant)", "item_side": "log(1 + training weight of the item's rows)"},
         "temperature": rc.temperature,

@@ -167,7 +167,7 @@ def test_eager_ranker_from_checkpoint_matches_the_shipped_onnx(fitted):
 
 def test_hybrid_ranker_ships_its_trees_in_the_graph(synthetic_config: Path, synthetic_tables: FeatureTables,
                                                     tmp_path: Path):
-    """Forced onto every binary head (min gain -1), the blend's trees sit inside both served graphs, which
+    """Forced onto every binary head (min gain -1, no minimum of positives), the blend's trees sit inside both served graphs, which
     keep the ranker's inputs; the eager deep model + saved LightGBM models reproduce them, and without the
     trees' weight they would not."""
     import onnx
@@ -177,7 +177,7 @@ def test_hybrid_ranker_ships_its_trees_in_the_graph(synthetic_config: Path, synt
     from training.ranking.pipeline import random_inputs
 
     cfg = config(synthetic_config, "ranking.max_epochs=1", "ranking.single_task_baselines=false",
-                 "ranking.hybrid_min_gain=-1")
+                 "ranking.hybrid_min_gain=-1", "ranking.hybrid_min_positives=0")
     report = fit_ranking(cfg, synthetic_tables, tmp_path, progress=False)
     meta = json.loads((tmp_path / "ranking.json").read_text())
     names = [h["name"] for h in meta["heads"]]

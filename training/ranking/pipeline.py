@@ -169,10 +169,12 @@ def _valid_aucs(heads: list[tuple[str, str]], y: np.ndarray, scores: dict[str, n
 
 def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: _Data, columns: list[int],
             calibration: dict[str, list[float]] | None = None, gbdt: GbdtResult | None = None,
-            seed: int = 0, min_gain: float = 0.0) -> tuple[RankerScorer, np.ndarray, dict[str, HeadBlend]]:
+            seed: int = 0, min_gain: float = 0.0,
+            min_positives: int = 0) -> tuple[RankerScorer, np.ndarray, dict[str, HeadBlend]]:
     """The export wrapper, with binary heads calibrated on the validation period (the watch head predicts a
     quantile and is left as is): Platt scaling of the deep logit or, given ``gbdt`` (the hybrid ranker),
-    the head's blend with its GBDT margin where that wins out of sample. Also returns the validation
+    the head's blend with its GBDT margin where that wins out of sample (heads with ``min_positives``
+    validation positives or more). Also returns the validation
     logits (N_valid, T) and the blends fitted. With a held-out fit's ``calibration`` (the refit, which has
     no validation period) that calibration is used and the logits are empty."""
     w = [t for t, (_, k) in enumerate(heads) if k == "watch_time"]
@@ -192,8 +194,9 @@ def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: _Data, column
         for t, (name, kind) in enumerate(heads):
             if kind != "binary":
                 continue
+            enough = np.nansum(y[:, t]) >= min_positives
             blend = (fit_blend(logits[:, t], gbdt.margins["valid"][name], y[:, t], users, seed, min_gain)
-                     if gbdt is not None and name in gbdt.margins.get("valid", {}) else None)
+                     if gbdt is not None and enough and name in gbdt.margins.get("valid", {}) else None)
             if blend is not None:
                 blends[name] = blend
             if blend is not None and blend.used:
@@ -461,7 +464,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         gbdt = _fit_gbdt(cfg, data, heads, rounds=refit.gbdt_rounds)
     scorer, logits_valid, blends = _scorer(task, heads, data, list(range(len(heads))),
                                            refit.calibration if refit else None, gbdt if rc.hybrid else None, cfg.seed,
-                                           rc.hybrid_min_gain)
+                                           rc.hybrid_min_gain, rc.hybrid_min_positives)
     trees = _blended(scorer, gbdt) if rc.hybrid else None
     parity = _export(scorer, data, out_dir / "ranker.onnx", cfg.seed, trees=trees)
     # The serving graph: the same model with one request's shared columns computed once (RequestScorer),

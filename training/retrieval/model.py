@@ -184,11 +184,12 @@ class PriorUserTower(nn.Module):
         self.tower = tower
         self.register_buffer("beta", torch.tensor([float(beta)]))
         self.register_buffer("mf", mf.float() if mf is not None else torch.zeros(1, 0))
+        self.has_mf = mf is not None  # a Python flag: tracing for ONNX sees no tensor-valued branch
 
     def forward(self, user_cat: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         u = self.tower(user_cat, history)
         parts = [u]
-        if self.mf.shape[1]:
+        if self.has_mf:
             parts.append(self.mf.index_select(0, user_cat[:, 0]))
         parts.append(self.beta.expand(u.shape[0], 1))
         return torch.cat(parts, dim=1)

@@ -36,7 +36,7 @@ def main() -> int:
     args = ap.parse_args()
 
     bundle = load_bundle(args.bundle)
-    settings = load_settings(args.config, bundle.manifest)
+    settings = load_settings(args.config, bundle.manifest.config)
     settings.serving.candidates = args.candidates
     full = Recommender(bundle, settings)
     base = Recommender(bundle, ServeSettings(settings.serving, PolicyConfig.engagement_only(settings.policy)))

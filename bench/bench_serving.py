@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,7 @@ def synthetic_bundle(base: Path, n_items: int, factory: str, ef_search: int, cac
     import faiss
 
     from features.bundle import write_manifest
+    from features.contract import MANIFEST, RETRIEVAL, RETRIEVAL_JSON, BundleInfo, Manifest, RetrievalSpec
 
     key = hashlib.sha256(((base / "manifest.json").read_bytes() + f"{n_items}{factory}{ef_search}{seed}".encode())).hexdigest()[:10]
     out = cache / f"synthetic-{n_items}-{key}"
@@ -207,17 +209,17 @@ def synthetic_bundle(base: Path, n_items: int, factory: str, ef_search: int, cac
     index.add(x)
     print(f"built {factory} over {n_items} items in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     faiss.write_index(index, str(tmp / "retrieval" / "index.faiss"))
-    meta = json.loads((tmp / "retrieval" / "retrieval.json").read_text())
-    meta.pop("item_vectors", None)
-    meta.pop("channels", None)  # its tables cover the base catalogue: the synthetic one serves the ANN alone
-    meta["index"] = {**meta.get("index", {}), "factory": factory, "ntotal": n_items, "search_params": {"efSearch": ef_search}}
-    meta["index_factory"] = factory
-    (tmp / "retrieval" / "retrieval.json").write_text(json.dumps(meta))
-    manifest = json.loads((base / "manifest.json").read_text())
-    info = {k: v for k, v in manifest.items() if k not in ("format_version", "components", "files")}
-    info["index_factory"] = factory
-    info["synthetic_catalogue"] = {"items": n_items, "creators": n_creators, "base": str(base)}
-    write_manifest(tmp, info)
+    rpath = tmp / RETRIEVAL / RETRIEVAL_JSON
+    spec = RetrievalSpec.from_json(json.loads(rpath.read_text()))
+    spec.item_vectors = replace(spec.item_vectors, shape=list(x.shape), item_ids=big["item_id"].tolist())
+    # The channel tables cover the base catalogue: the synthetic one serves the ANN alone.
+    spec.channels = None
+    spec.files.channels = None
+    spec.index = replace(spec.index, factory=factory, ntotal=n_items, search_params={"efSearch": ef_search})
+    rpath.write_text(json.dumps(spec.to_json()))
+    manifest = Manifest.from_json(json.loads((base / MANIFEST).read_text()))
+    info = BundleInfo(**{f.name: getattr(manifest, f.name) for f in fields(BundleInfo)})
+    write_manifest(tmp, replace(info, index_factory=factory).to_json())
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -117,7 +117,7 @@ def service_in_process_p50(bundle: Path, config: Path, users: list[str], n: int,
     from serving.recommender import Recommender
 
     b = load_bundle(bundle)
-    rec = Recommender(b, load_settings(str(config), b.manifest))
+    rec = Recommender(b, load_settings(str(config), b.manifest.config))
     rng = np.random.default_rng(1)
     lat = []
     for i in range(n + 50):

@@ -151,16 +151,14 @@ def table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from features.bundle import verify_bundle
     from serving.bundle import load_bundle
     from serving.config import load_settings, settings_from_raw
     from training.config import TrainConfig
 
     bundle_dir = Path(args.bundle)
-    manifest = verify_bundle(bundle_dir, require=("features",))
     bundle = load_bundle(bundle_dir, onnx_threads=2)
     settings = (settings_from_raw(load_raw(args.policy_config)) if args.policy_config
-                else load_settings(None, bundle.manifest))
+                else load_settings(None, bundle.manifest.config))
     extra = strength_arms(settings.policy, [float(s) for s in args.strengths.split(",")]) if args.strengths else {}
     extra.update(override_arms(settings.policy, args.arms))
     log, source = None, None
@@ -171,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         if args.config:
             cfg = load_config(args.config, args.overrides, TrainConfig)
         else:  # parse the log with the dataset config the bundle was trained on
-            cfg = from_dict(TrainConfig, apply_overrides(manifest["config"], args.overrides))
+            cfg = from_dict(TrainConfig, apply_overrides(bundle.manifest.config, args.overrides))
             cfg.validate()
         log, report = read_later_log(cfg, args.log, FeatureTables.load(bundle_dir / "features"))
         if report.get("warning"):
@@ -181,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                              max_users=args.max_users, extra=extra, source=source)
     if args.log:
         result["data"]["later_log_report"] = report
-    result["bundle"] = {"path": str(bundle_dir), "version": bundle.version, "git_revision": manifest.get("git_revision")}
+    result["bundle"] = {"path": str(bundle_dir), "version": bundle.version, "git_revision": bundle.manifest.git_revision}
     result["policy_config"] = {k: v for k, v in to_dict(settings.policy).items() if not k.startswith("_")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from features.behaviour import Behaviour
 from features.config import Config, to_dict
+from features.contract import CREATORS, FANS, ITEMS, MANIFEST, USERS, VOCAB
 from features.fans import FAN_COLUMNS, fan_relations, fan_table
 from features.history import history_before
 from features.ingest import Ingested, ingest
@@ -33,7 +34,6 @@ from features.split import PERIODS, TimeSplit, make_split
 from features.vocab import Vocab, save_vocabs
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -212,13 +212,13 @@ def build_features(cfg: Config, force: bool = False, progress: bool = True) -> B
     item_numeric = list(iq.columns) + list(cq.columns)
     tables = {
         "interactions": _write(log, out / "interactions.parquet"),
-        "items": _write(items, out / "items.parquet"),
-        "creators": _write(creators, out / "creators.parquet"),
-        "users": _write(users, out / "users.parquet"),
-        "fans": _write(fans, out / "fans.parquet"),
+        "items": _write(items, out / ITEMS),
+        "creators": _write(creators, out / CREATORS),
+        "users": _write(users, out / USERS),
+        "fans": _write(fans, out / FANS),
         **{name: _write(df, out / f"{name}.parquet") for name, df in beh_tables.items()},
     }
-    save_vocabs(vocabs, out / "vocab.json")
+    save_vocabs(vocabs, out / VOCAB)
     spec = feature_spec(cfg, vocabs, item_numeric, None if beh is None else {
         "columns": beh.columns, "tables": {k: k for k in beh_tables}, "priors": beh.priors(end_block)})
     periods = log.groupby("period", observed=False)["ts"].agg(["count", "min", "max"])

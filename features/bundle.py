@@ -6,11 +6,14 @@ A directory::
                            config, git revision, and the sha256 of every other file
     features/              the feature tables serving looks up (manifest.json, items/users/creators/
                            fans .parquet, vocab.json, and interactions.parquet for evaluation)
-    retrieval/             user_tower.onnx, item_tower.onnx, item_vectors.npy, index.faiss, retrieval.json
-    ranking/               ranker.onnx, ranking.json (and single_task/*.onnx baselines when exported)
+    retrieval/             user_tower.onnx, item_tower.onnx, item_vectors.npy, index.faiss, channels.npz,
+                           retrieval.json
+    ranking/               ranker.onnx, ranker_request.onnx, ranking.json (and single_task/*.onnx baselines
+                           when exported)
 
-Both sides import this module; it has no torch and no serving dependency. :func:`verify_bundle` is what
-a loader calls first: a bundle that fails it must be refused.
+Both sides import this module; it has no torch and no serving dependency. The file names and the typed
+content of the JSON files are in :mod:`features.contract`. :func:`verify_bundle` is what a loader calls
+first: a bundle that fails it must be refused.
 """
 
 from __future__ import annotations
@@ -20,30 +23,17 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-BUNDLE_FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+from features.contract import (BUNDLE_FORMAT_VERSION, CREATORS, FAISS_INDEX, FANS, FEATURES,
+                               ITEM_TOWER_ONNX, ITEM_VECTORS, ITEMS, MANIFEST, RANKER_ONNX, RANKING, RANKING_JSON,
+                               RETRIEVAL, RETRIEVAL_JSON, USER_TOWER_ONNX, USERS, VOCAB, BundleError, bundle_path)
+
+# What each component must hold (optional files, e.g. the request graph or the channels, are not listed).
 COMPONENTS: dict[str, tuple[str, ...]] = {
-    "features": (
-        "features/manifest.json",
-        "features/items.parquet",
-        "features/users.parquet",
-        "features/creators.parquet",
-        "features/fans.parquet",
-        "features/vocab.json",
-    ),
-    "retrieval": (
-        "retrieval/user_tower.onnx",
-        "retrieval/item_tower.onnx",
-        "retrieval/item_vectors.npy",
-        "retrieval/index.faiss",
-        "retrieval/retrieval.json",
-    ),
-    "ranking": ("ranking/ranker.onnx", "ranking/ranking.json"),
+    FEATURES: tuple(bundle_path(FEATURES, f) for f in (MANIFEST, ITEMS, USERS, CREATORS, FANS, VOCAB)),
+    RETRIEVAL: tuple(bundle_path(RETRIEVAL, f)
+                     for f in (USER_TOWER_ONNX, ITEM_TOWER_ONNX, ITEM_VECTORS, FAISS_INDEX, RETRIEVAL_JSON)),
+    RANKING: (bundle_path(RANKING, RANKER_ONNX), bundle_path(RANKING, RANKING_JSON)),
 }
-
-
-class BundleError(ValueError):
-    """A bundle that must not be loaded; the message says which file or field is wrong."""
 
 
 def _sha256(path: Path) -> str:

@@ -9,6 +9,7 @@ another layer is carried as raw YAML here (``OTHER_LAYER_SECTIONS``) and checked
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import types
 import typing
 from dataclasses import dataclass, field
@@ -208,7 +209,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _coerce(value: Any, tp: Any, where: str, label: str = "config") -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -223,7 +224,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, where)
+                return _coerce(value, arg, where, label)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{where}: {value!r} fits none of {[_type_name(a) for a in args]}")
@@ -235,14 +236,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_tp,) = get_args(tp)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{where}[{i}]", label) for i, v in enumerate(value)]
+    if origin is tuple:
+        # A fixed-length list, one type per position; trailing optional entries may be left out.
+        args = get_args(tp)
+        required = len(args)
+        while required and type(None) in get_args(args[required - 1]):
+            required -= 1
+        if not isinstance(value, list) or not required <= len(value) <= len(args):
+            got = f"{len(value)} entries" if isinstance(value, list) else repr(value)
+            raise ConfigError(f"{where}: expected a list of {required} to {len(args)} entries, got {got}")
+        padded = value + [None] * (len(args) - len(value))
+        return tuple(_coerce(v, a, f"{where}[{i}]", label) for i, (v, a) in enumerate(zip(padded, args)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         key_tp, val_tp = get_args(tp)
-        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+        return {_coerce(k, key_tp, where, label): _coerce(v, val_tp, f"{where}.{k}", label) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, label)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -262,30 +274,33 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def from_dict(cls: type[T], data: Any, where: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError naming them."""
+def from_dict(cls: type[T], data: Any, where: str = "", label: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown or missing keys and wrong types raise ConfigError naming
+    them (``label`` says what the keys are of: "unknown config key 'data.dri'")."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or label}: expected a mapping, got {data!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # Names (or fnmatch patterns) of keys another layer owns: kept raw in ``other``, not checked here.
     other_sections = getattr(cls, "OTHER_LAYER_SECTIONS", frozenset())
     kwargs: dict[str, Any] = {}
     other: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else str(key)
         if key in fields and key != "other":
-            kwargs[key] = _coerce(value, hints[key], dotted)
-        elif key in other_sections and "other" in fields:
+            kwargs[key] = _coerce(value, hints[key], dotted, label)
+        elif "other" in fields and any(fnmatch.fnmatchcase(str(key), p) for p in other_sections):
             other[key] = value
         else:
             known = sorted(k for k in fields if k != "other")
-            raise ConfigError(f"unknown config key '{dotted}'; known keys here: {known}")
+            raise ConfigError(f"unknown {label} key '{dotted}'; known keys here: {known}")
+    missing = [n for n, f in fields.items() if n not in kwargs and n != "other"
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing {label} key '{f'{where}.{missing[0]}' if where else missing[0]}'")
     if other:
         kwargs["other"] = other
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field without a default
-        raise ConfigError(f"{where or 'config'}: {e}") from None
+    return cls(**kwargs)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -298,6 +313,11 @@ def to_dict(cfg: Any) -> Any:
         return {k: to_dict(v) for k, v in cfg.items()}
     if isinstance(cfg, list):
         return [to_dict(v) for v in cfg]
+    if isinstance(cfg, tuple):  # trailing None entries are optional ones left out (see _coerce)
+        items = list(cfg)
+        while items and items[-1] is None:
+            items.pop()
+        return [to_dict(v) for v in items]
     return cfg
 
 

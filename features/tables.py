@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from features.behaviour import attach_serving
-from features.build import MANIFEST
+from features.contract import MANIFEST, VOCAB
 from features.fans import FAN_COLUMNS
 from features.vocab import Vocab, load_vocabs
 
@@ -43,7 +43,7 @@ class FeatureTables:
         manifest = json.loads((d / MANIFEST).read_text())
         read = lambda name: pd.read_parquet(d / manifest["tables"][name]["file"])  # noqa: E731
         extra = manifest["feature_spec"].get("behaviour", {}).get("tables", {})
-        return cls(d, manifest, read("items"), read("users"), read("creators"), read("fans"), load_vocabs(d / "vocab.json"),
+        return cls(d, manifest, read("items"), read("users"), read("creators"), read("fans"), load_vocabs(d / VOCAB),
                    {name: read(name) for name in extra})
 
     @property

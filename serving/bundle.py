@@ -1,8 +1,9 @@
 """Load a verified bundle into request-ready arrays: ONNX sessions, the FAISS index and the feature tables
 as numpy matrices laid out exactly as ``retrieval.json`` and ``ranking.json`` say.
 
-Nothing here imports torch or ``training``: the two JSON files are the whole recipe for building the
-towers' and the ranker's input tensors from a request.
+Nothing here imports torch or ``training``: the two JSON files, read through the typed contract
+(:mod:`features.contract`), are the whole recipe for building the towers' and the ranker's input tensors
+from a request.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import pandas as pd
 
 from features.bundle import BundleError, verify_bundle
 from features.candidates import ChannelTables
+from features.contract import (FANS, FEATURES, ITEMS, MANIFEST, RANKER_ONNX, RANKING, RANKING_JSON, RETRIEVAL,
+                               RETRIEVAL_JSON, USERS, VOCAB, Manifest, RankingSpec, RetrievalSpec)
 from serving.behaviour import KINDS as BEHAVIOUR_KINDS
 from serving.behaviour import BehaviourLookup
 
@@ -52,79 +55,9 @@ def resolve_bundle(source: str, download_dir: str | None = None, tracking_uri: s
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
     except Exception as e:  # noqa: BLE001
         raise BundleError(f"cannot download {source}: {e}") from None
-    if not (local / "manifest.json").exists() and (local / "bundle" / "manifest.json").exists():
+    if not (local / MANIFEST).exists() and (local / "bundle" / MANIFEST).exists():
         local = local / "bundle"
     return local, version
-
-
-# --------------------------------------------------------------------------- the JSON recipes
-
-
-@dataclass
-class TowerInput:
-    name: str
-    dtype: str
-    columns: list[str]
-
-
-@dataclass
-class RetrievalSpec:
-    user_inputs: list[TowerInput]
-    user_output: str | None
-    search_params: dict[str, int]
-    history_column: str
-
-    @classmethod
-    def parse(cls, meta: dict[str, Any], history_column: str) -> "RetrievalSpec":
-        try:
-            tower = meta["user_tower"]
-            inputs = [TowerInput(i["name"], i.get("dtype", "int64"), list(i["columns"])) for i in tower["inputs"]]
-        except (KeyError, TypeError) as e:
-            raise BundleError(f"retrieval/retrieval.json lacks the user tower's input spec: {e!r}") from None
-        out = tower.get("output", {})
-        params = meta.get("search_params") or meta.get("index", {}).get("search_params") or {}
-        return cls(inputs, out.get("name") if isinstance(out, dict) else None, dict(params), history_column)
-
-
-@dataclass
-class RankingSpec:
-    cat_columns: list[str]
-    cat_sources: list[str]  # "request:<vocab>", "users:<col>", "items:<col>"
-    num_columns: list[str]
-    num_sources: list[str]  # "items:<col>", "users:<col>", "fans:<col>"
-    history_column: str
-    history_length: int
-    heads: list[str]
-    head_kinds: list[str]
-    scenarios: dict[str, dict[str, float]]
-    input_names: dict[str, str]  # role (cat, hist, num) -> ONNX input name
-    scores_output: str
-    watch_output: str | None
-
-    @classmethod
-    def parse(cls, meta: dict[str, Any]) -> "RankingSpec":
-        layout = meta.get("layout") or meta.get("features") or meta
-        try:
-            heads_raw = meta["heads"]
-            heads = [h["name"] if isinstance(h, dict) else str(h) for h in heads_raw]
-            kinds = [h.get("kind", "binary") if isinstance(h, dict) else "binary" for h in heads_raw]
-            if isinstance(meta.get("head_kinds"), (list, dict)):
-                hk = meta["head_kinds"]
-                kinds = [hk[h] for h in heads] if isinstance(hk, dict) else list(hk)
-            spec = cls(
-                cat_columns=list(layout["cat_columns"]), cat_sources=list(layout["cat_sources"]),
-                num_columns=list(layout["num_columns"]), num_sources=list(layout["num_sources"]),
-                history_column=layout["history_column"], history_length=int(layout["history_length"]),
-                heads=heads, head_kinds=kinds,
-                scenarios={k: {h: float(w) for h, w in v.items()} for k, v in (meta.get("scenarios") or {}).items()},
-                input_names={"cat": "cat", "hist": "hist", "num": "num"},
-                scores_output="scores", watch_output=None,
-            )
-        except (KeyError, TypeError, AttributeError) as e:
-            raise BundleError(f"ranking/ranking.json lacks a field serving needs: {e!r}") from None
-        if not spec.scenarios:
-            raise BundleError("ranking/ranking.json defines no fusion scenarios")
-        return spec
 
 
 # --------------------------------------------------------------------------- the loaded bundle
@@ -151,7 +84,7 @@ class Bundle:
     """Everything a request needs, as arrays. Item rows are items.parquet rows (= FAISS ids)."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     version: str
     registry_version: str | None
     retrieval: RetrievalSpec
@@ -171,6 +104,7 @@ class Bundle:
     popular: np.ndarray  # rows by popularity x quality (cold-start fallback)
     idx_category: np.ndarray  # item_id_idx -> category code, for the user's history
     # users (U)
+    history_column: str
     user_row: dict[str, int]
     user_cols: dict[str, np.ndarray]  # column -> (U,) values
     history: np.ndarray  # (U, L) int64
@@ -196,7 +130,7 @@ class Bundle:
     utc_offset_hours: float
     data_end_ms: float
     behaviour: BehaviourLookup | None = None  # pair-keyed behaviour inputs of the ranker
-    ranker_file: str = "ranker.onnx"  # which graph ``ranker`` runs: ranking.json's request_onnx when present
+    ranker_file: str = RANKER_ONNX  # which graph ``ranker`` runs: ranking.json's request_onnx when present
     channels: ChannelTables | None = None  # co-visitation, trending, fresh, seen sets (bundles before: None)
     channel_quotas: dict[str, int] | None = None  # the quotas chosen on validation
     idx_to_row: np.ndarray | None = None  # item_id_idx -> catalogue row (-1 none), for history items
@@ -208,14 +142,14 @@ class Bundle:
 
     @property
     def heads(self) -> list[str]:
-        return self.ranking.heads
+        return self.ranking.head_names
 
     def describe(self) -> dict[str, Any]:
         return {
             "version": self.version, "registry_version": self.registry_version, "path": str(self.path),
-            "git_revision": self.manifest.get("git_revision"), "dataset": self.manifest.get("dataset"),
+            "git_revision": self.manifest.git_revision, "dataset": self.manifest.dataset,
             "heads": self.heads, "scenarios": sorted(self.ranking.scenarios), "items": self.n_items,
-            "index_ntotal": int(self.index.ntotal), "ranker_graph": f"ranking/{self.ranker_file}",
+            "index_ntotal": int(self.index.ntotal), "ranker_graph": f"{RANKING}/{self.ranker_file}",
         }
 
 
@@ -224,7 +158,7 @@ def load_bundle(path: str | Path, *, registry_version: str | None = None, onnx_t
     import faiss
 
     path = Path(path)
-    manifest = verify_bundle(path)
+    manifest = Manifest.from_json(verify_bundle(path))
     try:
         return _load(path, manifest, registry_version, onnx_threads, faiss)
     except BundleError:
@@ -233,33 +167,36 @@ def load_bundle(path: str | Path, *, registry_version: str | None = None, onnx_t
         raise BundleError(f"bundle {path} could not be loaded: {type(e).__name__}: {e}") from e
 
 
-def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, onnx_threads: int, faiss) -> Bundle:
-    fdir = path / "features"
-    fman = json.loads((fdir / "manifest.json").read_text())
-    spec = manifest.get("feature_spec") or fman["feature_spec"]
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _load(path: Path, manifest: Manifest, registry_version: str | None, onnx_threads: int, faiss) -> Bundle:
+    fdir = path / FEATURES
+    spec = manifest.feature_spec
     hist_col = spec["history"]["column"]
-    rmeta = json.loads((path / "retrieval" / "retrieval.json").read_text())
-    kmeta = json.loads((path / "ranking" / "ranking.json").read_text())
-    rspec = RetrievalSpec.parse(rmeta, hist_col)
-    kspec = RankingSpec.parse(kmeta)
+    rspec = RetrievalSpec.from_json(_read_json(path / RETRIEVAL / RETRIEVAL_JSON))
+    kspec = RankingSpec.from_json(_read_json(path / RANKING / RANKING_JSON))
+    if not kspec.scenarios:
+        raise BundleError(f"{RankingSpec.FILE} defines no fusion scenarios")
 
-    items = pd.read_parquet(fdir / "items.parquet")
-    users = pd.read_parquet(fdir / "users.parquet")
-    fans = pd.read_parquet(fdir / "fans.parquet")
-    vocab_raw = json.loads((fdir / "vocab.json").read_text())
+    items = pd.read_parquet(fdir / ITEMS)
+    users = pd.read_parquet(fdir / USERS)
+    fans = pd.read_parquet(fdir / FANS)
+    vocab_raw = _read_json(fdir / VOCAB)
 
-    user_tower = _session(path / "retrieval" / "user_tower.onnx", onnx_threads)
+    user_tower = _session(path / RETRIEVAL / rspec.files.user_tower, onnx_threads)
     # Serving scores one user's candidates per call: the request graph (same model, the user's side once)
     # when the bundle has one, the general graph otherwise (bundles from before it existed).
-    request_graph = kmeta.get("request_onnx")
-    if request_graph and not (path / "ranking" / request_graph).is_file():
-        raise BundleError(f"ranking.json names the request graph ranking/{request_graph}, which is missing")
-    ranker = _session(path / "ranking" / (request_graph or "ranker.onnx"), onnx_threads)
-    index = faiss.read_index(str(path / "retrieval" / "index.faiss"))
+    ranker_file = kspec.request_onnx or kspec.onnx
+    if not (path / RANKING / ranker_file).is_file():
+        raise BundleError(f"{RankingSpec.FILE} names the ranker graph {RANKING}/{ranker_file}, which is missing")
+    ranker = _session(path / RANKING / ranker_file, onnx_threads)
+    _check_ranker_io(kspec, ranker, ranker_file)
+    index = faiss.read_index(str(path / RETRIEVAL / rspec.index.file))
     if index.ntotal != len(items):
-        raise BundleError(f"index.faiss holds {index.ntotal} vectors, items.parquet {len(items)} rows: rows must match")
-    _apply_search_params(index, rspec.search_params, faiss)
-    _bind_ranker_io(kspec, ranker)
+        raise BundleError(f"{rspec.index.file} holds {index.ntotal} vectors, {ITEMS} {len(items)} rows: rows must match")
+    _apply_search_params(index, rspec.index.search_params, faiss)
 
     item_ids = items["item_id"].astype(str).to_numpy()
     creator_code, creator_ids = pd.factorize(items["creator_id"].astype(str), sort=False)
@@ -283,14 +220,14 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
     history = np.stack(h).astype(np.int64) if len(h) else np.zeros((len(users), length), np.int64)
     if history.shape != (len(users), length):
         raise BundleError(f"users.parquet '{hist_col}' has shape {history.shape}, expected ({len(users)}, {length})")
-    needed_user_cols = {c for t in rspec.user_inputs for c in t.columns if c != hist_col}
-    needed_user_cols |= {s.split(":", 1)[1] for s in kspec.cat_sources + kspec.num_sources if s.startswith("users:")}
+    needed_user_cols = {c for t in rspec.user_tower.inputs for c in t.columns if c != hist_col}
+    needed_user_cols |= {s.split(":", 1)[1] for s in kspec.cat.sources + kspec.num.sources if s.startswith("users:")}
     missing = sorted(c for c in needed_user_cols if c not in users.columns)
     if missing:
         raise BundleError(f"users.parquet lacks columns the models read: {missing}")
     user_cols = {c: users[c].to_numpy() for c in needed_user_cols}
     user_row = _id_map(user_ids)
-    channels, quotas = _load_channels(path, rmeta, len(users), len(items))
+    channels, quotas = _load_channels(path, rspec, len(users), len(items))
     idx_to_row = np.full(len(idx_category), -1, np.int64)
     idx_to_row[item_idx[item_idx > 0]] = np.flatnonzero(item_idx > 0)
 
@@ -308,7 +245,7 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
 
     # Ranker layout: which positions of cat / num come from where.
     item_cat_cols, item_cat_pos, user_cat_cols, user_cat_pos, request_cat = [], [], [], [], []
-    for pos, src in enumerate(kspec.cat_sources):
+    for pos, src in enumerate(kspec.cat.sources):
         kind, _, name = src.partition(":")
         if kind == "items":
             item_cat_cols.append(name); item_cat_pos.append(pos)
@@ -321,7 +258,7 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
         else:
             raise BundleError(f"ranking.json: unknown categorical source '{src}'")
     item_num_cols, item_num_pos, user_num_cols, user_num_pos, fan_pos, fan_which = [], [], [], [], [], []
-    for pos, src in enumerate(kspec.num_sources):
+    for pos, src in enumerate(kspec.num.sources):
         kind, _, name = src.partition(":")
         if kind == "items":
             item_num_cols.append(name); item_num_pos.append(pos)
@@ -336,11 +273,9 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
     missing = sorted(c for c in item_cat_cols + item_num_cols if c not in items.columns)
     if missing:
         raise BundleError(f"items.parquet lacks columns the ranker reads: {missing}")
-    cfg = manifest.get("config") or {}
-    tr = manifest.get("time_range") or [0, 0]
-    digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()[:12]
     version = f"{registry_version}-{digest}" if registry_version else digest
-    behaviour = BehaviourLookup.load(fdir, spec.get("behaviour") or {}, kspec.num_sources, user_ids,
+    behaviour = BehaviourLookup.load(fdir, spec.get("behaviour") or {}, kspec.num.sources, user_ids,
                                      np.asarray(creator_ids, dtype=object).astype(str), item_ids)
     vocab_maps = {name: {str(v): i + 1 for i, v in enumerate(ids)} for name, ids in vocab_raw.items()
                   if name in {n for _, n in request_cat}}
@@ -350,7 +285,7 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
         item_ids=item_ids, item_row=_id_map(item_ids), creator_ids=np.asarray(creator_ids, dtype=object).astype(str),
         item_creator=creator_code.astype(np.int64), item_category=category, visible=visible, high_quality=hq,
         upload_ts=upload, popular=popular, idx_category=idx_category,
-        user_row=user_row, user_cols=user_cols, history=history,
+        history_column=hist_col, user_row=user_row, user_cols=user_cols, history=history,
         fan_ptr=fan_ptr, fan_creator=fc[order].astype(np.int64), fan_values=vals[order], fan_columns=fan_cols,
         vocab_maps=vocab_maps,
         item_cat=np.ascontiguousarray(items[item_cat_cols].to_numpy(np.int64)), item_cat_pos=np.array(item_cat_pos, np.int64),
@@ -359,21 +294,21 @@ def _load(path: Path, manifest: dict[str, Any], registry_version: str | None, on
         user_num_cols=user_num_cols, user_num_pos=np.array(user_num_pos, np.int64),
         fan_num_pos=np.array(fan_pos, np.int64), fan_num_which=np.array(fan_which, np.int64),
         request_cat=request_cat,
-        utc_offset_hours=float((cfg.get("data") or {}).get("utc_offset_hours", 0.0)),
-        data_end_ms=float(tr[1] or 0), ranker_file=request_graph or "ranker.onnx", behaviour=behaviour,
+        utc_offset_hours=float((manifest.config.get("data") or {}).get("utc_offset_hours", 0.0)),
+        data_end_ms=float(manifest.time_range[1]), ranker_file=ranker_file, behaviour=behaviour,
         channels=channels, channel_quotas=quotas, idx_to_row=idx_to_row,
     )
 
 
-def _load_channels(path: Path, rmeta: dict[str, Any], n_users: int, n_items: int):
-    spec = rmeta.get("channels")
-    if not spec:
+def _load_channels(path: Path, rspec: RetrievalSpec, n_users: int, n_items: int):
+    spec = rspec.channels
+    if spec is None:
         return None, None
-    tables = ChannelTables.load(path / "retrieval" / spec["file"])
+    tables = ChannelTables.load(path / RETRIEVAL / spec.file)
     if tables.seen.shape != (n_users, n_items) or tables.covisit.shape != (n_items, n_items):
-        raise BundleError(f"retrieval/{spec['file']} covers {tables.seen.shape} users x items, the feature tables "
+        raise BundleError(f"{RETRIEVAL}/{spec.file} covers {tables.seen.shape} users x items, the feature tables "
                           f"({n_users}, {n_items}): rows must match")
-    return tables, {str(k): int(v) for k, v in (spec.get("quotas") or {}).items()}
+    return tables, dict(spec.quotas)
 
 
 def _apply_search_params(index, params: dict[str, int], faiss) -> None:
@@ -384,25 +319,20 @@ def _apply_search_params(index, params: dict[str, int], faiss) -> None:
         for k, v in params.items():
             ps.set_index_parameter(index, k, v)
     except RuntimeError as e:
-        raise BundleError(f"retrieval.json search_params {params} do not apply to the index: {e}") from None
+        raise BundleError(f"{RetrievalSpec.FILE} index.search_params {params} do not apply to the index: {e}") from None
 
 
-def _bind_ranker_io(spec: RankingSpec, sess) -> None:
-    """Map the roles cat / hist / num to the ranker's ONNX input names, and find its outputs."""
-    names = [i.name for i in sess.get_inputs()]
-    roles = {}
-    for role, aliases in (("cat", ("cat", "categorical", "cat_idx")), ("hist", ("hist", "history")),
-                          ("num", ("num", "numeric", "dense"))):
-        hit = next((n for n in names if n in aliases), None)
-        if hit is None:
-            raise BundleError(f"ranker.onnx has no '{role}' input; its inputs are {names}")
-        roles[role] = hit
-    if len(names) != 3:
-        raise BundleError(f"ranker.onnx takes inputs {names}; serving builds only cat, hist and num")
-    spec.input_names = roles
-    outs = [o.name for o in sess.get_outputs()]
-    spec.scores_output = "scores" if "scores" in outs else outs[0]
-    spec.watch_output = next((o for o in outs if o != spec.scores_output and "watch" in o), None)
-    shape = next(o.shape for o in sess.get_outputs() if o.name == spec.scores_output)
+def _check_ranker_io(spec: RankingSpec, sess, graph: str) -> None:
+    """The ranker graph takes exactly the inputs ranking.json names and emits its outputs."""
+    names = sorted(i.name for i in sess.get_inputs())
+    want = sorted(i.name for i in spec.inputs)
+    if names != want:
+        raise BundleError(f"{RANKING}/{graph} takes inputs {names}; {RankingSpec.FILE} names {want}")
+    outs = {o.name: o.shape for o in sess.get_outputs()}
+    missing = [o.name for o in spec.outputs if o is not None and o.name not in outs]
+    if missing:
+        raise BundleError(f"{RANKING}/{graph} lacks the outputs {missing}; its outputs are {sorted(outs)}")
+    shape = outs[spec.scores.name]
     if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != len(spec.heads)):
-        raise BundleError(f"ranker output '{spec.scores_output}' has shape {shape}, ranking.json lists {len(spec.heads)} heads")
+        raise BundleError(f"ranker output '{spec.scores.name}' has shape {shape}, {RankingSpec.FILE} lists "
+                          f"{len(spec.heads)} heads")

@@ -94,13 +94,14 @@ def settings_from_raw(raw: dict[str, Any] | None) -> ServeSettings:
     return ServeSettings(serving, load_policy(raw.get("policy")))
 
 
-def load_settings(path: str | Path | None, manifest: dict[str, Any] | None = None,
+def load_settings(path: str | Path | None, recipe: dict[str, Any] | None = None,
                   overrides: list[str] | None = None) -> ServeSettings:
-    """A YAML file wins; else the bundle's recipe; else the defaults; ``--set`` overrides go on top."""
+    """A YAML file wins; else the bundle's recipe (its manifest's training config); else the defaults;
+    ``--set`` overrides go on top."""
     if path:
         raw = load_raw(path)
-    elif manifest is not None and isinstance(manifest.get("config"), dict):
-        raw = copy.deepcopy(manifest["config"])
+    elif recipe is not None:
+        raw = copy.deepcopy(recipe)
     else:
         raw = {}
     return settings_from_raw(apply_overrides(raw, overrides or []))

@@ -144,7 +144,7 @@ def period_view(bundle: Bundle, log: pd.DataFrame) -> tuple[Bundle, dict[str, in
         history[urow[ok]] = np.stack(first["history"].to_numpy()[ok]).astype(np.int64)
         note["users"] = int(ok.sum())
     item_num = bundle.item_num
-    item_cols = [s.split(":", 1)[1] for s in bundle.ranking.num_sources if s.startswith("items:")]
+    item_cols = [s.split(":", 1)[1] for s in bundle.ranking.num.sources if s.startswith("items:")]
     present = [j for j, c in enumerate(item_cols) if c in log]
     if present:
         first = log.drop_duplicates("item_id")
@@ -209,7 +209,7 @@ def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = No
     b = st.bundle
     name = rec._scenario(st, scenario)
     weights = dict(zip(b.heads, st.policy.weights[name].tolist()))
-    binary = [h for h, kind in zip(b.heads, b.ranking.head_kinds) if kind == "binary" and h in log]
+    binary = [h.name for h in b.ranking.heads if h.kind == "binary" and h.name in log]
     for s in ("long_view", "click"):
         if s not in log:
             raise ValueError(f"the log has no '{s}' column; its columns: {sorted(log.columns)}")
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     bundle = load_bundle(args.bundle)
-    result = evaluate_policy(bundle, load_settings(args.config, bundle.manifest), args.k, period=args.period,
+    result = evaluate_policy(bundle, load_settings(args.config, bundle.manifest.config), args.k, period=args.period,
                              scenario=args.scenario, max_users=args.max_users)
     text = json.dumps(result, indent=2)
     if args.out:

@@ -185,15 +185,15 @@ class Recommender:
 
     def _user_vector(self, b: Bundle, row: int, hist: np.ndarray) -> np.ndarray:
         feeds = {}
-        for inp in b.retrieval.user_inputs:
+        for inp in b.retrieval.user_tower.inputs:
             dtype = np.float32 if "float" in inp.dtype else np.int64
-            if inp.columns == [b.retrieval.history_column]:
+            if inp.columns == [b.history_column]:
                 feeds[inp.name] = hist.reshape(1, -1).astype(dtype)
             elif row >= 0:
                 feeds[inp.name] = np.array([[b.user_cols[c][row] for c in inp.columns]], dtype=dtype)
             else:  # unknown user: every attribute at its OOV / default value
                 feeds[inp.name] = np.zeros((1, len(inp.columns)), dtype=dtype)
-        out = b.user_tower.run([b.retrieval.user_output] if b.retrieval.user_output else None, feeds)[0]
+        out = b.user_tower.run([b.retrieval.user_tower.output.name], feeds)[0]
         return np.ascontiguousarray(out, dtype=np.float32).reshape(1, -1)
 
     def retrieve(self, user_id: str, n: int) -> np.ndarray:
@@ -306,7 +306,7 @@ class Recommender:
         """(n, T) head predictions for catalogue rows ``rows``, and (n,) expected watch time in ms (or None)."""
         n = len(rows)
         k = b.ranking
-        cat = np.zeros((n, len(k.cat_sources)), dtype=np.int64)
+        cat = np.zeros((n, len(k.cat.sources)), dtype=np.int64)
         cat[:, b.item_cat_pos] = b.item_cat[rows]
         if row >= 0 and len(b.user_cat_pos):
             cat[:, b.user_cat_pos] = np.array([b.user_cols[c][row] for c in b.user_cat_cols], dtype=np.int64)
@@ -315,7 +315,7 @@ class Recommender:
                 cat[:, pos] = b.vocab_maps["user_id"].get(user_id, 0)
         for pos, code in self._context_codes(b, context):
             cat[:, pos] = code
-        num = np.zeros((n, len(k.num_sources)), dtype=np.float32)
+        num = np.zeros((n, len(k.num.sources)), dtype=np.float32)
         num[:, b.item_num_pos] = b.item_num[rows]
         if len(b.user_num_pos):
             num[:, b.user_num_pos] = (np.array([b.user_cols[c][row] for c in b.user_num_cols], dtype=np.float32)
@@ -333,11 +333,10 @@ class Recommender:
         if b.behaviour is not None:
             b.behaviour.fill(num, row, rows, b.item_creator, context)
         hist_mat = np.ascontiguousarray(np.broadcast_to(hist, (n, len(hist))))
-        names = k.input_names
-        outputs = [k.scores_output] + ([k.watch_output] if k.watch_output else [])
-        out = b.ranker.run(outputs, {names["cat"]: cat, names["hist"]: hist_mat, names["num"]: num})
+        outputs = [k.scores.name] + ([k.watch_time.name] if k.watch_time else [])
+        out = b.ranker.run(outputs, {k.cat.name: cat, k.hist.name: hist_mat, k.num.name: num})
         # The ranker emits watch time in seconds (float32 ms would lose the parity tolerance to rounding).
-        watch_ms = np.asarray(out[1], dtype=np.float64).reshape(-1) * 1000.0 if k.watch_output else None
+        watch_ms = np.asarray(out[1], dtype=np.float64).reshape(-1) * 1000.0 if k.watch_time else None
         return np.asarray(out[0], dtype=np.float32), watch_ms
 
     def _score(self, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,

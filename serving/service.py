@@ -243,7 +243,7 @@ class Feedstack:
         base = load_settings(self.config_path, None, overrides)
         path, version = resolve_bundle(source, base.serving.download_dir, base.serving.tracking_uri)
         bundle = load_bundle(path, registry_version=version, onnx_threads=base.serving.onnx_threads)
-        settings = load_settings(self.config_path, bundle.manifest, overrides)
+        settings = load_settings(self.config_path, bundle.manifest.config, overrides)
         canary(bundle, settings)
         # Several workers share one creator-exposure state (a memory-mapped file in the state dir), so the
         # fairness controller and the exported Gini see all the service's pages, not one worker's share.

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from features.bundle import COMPONENTS, write_manifest
+from features.contract import (FEATURES, MANIFEST, RANKING, RANKING_JSON, RETRIEVAL, RETRIEVAL_JSON, BundleInfo,
+                               RankingSpec, RetrievalSpec)
 from features.config import to_dict
 from training.config import TrainConfig
 
@@ -64,23 +66,25 @@ def assemble_bundle(cfg: TrainConfig, metrics: dict[str, Any], source: Path | No
         src = source / component
         if src.is_dir():
             _copy_stage(src, tmp / component)
-    features_manifest = json.loads((tmp / "features" / "manifest.json").read_text())
-    ranking_meta = tmp / "ranking" / "ranking.json"
-    retrieval_meta = tmp / "retrieval" / "retrieval.json"
-    info = {
-        "dataset": features_manifest["dataset"],
-        "time_range": [features_manifest["split"]["start"], features_manifest["split"]["end"]],
-        "split": features_manifest["split"]["iso"],
-        "schema_hash": features_manifest["schema_hash"],
-        "feature_spec": features_manifest["feature_spec"],
-        "heads": json.loads(ranking_meta.read_text()).get("heads") if ranking_meta.exists() else None,
-        "index_factory": json.loads(retrieval_meta.read_text())["index"]["factory"] if retrieval_meta.exists() else None,
-        "refit": source != out,
-        "metrics": metrics,
-        "config": to_dict(cfg),
-        "git_revision": git_revision(),
-    }
-    write_manifest(tmp, info)
+    features_manifest = json.loads((tmp / FEATURES / MANIFEST).read_text())
+    ranking_json = tmp / RANKING / RANKING_JSON
+    retrieval_json = tmp / RETRIEVAL / RETRIEVAL_JSON
+    ranking = RankingSpec.from_json(json.loads(ranking_json.read_text())) if ranking_json.exists() else None
+    retrieval = RetrievalSpec.from_json(json.loads(retrieval_json.read_text())) if retrieval_json.exists() else None
+    info = BundleInfo(
+        dataset=features_manifest["dataset"],
+        time_range=[features_manifest["split"]["start"], features_manifest["split"]["end"]],
+        split=features_manifest["split"]["iso"],
+        schema_hash=features_manifest["schema_hash"],
+        feature_spec=features_manifest["feature_spec"],
+        heads=ranking.heads if ranking else None,
+        index_factory=retrieval.index.factory if retrieval else None,
+        refit=source != out,
+        metrics=metrics,
+        config=to_dict(cfg),
+        git_revision=git_revision(),
+    )
+    write_manifest(tmp, info.to_json())
     # Swap in the finished bundle in one rename so a reader never sees a half-written one.
     old = out / "bundle.old"
     shutil.rmtree(old, ignore_errors=True)

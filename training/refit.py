@@ -64,8 +64,8 @@ def run_refit(cfg: TrainConfig, metrics: dict[str, Any], progress: bool = True) 
     import json
 
     from features.build import build_features
+    from features.contract import RANKING, RANKING_JSON
     from features.tables import FeatureTables
-    from training.ranking.evaluate import META as RANKING_META
     from training.ranking.pipeline import fit_ranking
     from training.retrieval.pipeline import fit_retrieval
 
@@ -73,7 +73,7 @@ def run_refit(cfg: TrainConfig, metrics: dict[str, Any], progress: bool = True) 
     for stage in ("retrieval", "ranking"):
         if stage not in metrics:
             raise ValueError(f"refit needs the held-out {stage} fit first (run `training fit` with --stage all)")
-    ranking_meta = json.loads((out / "ranking" / RANKING_META).read_text())
+    ranking_meta = json.loads((out / RANKING / RANKING_JSON).read_text())
     rcfg = refit_config(cfg)
     built = build_features(rcfg, progress=progress)
     tables = FeatureTables.load(built.out_dir)

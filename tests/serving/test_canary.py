@@ -117,7 +117,7 @@ def test_reload_path_rules(tmp_path: Path):
 
 def test_readyz_probe_fails_on_a_bundle_that_loads_but_cannot_answer(serving_bundle: Path, tmp_path: Path):
     good = load_bundle(serving_bundle)
-    settings = load_settings(None, good.manifest)
+    settings = load_settings(None, good.manifest.config)
     probe(Recommender(good, settings))  # a sound bundle answers every probe
     assert Health().ready(Recommender(good, settings))
     bad = load_bundle(_wrong_tower(serving_bundle, tmp_path / "bad"))  # verifies and loads

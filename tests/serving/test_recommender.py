@@ -269,6 +269,42 @@ def test_a_bundle_naming_a_missing_request_graph_is_refused(serving_bundle: Path
         load_bundle(copy)
 
 
+def _rewritten(bundle: Path, dst: Path, rel: str, edit) -> Path:
+    """A copy of ``bundle`` with the JSON file ``rel`` edited and the manifest re-checksummed (so only the
+    typed reader can refuse it)."""
+    from features.bundle import write_manifest
+
+    shutil.copytree(bundle, dst)
+    meta = json.loads((dst / rel).read_text())
+    edit(meta)
+    (dst / rel).write_text(json.dumps(meta))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    write_manifest(dst, {k: v for k, v in manifest.items() if k not in ("format_version", "components", "files")})
+    return dst
+
+
+def test_the_bundle_loads_through_the_typed_contract(serving_bundle: Path):
+    from features.contract import Manifest, RankingSpec, RetrievalSpec
+
+    b = load_bundle(serving_bundle)
+    assert isinstance(b.manifest, Manifest) and isinstance(b.ranking, RankingSpec)
+    assert isinstance(b.retrieval, RetrievalSpec)
+    assert b.manifest.index_factory == b.retrieval.index.factory and b.heads == b.ranking.head_names
+
+
+@pytest.mark.parametrize("rel, edit, message", [
+    ("ranking/ranking.json", lambda m: m.update(head_kinds=["binary"]), "unknown bundle key 'head_kinds'"),
+    ("ranking/ranking.json", lambda m: m["inputs"][0].pop("sources"), r"missing bundle key 'inputs\[0\]\.sources'"),
+    ("retrieval/retrieval.json", lambda m: m.update(search_params={}), "unknown bundle key 'search_params'"),
+    ("ranking/ranking.json", lambda m: m["inputs"][0].update(name="categorical"),
+     r"ranker_request\.onnx takes inputs \['cat', 'hist', 'num'\]; ranking/ranking\.json names \['categorical'"),
+])
+def test_a_bundle_off_the_contract_is_refused(serving_bundle: Path, tmp_path: Path, rel, edit, message):
+    bad = _rewritten(serving_bundle, tmp_path / "bad", rel, edit)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bad)
+
+
 def test_behaviour_inputs_at_serving_equal_the_offline_snapshot(serving_bundle: Path):
     """What /recommend and /rank feed the ranker for the behaviour sources (per user, per user x creator,
     per item / creator x context) equals FeatureTables.attach_snapshot, the path of `evaluate --log`."""
@@ -281,8 +317,8 @@ def test_behaviour_inputs_at_serving_equal_the_offline_snapshot(serving_bundle: 
     rec = Recommender(b, ServeSettings())
     k = b.ranking
     kinds = ("users", "user_creator", "item_ctx", "creator_ctx")
-    pos = [i for i, s in enumerate(k.num_sources) if s.split(":")[0] in kinds]
-    assert {k.num_sources[i].split(":")[0] for i in pos} == set(kinds)
+    pos = [i for i, s in enumerate(k.num.sources) if s.split(":")[0] in kinds]
+    assert {k.num.sources[i].split(":")[0] for i in pos} == set(kinds)
     uc = tables.behaviour["user_creator"]
     tab = str(tables.behaviour["item_tab"]["tab"].iloc[0])
     hits = 0
@@ -296,7 +332,7 @@ def test_behaviour_inputs_at_serving_equal_the_offline_snapshot(serving_bundle: 
                                   "creator_id": b.creator_ids[b.item_creator[rows]]})
             if "tab" in context:
                 frame["tab"] = tab
-            expect = tables.attach_snapshot(frame)[[k.num_columns[i] for i in pos]].to_numpy(np.float32)
-            np.testing.assert_allclose(feeds[k.input_names["num"]][:, pos], expect, rtol=1e-6, equal_nan=True)
-            hits += int((feeds[k.input_names["num"]][:, k.num_columns.index("uc_n")] > 0).sum())
+            expect = tables.attach_snapshot(frame)[[k.num.columns[i] for i in pos]].to_numpy(np.float32)
+            np.testing.assert_allclose(feeds[k.num.name][:, pos], expect, rtol=1e-6, equal_nan=True)
+            hits += int((feeds[k.num.name][:, k.num.columns.index("uc_n")] > 0).sum())
     assert hits > 0  # some candidates were of creators the user had seen

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from features.contract import RANKING, RANKING_JSON
 from features.tables import FeatureTables
 from training.config import TrainConfig
 from training.ranking.data import DURATION, FeatureLayout
 from training.ranking.metrics import bootstrap_auc_interval, head_report, ndcg_at_k, watch_report
 from training.ranking.watch_time import WatchTimeQuantiles
 
-META = "ranking.json"
 CHUNK = 16384
 
 
@@ -167,7 +167,7 @@ def build_report(
 
 
 def load_meta(ranking_dir: Path) -> dict[str, Any]:
-    path = Path(ranking_dir) / META
+    path = Path(ranking_dir) / RANKING_JSON
     if not path.exists():
         raise FileNotFoundError(f"no ranker metadata at {path}: train with `python -m training fit --stage ranking`")
     return json.loads(path.read_text())
@@ -188,7 +188,7 @@ def score_bundle(ranking_dir: Path, meta: dict[str, Any], inputs: dict[str, np.n
 
 def evaluate_ranking(bundle_dir: Path, rows: pd.DataFrame, tables: FeatureTables, cfg: TrainConfig) -> dict:
     """Evaluate a trained bundle on a later log (rows from ``features.external.read_later_log``)."""
-    ranking_dir = Path(bundle_dir) / "ranking"
+    ranking_dir = Path(bundle_dir) / RANKING
     meta = load_meta(ranking_dir)
     layout = FeatureLayout.from_json(meta["layout"])
     heads = [(h["name"], h["kind"]) for h in meta["heads"]]

@@ -1,7 +1,7 @@
 """The ranking stage: train the multi-task ranker and its baselines, evaluate on the test period, export.
 
-Writes into ``out_dir`` (``<output_dir>/ranking``): ``ranker.onnx``, ``ranking.json`` (inputs, heads,
-scenarios, parity), ``metrics.json`` (the ``ranking`` section of the metrics JSON), ``per_head.md`` /
+Writes into ``out_dir`` (``<output_dir>/ranking``): ``ranker.onnx``, ``ranker_request.onnx``, ``ranking.json``
+(:class:`features.contract.RankingSpec`: inputs, heads, scenarios, and parity, calibration, hybrid as extras), ``metrics.json`` (the ``ranking`` section of the metrics JSON), ``per_head.md`` /
 ``per_head.csv``, ``reliability.png``, ``single_task/<head>.onnx`` and Lightning checkpoints under
 ``checkpoints/`` (``last.ckpt`` is what ``resume`` continues from).
 """
@@ -23,11 +23,13 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+from features.contract import (RANKER_ONNX, RANKER_REQUEST_ONNX, RANKING_FORMAT_VERSION, RANKING_JSON, CatInput, Head,
+                               HistInput, NumInput, RankingSpec, ScoresOutput, WatchTimeOutput)
 from features.tables import FeatureTables
 from training.config import TrainConfig
 from training.onnx_export import OPSET, ParityReport, check_parity, export_onnx
 from training.ranking.data import BatchDataset, FeatureLayout, loader
-from training.ranking.evaluate import META, build_report, score_bundle
+from training.ranking.evaluate import build_report, score_bundle
 from training.ranking.gbdt import GbdtResult, WithTrees, fit_gbdt, save_boosters
 from training.ranking.gbdt_onnx import splice_trees
 from training.ranking.hybrid import HeadBlend, fit_blend
@@ -37,8 +39,6 @@ from training.ranking.task import MONITOR, ActiveRunLogger, KeepBest, RankingTas
 from training.ranking.watch_time import WatchTimeQuantiles
 from training.refit import RefitPlan
 
-FORMAT_VERSION = 1
-REQUEST_ONNX = "ranker_request.onnx"
 log = logging.getLogger(__name__)
 
 
@@ -441,6 +441,18 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _inputs(data: _Data) -> tuple[CatInput, HistInput, NumInput]:
+    """The ranker's three inputs as ``ranking.json`` describes them to serving."""
+    layout = data.layout
+    log1p = [c for c, m in zip(layout.num_columns, data.num_stats["log_mask"]) if m > 0]
+    return (CatInput("cat", "int64", ["batch", len(layout.cat_columns)], layout.cat_columns, layout.cat_vocabs,
+                     layout.cat_sources, oov=0),
+            HistInput("hist", "int64", ["batch", layout.history_length], layout.history_column, layout.history_vocab,
+                      padding=0, source="users:history"),
+            NumInput("num", "float32", ["batch", len(layout.num_columns)], layout.num_columns, layout.num_sources,
+                     missing="NaN (the model uses the train mean)", log1p=log1p))
+
+
 def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: bool = False,
                 progress: bool = True, refit: RefitPlan | None = None) -> dict:
     """Fit, export and evaluate on the test period; with ``refit``, train every row for the plan's epochs
@@ -466,11 +478,11 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
                                            refit.calibration if refit else None, gbdt if rc.hybrid else None, cfg.seed,
                                            rc.hybrid_min_gain, rc.hybrid_min_positives)
     trees = _blended(scorer, gbdt) if rc.hybrid else None
-    parity = _export(scorer, data, out_dir / "ranker.onnx", cfg.seed, trees=trees)
+    parity = _export(scorer, data, out_dir / RANKER_ONNX, cfg.seed, trees=trees)
     # The serving graph: the same model with one request's shared columns computed once (RequestScorer),
     # checked against the full scorer on request-shaped inputs.
     const_cat, const_num = data.layout.request_constant()
-    request_parity = _export(scorer, data, out_dir / REQUEST_ONNX, cfg.seed + 1,
+    request_parity = _export(scorer, data, out_dir / RANKER_REQUEST_ONNX, cfg.seed + 1,
                              RequestScorer(scorer, const_cat, const_num).eval(),
                              lambda make: request_shaped(make, const_cat, const_num), trees=trees)
     for what, report in (("ranker", parity), ("request ranker", request_parity)):
@@ -493,65 +505,58 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
             log.info("single-task %s: %.1fs", name, time.perf_counter() - t_single)
     single_seconds = time.perf_counter() - t_single
 
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "onnx": "ranker.onnx",
+    spec = RankingSpec(
+        format_version=RANKING_FORMAT_VERSION,
+        onnx=RANKER_ONNX,
         # Serving scores one request's candidates with this graph (identical results, user side once).
-        "request_onnx": REQUEST_ONNX,
-        "request_constant": {"cat": const_cat, "num": const_num},
-        "request_parity_max_scaled_diff": request_parity.max_scaled_diff,
-        "opset": OPSET,
-        "architecture": rc.architecture,
-        "inputs": [
-            {"name": "cat", "dtype": "int64", "shape": ["batch", len(data.layout.cat_columns)],
-             "columns": data.layout.cat_columns, "vocabs": data.layout.cat_vocabs,
-             "sources": data.layout.cat_sources, "oov": 0},
-            {"name": "hist", "dtype": "int64", "shape": ["batch", data.layout.history_length],
-             "column": data.layout.history_column, "vocab": data.layout.history_vocab, "padding": 0,
-             "source": "users:history"},
-            {"name": "num", "dtype": "float32", "shape": ["batch", len(data.layout.num_columns)],
-             "columns": data.layout.num_columns, "sources": data.layout.num_sources,
-             "missing": "NaN (the model uses the train mean)",
-             "log1p": [c for c, m in zip(data.layout.num_columns, data.num_stats["log_mask"]) if m > 0]},
-        ],
-        "outputs": [{"name": "scores", "dtype": "float32", "shape": ["batch", len(heads)],
-                     "columns": [n for n, _ in heads], "meaning": "sigmoid per head; watch_time = watch quantile"}]
-        + ([{"name": "watch_time_s", "dtype": "float32", "shape": ["batch"], "unit": "s"}] if data.wtq else []),
-        "heads": [{"name": n, "kind": k, "index": i, "loss_weight": rc.loss_weights.get(n, 1.0),
-                   "train_positives": int(np.nansum(data.labels["train"][:, i])) if k == "binary" else None}
-                  for i, (n, k) in enumerate(heads)],
-        "scenarios": rc.scenarios,
-        "fusion": "score = sum_h w_h * scores[:, h] (watch_time: quantile)",
-        "watch_time": data.wtq.to_json() if data.wtq else None,
-        "layout": data.layout.to_json(),
-        "model": _spec(cfg, data.layout, [n for n, _ in heads]).to_json(),
-        "parity_max_abs_diff": parity.max_abs_diff,
-        "parity_max_scaled_diff": parity.max_scaled_diff,
-        "parity_per_output": parity.per_output,
-        "calibration": {"method": ("sigmoid(scale * logit + gbdt_weight * gbdt_margin + bias) per binary head, "
-                                   "fitted on the validation period" + (" of the held-out fit" if refit else "")),
-                        "scale": scorer.calib_scale.tolist(), "bias": scorer.calib_bias.tolist(),
-                        "gbdt_weight": scorer.gbdt_weight.tolist()},
-        # The hybrid ranker: which heads blend their GBDT into the graph (chosen on validation), with how
-        # many trees; the refit retrains those trees on every day.
-        # (The refit reuses the held-out fit's choice, so its "heads" is empty.)
-        "hybrid": {"enabled": bool(rc.hybrid), "gbdt_rounds": dict(trees.rounds) if trees else {},
-                   "gbdt_files": save_boosters(trees, out_dir) if trees else {},
-                   "gbdt_features": trees.feature_names if trees else [],
-                   "heads": {h: b.to_json() for h, b in blends.items()}},
-        "single_task": single_files,
-        "single_task_parity_max_scaled_diff": single_parity,
-        "training": train_info,
-    }
+        request_onnx=RANKER_REQUEST_ONNX,
+        opset=OPSET,
+        inputs=_inputs(data),
+        outputs=(ScoresOutput("scores", "float32", ["batch", len(heads)], [n for n, _ in heads],
+                              "sigmoid per head; watch_time = watch quantile"),
+                 WatchTimeOutput("watch_time_s", "float32", ["batch"], "s") if data.wtq else None),
+        heads=[Head(n, k, i, rc.loss_weights.get(n, 1.0),
+                    int(np.nansum(data.labels["train"][:, i])) if k == "binary" else None)
+               for i, (n, k) in enumerate(heads)],
+        scenarios=rc.scenarios,
+        other={
+            "request_constant": {"cat": const_cat, "num": const_num},
+            "request_parity_max_scaled_diff": request_parity.max_scaled_diff,
+            "architecture": rc.architecture,
+            "fusion": "score = sum_h w_h * scores[:, h] (watch_time: quantile)",
+            "watch_time": data.wtq.to_json() if data.wtq else None,
+            "layout": data.layout.to_json(),
+            "model": _spec(cfg, data.layout, [n for n, _ in heads]).to_json(),
+            "parity_max_abs_diff": parity.max_abs_diff,
+            "parity_max_scaled_diff": parity.max_scaled_diff,
+            "parity_per_output": parity.per_output,
+            "calibration": {"method": ("sigmoid(scale * logit + gbdt_weight * gbdt_margin + bias) per binary head, "
+                                       "fitted on the validation period" + (" of the held-out fit" if refit else "")),
+                            "scale": scorer.calib_scale.tolist(), "bias": scorer.calib_bias.tolist(),
+                            "gbdt_weight": scorer.gbdt_weight.tolist()},
+            # The hybrid ranker: which heads blend their GBDT into the graph (chosen on validation), with how
+            # many trees; the refit retrains those trees on every day.
+            # (The refit reuses the held-out fit's choice, so its "heads" is empty.)
+            "hybrid": {"enabled": bool(rc.hybrid), "gbdt_rounds": dict(trees.rounds) if trees else {},
+                       "gbdt_files": save_boosters(trees, out_dir) if trees else {},
+                       "gbdt_features": trees.feature_names if trees else [],
+                       "heads": {h: b.to_json() for h, b in blends.items()}},
+            "single_task": single_files,
+            "single_task_parity_max_scaled_diff": single_parity,
+            "training": train_info,
+        },
+    )
     if refit is not None:
-        meta["refit"] = {"epochs": refit.epochs, "rows": len(data.rows["train"]),
-                         "held_out_metrics": {h: {k: m.get(k) for k in ("auc", "gauc", "logloss")}
-                                              for h, m in refit.held_out.get("model", {}).items()}}
-    (out_dir / META).write_text(json.dumps(_jsonable(meta), indent=1))
+        spec.other["refit"] = {"epochs": refit.epochs, "rows": len(data.rows["train"]),
+                               "held_out_metrics": {h: {k: m.get(k) for k in ("auc", "gauc", "logloss")}
+                                                    for h, m in refit.held_out.get("model", {}).items()}}
+    meta = _jsonable(spec.to_json())
+    (out_dir / RANKING_JSON).write_text(json.dumps(meta, indent=1))
     if refit is not None:
         report = _jsonable({"training": train_info, "parity_max_scaled_diff": parity.max_scaled_diff,
                             "wall_seconds": round(time.perf_counter() - t_start, 1)})
-        _log_mlflow(report, out_dir, [out_dir / f for f in (META, "ranker.onnx", REQUEST_ONNX)], "refit/ranking")
+        _log_mlflow(report, out_dir, [out_dir / f for f in (RANKING_JSON, RANKER_ONNX, RANKER_REQUEST_ONNX)],
+                    "refit/ranking")
         return report
 
     # Test-period evaluation through ONNX Runtime: what is measured is what ships.
@@ -583,8 +588,8 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     table.to_csv(out_dir / "per_head.csv", index=False)
     (out_dir / "per_head.md").write_text(_markdown(table))
     reliability_plot(test, heads, model_out[0], out_dir / "reliability.png", rc.ece_bins)
-    files = [out_dir / f for f in (META, "metrics.json", "per_head.csv", "per_head.md", "reliability.png", "ranker.onnx",
-                                   REQUEST_ONNX)]
+    files = [out_dir / f for f in (RANKING_JSON, "metrics.json", "per_head.csv", "per_head.md", "reliability.png",
+                                   RANKER_ONNX, RANKER_REQUEST_ONNX)]
     files += [out_dir / f for f in single_files.values()]
     _log_mlflow({k: v for k, v in report.items() if k != "training"} | {"training": {**train_info, **gbdt_info}},
                 out_dir, files)

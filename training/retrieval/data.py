@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from features.config import Config
+from features.contract import CatTowerInput, TensorSpec, Tower, TowerInput
 from features.quality import snapshot_quality
 from features.tables import FeatureTables
 
@@ -65,30 +66,24 @@ class InputLayout:
             "item_num": items[self.item_num].to_numpy(np.float32).reshape(len(items), len(self.item_num)),
         }
 
-    def to_json(self, embedding_dim: int, item_tower_dim: int | None = None) -> dict:
-        return {
-            "user_tower": {
-                "inputs": [
-                    {"name": "user_cat", "dtype": "int64", "shape": ["batch", len(self.user_cat)],
-                     "columns": self.user_cat, "vocab_sizes": self.user_cat_sizes,
-                     "source": "users.parquet (or a row after FeatureTables.join_static); 0 = unknown"},
-                    {"name": "history", "dtype": "int64", "shape": ["batch", self.history_length],
-                     "columns": [self.history],
-                     "source": "users.parquet 'history': item_id_idx of recent positives, most recent last, "
-                               "left-padded with 0"},
-                ],
-                "output": {"name": "user_vec", "dtype": "float32", "shape": ["batch", embedding_dim]},
-            },
-            "item_tower": {
-                "inputs": [
-                    {"name": "item_cat", "dtype": "int64", "shape": ["batch", len(self.item_cat)],
-                     "columns": self.item_cat, "vocab_sizes": self.item_cat_sizes, "source": "items.parquet"},
-                    {"name": "item_num", "dtype": "float32", "shape": ["batch", len(self.item_num)],
-                     "columns": self.item_num, "source": "items.parquet; raw values, normalised inside the model"},
-                ],
-                "output": {"name": "item_vec", "dtype": "float32", "shape": ["batch", item_tower_dim or embedding_dim]},
-            },
-        }
+    def towers(self, embedding_dim: int, item_tower_dim: int) -> tuple[Tower, Tower]:
+        """The user and item towers as ``retrieval.json`` describes them: inputs in order, and the output."""
+        user = Tower(
+            (CatTowerInput("user_cat", "int64", ["batch", len(self.user_cat)], self.user_cat,
+                           "users.parquet (or a row after FeatureTables.join_static); 0 = unknown",
+                           self.user_cat_sizes),
+             TowerInput("history", "int64", ["batch", self.history_length], [self.history],
+                        "users.parquet 'history': item_id_idx of recent positives, most recent last, left-padded with 0")),
+            TensorSpec("user_vec", "float32", ["batch", embedding_dim]),
+        )
+        item = Tower(
+            (CatTowerInput("item_cat", "int64", ["batch", len(self.item_cat)], self.item_cat, "items.parquet",
+                           self.item_cat_sizes),
+             TowerInput("item_num", "float32", ["batch", len(self.item_num)], self.item_num,
+                        "items.parquet; raw values, normalised inside the model")),
+            TensorSpec("item_vec", "float32", ["batch", item_tower_dim]),
+        )
+        return user, item
 
 
 class ItemFeatures:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from features.contract import RETRIEVAL, RETRIEVAL_JSON
 from features.split import DAY_MS
 from features.tables import FeatureTables
 from training.config import TrainConfig
@@ -49,8 +50,8 @@ def tower_feeds(meta: dict, tower: str, rows: pd.DataFrame) -> dict[str, np.ndar
 
 def evaluate_retrieval(bundle_dir: Path, rows: pd.DataFrame, tables: FeatureTables, cfg: TrainConfig) -> dict:
     bundle_dir = Path(bundle_dir)
-    rdir = bundle_dir / "retrieval"
-    meta = json.loads((rdir / "retrieval.json").read_text())
+    rdir = bundle_dir / RETRIEVAL
+    meta = json.loads((rdir / RETRIEVAL_JSON).read_text())
     signal = meta["positive_signal"]
     if signal not in rows.columns:
         raise ValueError(f"the later log has no '{signal}' column (the bundle's positive signal)")

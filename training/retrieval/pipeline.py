@@ -24,6 +24,9 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+from features.contract import (CHANNELS, FAISS_INDEX, ITEM_TOWER_ONNX, ITEM_VECTORS, MF_USER_FACTORS,
+                               RETRIEVAL_FORMAT_VERSION, RETRIEVAL_JSON, USER_TOWER_ONNX, Channels, Covisit, IndexSpec,
+                               ItemVectors, MatrixFactors, Prior, RetrievalFiles, RetrievalSpec, Tower)
 from features.split import DAY_MS
 from features.tables import FeatureTables
 from training.config import TrainConfig
@@ -39,14 +42,10 @@ from training.retrieval.model import ItemEmbeddings, ItemTower, PriorUserTower, 
 from training.retrieval.task import RetrievalTask, Throughput, ValInputs, prior_sweep, tower_vectors
 from training.refit import RefitPlan
 
-FORMAT_VERSION = 1
 PARITY_TOL = 1e-4
-USER_ONNX, ITEM_ONNX = "user_tower.onnx", "item_tower.onnx"
-ITEM_VECTORS, INDEX, META, METRICS = "item_vectors.npy", "index.faiss", "retrieval.json", "metrics.json"
-CHANNELS = "channels.npz"
+METRICS = "metrics.json"
 
 log = logging.getLogger(__name__)
-MF_USER_FACTORS = "mf_user_factors.npy"
 
 
 def load_interactions(tables: FeatureTables) -> pd.DataFrame:
@@ -410,7 +409,7 @@ def fit_retrieval(
 
     meta = _meta(rc, shipped, beta, quotas, window, {n: t["params"] for n, t in tuning.items()},
                  {k: v for k, v in training.items() if k != "val_history"}, metrics)
-    (out_dir / META).write_text(json.dumps(meta, indent=2))
+    (out_dir / RETRIEVAL_JSON).write_text(json.dumps(meta, indent=2))
     _log_mlflow(out_dir, metrics, shipped.index, shipped.parity)
     return metrics
 
@@ -423,7 +422,7 @@ class _Shipped:
     item_vectors: np.ndarray
     item_ids: np.ndarray
     index: Any
-    layout_json: dict
+    towers: tuple[Tower, Tower]  # user, item
     query_source: str
     mf_dim: int = 0
     mf_weight: float = 0.0
@@ -439,29 +438,29 @@ def _ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, beta: float, layo
     user_tower = PriorUserTower(model.user_tower, beta, torch.from_numpy(mf.table) if mf else None).eval()
     if mf is not None:  # also inside the user tower graph; this copy is for eager re-use (bench/naive_path.py)
         np.save(out_dir / MF_USER_FACTORS, mf.table)
-    export_onnx(user_tower, user_make(2), out_dir / USER_ONNX, ["user_vec"])
-    export_onnx(model.item_tower, item_make(2), out_dir / ITEM_ONNX, ["item_vec"])
+    export_onnx(user_tower, user_make(2), out_dir / USER_TOWER_ONNX, ["user_vec"])
+    export_onnx(model.item_tower, item_make(2), out_dir / ITEM_TOWER_ONNX, ["item_vec"])
     parity = {
-        "user_tower": check_parity(user_tower, out_dir / USER_ONNX, user_make).max_abs_diff,
-        "item_tower": check_parity(model.item_tower, out_dir / ITEM_ONNX, item_make).max_abs_diff,
+        "user_tower": check_parity(user_tower, out_dir / USER_TOWER_ONNX, user_make).max_abs_diff,
+        "item_tower": check_parity(model.item_tower, out_dir / ITEM_TOWER_ONNX, item_make).max_abs_diff,
     }
     if max(parity.values()) > PARITY_TOL:
         raise RuntimeError(f"ONNX parity failed: max abs diff {parity} > {PARITY_TOL}")
     # Served vectors: the prior counted over every row of the bundle's data (what serving knows).
     serve_prior = log_prior(rc, rows, feats.item_ids, int(rows["ts"].max()) + 1)
-    item_vectors = np.hstack([onnx_vectors(out_dir / ITEM_ONNX, layout.item_arrays(tables.items)),
+    item_vectors = np.hstack([onnx_vectors(out_dir / ITEM_TOWER_ONNX, layout.item_arrays(tables.items)),
                               mf.items if mf else np.zeros((len(tables.items), 0), np.float32),
                               serve_prior.reshape(-1, 1)]).astype(np.float32)
     np.save(out_dir / ITEM_VECTORS, item_vectors)
     build_tables(rows, tables.items, tables.users["user_id"].astype(str).to_numpy(), rc.positive_signal, window,
                  rc.covisit_top, rc.recent_days, int(rows["ts"].max()) + 1).save(out_dir / CHANNELS)
     index = build_and_measure(
-        item_vectors, queries(), rc.index_factory, out_dir / INDEX, rc.index_recall_k, rc.hnsw_ef_search,
+        item_vectors, queries(), rc.index_factory, out_dir / FAISS_INDEX, rc.index_recall_k, rc.hnsw_ef_search,
         rc.ivf_nprobe, seed, rc.hnsw_ef_construction,
     )
     mf_dim = mf.items.shape[1] if mf else 0
     return _Shipped(parity, item_vectors, feats.item_ids, index,
-                    layout.to_json(rc.embedding_dim + mf_dim + 1, rc.embedding_dim), query_source, mf_dim,
+                    layout.towers(rc.embedding_dim + mf_dim + 1, rc.embedding_dim), query_source, mf_dim,
                     mf.weight if mf else 0.0)
 
 
@@ -469,41 +468,41 @@ def _meta(rc: RetrievalConfig, shipped: _Shipped, beta: float, quotas: dict, win
           training: dict, metrics: dict) -> dict:
     """``retrieval.json``: what serving needs to run the towers, the index and the channels, and the metrics."""
     index = shipped.index
-    return {
-        "format_version": FORMAT_VERSION,
-        "embedding_dim": rc.embedding_dim + shipped.mf_dim + 1,
-        "similarity": "inner product: L2-normalised tower outputs, then the MF factors (if any), then the "
-                      "popularity prior's dimension",
-        "mf": {"weight": shipped.mf_weight, "dimensions": [rc.embedding_dim, rc.embedding_dim + shipped.mf_dim],
-               "user_side": "weight x ALS user factors by user_id_idx (0 for unknown users)",
-               "item_side": "ALS item factors", "fit_on": "every row of the bundle's data",
-               "user_factors_file": MF_USER_FACTORS if shipped.mf_dim else None},
-        "prior": {"beta": beta, "dimension": rc.embedding_dim + shipped.mf_dim, "days": rc.prior_days,
-                  "user_side": "beta (constant)", "item_side": "log(1 + training weight of the item's rows)"},
-        "temperature": rc.temperature,
-        "positive_signal": rc.positive_signal,
-        "opset": OPSET,
-        **shipped.layout_json,
-        "files": {"user_tower": USER_ONNX, "item_tower": ITEM_ONNX, "item_vectors": ITEM_VECTORS, "index": INDEX,
-                  "channels": CHANNELS},
-        "channels": {"file": CHANNELS, "quotas": quotas, "order": list(quotas),
-                     "covisit": {"window": window, "top": rc.covisit_top, "signal": rc.positive_signal},
-                     "trending_days": rc.recent_days, "seen": "every item shown to each users.parquet user",
-                     "rows": "items.parquet rows; seen rows = users.parquet rows"},
-        "item_vectors": {"file": ITEM_VECTORS, "dtype": "float32", "shape": list(shipped.item_vectors.shape),
-                         "row_order": "items.parquet rows (row i = items.parquet row i)",
-                         "features": "serving snapshot of items.parquet",
-                         "item_ids": shipped.item_ids.tolist()},
-        "index": {"file": INDEX, "factory": index.factory, "metric": "inner_product", "ntotal": index.ntotal,
-                  "search_params": index.search_params, "rows": "same as item_vectors",
-                  f"recall@{index.k}_vs_exact": index.recall_vs_exact, "recall_queries": index.queries,
-                  "recall_query_source": shipped.query_source},
-        "baselines": baselines,  # chosen on validation; evaluate refits them
-        "parity": {"max_abs_diff": shipped.parity, "tolerance": PARITY_TOL},
-        "config": asdict(rc),
-        "training": training,
-        "metrics": {k: metrics[k] for k in ("model", "baselines", "test_users", "channels") if k in metrics},
-    }
+    user_tower, item_tower = shipped.towers
+    spec = RetrievalSpec(
+        format_version=RETRIEVAL_FORMAT_VERSION,
+        embedding_dim=rc.embedding_dim + shipped.mf_dim + 1,
+        opset=OPSET,
+        user_tower=user_tower,
+        item_tower=item_tower,
+        files=RetrievalFiles(USER_TOWER_ONNX, ITEM_TOWER_ONNX, ITEM_VECTORS, FAISS_INDEX, CHANNELS),
+        item_vectors=ItemVectors(ITEM_VECTORS, "float32", list(shipped.item_vectors.shape),
+                                 "items.parquet rows (row i = items.parquet row i)", "serving snapshot of items.parquet",
+                                 shipped.item_ids.tolist()),
+        index=IndexSpec(FAISS_INDEX, index.factory, "inner_product", index.ntotal, index.search_params, other={
+            "rows": "same as item_vectors", f"recall@{index.k}_vs_exact": index.recall_vs_exact,
+            "recall_queries": index.queries, "recall_query_source": shipped.query_source}),
+        prior=Prior(beta, rc.embedding_dim + shipped.mf_dim, rc.prior_days, "beta (constant)",
+                    "log(1 + training weight of the item's rows)"),
+        mf=MatrixFactors(shipped.mf_weight, [rc.embedding_dim, rc.embedding_dim + shipped.mf_dim],
+                         "weight x ALS user factors by user_id_idx (0 for unknown users)", "ALS item factors",
+                         "every row of the bundle's data", MF_USER_FACTORS if shipped.mf_dim else None),
+        channels=Channels(CHANNELS, quotas, list(quotas), Covisit(window, rc.covisit_top, rc.positive_signal),
+                          rc.recent_days, "every item shown to each users.parquet user",
+                          "items.parquet rows; seen rows = users.parquet rows"),
+        other={
+            "similarity": "inner product: L2-normalised tower outputs, then the MF factors (if any), then the "
+                          "popularity prior's dimension",
+            "temperature": rc.temperature,
+            "positive_signal": rc.positive_signal,
+            "baselines": baselines,  # chosen on validation; evaluate refits them
+            "parity": {"max_abs_diff": shipped.parity, "tolerance": PARITY_TOL},
+            "config": asdict(rc),
+            "training": training,
+            "metrics": {k: metrics[k] for k in ("model", "baselines", "test_users", "channels") if k in metrics},
+        },
+    )
+    return spec.to_json()
 
 
 def _refit_outputs(rc: RetrievalConfig, tables: FeatureTables, out_dir: Path, model: TwoTower, layout: InputLayout,
@@ -523,13 +522,13 @@ def _refit_outputs(rc: RetrievalConfig, tables: FeatureTables, out_dir: Path, mo
           if mf_weight > 0 else None)
     # The index's recall is measured on the exported user tower's vectors of users' latest rows.
     shipped = _ship(rc, out_dir, model, beta, layout, feats, tables, rows, num_mean, num_std, seed, window,
-                    lambda: onnx_vectors(out_dir / USER_ONNX, _refit_queries(rows, layout, 2000, seed)),
+                    lambda: onnx_vectors(out_dir / USER_TOWER_ONNX, _refit_queries(rows, layout, 2000, seed)),
                     "refit: users' latest training rows", mf)
     training = {"epochs": refit.epochs, "train_positives": positives,
                 "samples_per_s": round(throughput.samples_per_s, 1), "wall_seconds": round(train_seconds, 1)}
     meta = _meta(rc, shipped, beta, quotas, window, baselines, training, held)
     meta["refit"] = {"epochs": refit.epochs, "rows": len(rows)}
-    (out_dir / META).write_text(json.dumps(meta, indent=2))
+    (out_dir / RETRIEVAL_JSON).write_text(json.dumps(meta, indent=2))
     report = {"training": training, "index_recall_vs_exact": shipped.index.recall_vs_exact,
               "parity_max_abs_diff": max(shipped.parity.values()), "prior_beta": beta, "mf_weight": mf_weight}
     import mlflow
@@ -537,7 +536,7 @@ def _refit_outputs(rc: RetrievalConfig, tables: FeatureTables, out_dir: Path, mo
     if mlflow.active_run() is not None:
         mlflow.log_metrics({"refit/retrieval/samples_per_s": training["samples_per_s"],
                             "refit/retrieval/index_recall_vs_exact": shipped.index.recall_vs_exact})
-        mlflow.log_artifact(str(out_dir / META), artifact_path="refit/retrieval")
+        mlflow.log_artifact(str(out_dir / RETRIEVAL_JSON), artifact_path="refit/retrieval")
     return report
 
 

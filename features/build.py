@@ -24,6 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from features.behaviour import Behaviour
+from features.bundle import sha256_file
 from features.config import Config, to_dict
 from features.contract import CREATORS, FANS, ITEMS, MANIFEST, USERS, VOCAB
 from features.fans import FAN_COLUMNS, fan_relations, fan_table
@@ -41,14 +42,6 @@ class BuildResult:
     out_dir: Path
     manifest: dict[str, Any]
     skipped: bool
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hash_json(obj: Any) -> str:

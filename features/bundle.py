@@ -36,11 +36,11 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+        while block := f.read(chunk):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -58,7 +58,7 @@ def write_manifest(bundle_dir: str | Path, info: dict[str, Any]) -> dict[str, An
         "format_version": BUNDLE_FORMAT_VERSION,
         **info,
         "components": components,
-        "files": {rel: _sha256(bundle_dir / rel) for rel in bundle_files(bundle_dir)},
+        "files": {rel: sha256_file(bundle_dir / rel) for rel in bundle_files(bundle_dir)},
     }
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
@@ -90,7 +90,7 @@ def verify_bundle(bundle_dir: str | Path, require: Iterable[str] = ("features", 
         f = bundle_dir / rel
         if not f.is_file():
             raise BundleError(f"bundle file missing: {rel}")
-        actual = _sha256(f)
+        actual = sha256_file(f)
         if actual != digest:
             raise BundleError(f"checksum mismatch for {rel}: manifest {digest[:12]}..., file {actual[:12]}...")
     return manifest

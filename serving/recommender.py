@@ -200,11 +200,7 @@ class Recommender:
         """Retrieval rows for a user, with no policy and no exposure bookkeeping (health checks)."""
         st = self._state
         row, hist = self._user(st.bundle, user_id)
-        return self._retrieve(st, row, hist, n)[0]
-
-    def _retrieve(self, st: _State, row: int, hist: np.ndarray, n: int) -> tuple[np.ndarray, bool]:
-        rows, cold, _ = self._search(st, row, hist, n)
-        return rows, cold
+        return self._search(st, row, hist, n)[0]
 
     def _search(self, st: _State, row: int, hist: np.ndarray, n: int) -> tuple[np.ndarray, bool, np.ndarray | None]:
         """Retrieval top-``n`` rows, cold flag, and the user vector (None for the popular cold-start path)."""

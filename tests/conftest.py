@@ -68,8 +68,7 @@ def synthetic_bundle(synthetic_config: Path, synthetic_tables: FeatureTables, tm
     cfg = load_config(
         synthetic_config,
         [f"output_dir={root}", "retrieval.max_epochs=2", "ranking.max_epochs=2", "ranking.single_task_baselines=false",
-         "ranking.gbdt_baseline=false",
-         "ranking.export_single_task=false"],
+         "ranking.gbdt_baseline=false"],
         TrainConfig,
     )
     shutil.copytree(synthetic_tables.dir, root / "features")

@@ -30,7 +30,7 @@ class TrainingConfig:
 
 @dataclass
 class TrainConfig(Config):
-    OTHER_LAYER_SECTIONS: ClassVar[frozenset[str]] = frozenset({"serving", "policy", "fusion"})
+    OTHER_LAYER_SECTIONS: ClassVar[frozenset[str]] = frozenset({"serving", "policy"})
 
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from features.bundle import _sha256, bundle_files
+from features.bundle import bundle_files, sha256_file
 from serving.bundle import load_bundle
 from serving.canary import Health, probe, public, reload_path
 from serving.config import load_settings
@@ -25,7 +25,7 @@ AUTH = {"Authorization": "Bearer test-admin-token"}
 def _recheck(bundle: Path) -> Path:
     """Rewrite the manifest's checksums, as a careless packaging step would: every file then 'verifies'."""
     m = json.loads((bundle / "manifest.json").read_text())
-    m["files"] = {rel: _sha256(bundle / rel) for rel in bundle_files(bundle)}
+    m["files"] = {rel: sha256_file(bundle / rel) for rel in bundle_files(bundle)}
     (bundle / "manifest.json").write_text(json.dumps(m))
     return bundle
 

@@ -57,7 +57,6 @@ class RankingConfig:
     embedding_l2: float = 1e-6  # on the embedding rows a batch touches
     single_task_baselines: bool = True
     single_task_max_epochs: int | None = None  # None = max_epochs
-    export_single_task: bool = True
     # GBDT baseline (training/ranking/gbdt.py): LightGBM per binary head on the ranker's input columns.
     gbdt_baseline: bool = True
     gbdt_learning_rate: float = 0.1

@@ -32,7 +32,8 @@ class HeadBlend:
         return asdict(self)
 
 
-def _logistic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+def logistic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """(coefficients, intercept) of a logistic regression of y on the columns of x, all but unregularised."""
     from sklearn.linear_model import LogisticRegression
 
     m = LogisticRegression(C=1e4, max_iter=500).fit(x, y)
@@ -55,9 +56,9 @@ def fit_blend(logit: np.ndarray, margin: np.ndarray, y: np.ndarray, users: np.nd
         fit, out = half == h, half != h
         if y[fit].min() == y[fit].max() or y[out].min() == y[out].max():
             return None
-        coef, b = _logistic(x[fit], y[fit])
+        coef, b = logistic(x[fit], y[fit])
         per_half.append((auc(y[out], logit[out]), auc(y[out], margin[out]), auc(y[out], x[out] @ coef + b)))
-    coef, b = _logistic(x, y)
+    coef, b = logistic(x, y)
     deep, gbdt, blend = (float(v) for v in np.mean(per_half, axis=0))
     used = bool(np.isfinite(blend) and blend > deep + min_gain and coef[0] > 0 and np.isfinite(coef).all())
     return HeadBlend(float(coef[0]), float(coef[1]), b, deep, gbdt, blend, used)

@@ -32,7 +32,7 @@ from training.ranking.data import BatchDataset, FeatureLayout, loader
 from training.ranking.evaluate import build_report, score_bundle
 from training.ranking.gbdt import GbdtResult, WithTrees, fit_gbdt, save_boosters
 from training.ranking.gbdt_onnx import splice_trees
-from training.ranking.hybrid import HeadBlend, fit_blend
+from training.ranking.hybrid import HeadBlend, fit_blend, logistic
 from training.ranking.metrics import auc
 from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, RankerSpec, RequestScorer, embedding_dims
 from training.ranking.task import MONITOR, ActiveRunLogger, KeepBest, RankingTask
@@ -117,40 +117,17 @@ def _new_task(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], colum
                        [n for n, _ in heads], rc.loss_weighting == "uncertainty", monitor or None)
 
 
-def platt(logits: np.ndarray, y: np.ndarray, steps: int = 50) -> tuple[float, float]:
-    """(a, b) minimising the log loss of sigmoid(a * logit + b), by Newton's method with backtracking
-    (plain Newton can overshoot on rare heads). Falls back to the identity (1, 0) if the fit is not sane."""
+def platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, b) minimising the log loss of sigmoid(a * logit + b) (scikit-learn's logistic regression, all but
+    unregularised); the identity (1, 0) when there is nothing to fit or the fit is not sane."""
     x = np.asarray(logits, np.float64)
     y = np.asarray(y, np.float64)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
     if len(x) == 0 or y.min() == y.max():
         return 1.0, 0.0
-    X = np.stack([x, np.ones_like(x)], axis=1)
-
-    def loss(th: np.ndarray) -> float:
-        z = X @ th
-        return float(np.mean(np.logaddexp(0.0, z) - y * z))
-
-    theta = np.array([1.0, 0.0])
-    cur = loss(theta)
-    for _ in range(steps):
-        p = 0.5 * (1.0 + np.tanh(0.5 * (X @ theta)))  # sigmoid without overflow
-        grad = X.T @ (p - y)
-        hess = (X * (p * (1 - p))[:, None]).T @ X + 1e-6 * len(x) * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        t = 1.0
-        while t > 1e-6 and loss(theta - t * step) > cur:
-            t *= 0.5
-        if t <= 1e-6:
-            break
-        theta = theta - t * step
-        new = loss(theta)
-        done = cur - new < 1e-12
-        cur = new
-        if done:
-            break
-    a, b = float(theta[0]), float(theta[1])
+    coef, b = logistic(x[:, None], y)
+    a = float(coef[0])
     return (a, b) if np.isfinite([a, b]).all() and a > 1e-3 else (1.0, 0.0)
 
 

@@ -130,24 +130,25 @@ def _with_mf(uv: np.ndarray, iv: np.ndarray, mf: _MF | None, user_cat: torch.Ten
 
 def _mf_sweep(rc: RetrievalConfig, tuning: dict, train: pd.DataFrame, feats: ItemFeatures, tables: FeatureTables,
               layout: InputLayout, val: ValInputs, es: EvalSet, uv: np.ndarray, iv: np.ndarray, ks: list[int],
-              seed: int) -> tuple[float, float, dict, dict]:
-    """(MF weight, prior beta, the prior sweep at that weight, recall@k by weight): chosen together on
-    validation, MF fitted on the train period with the tuned baseline's settings."""
+              seed: int) -> tuple[_MF | None, float, dict, dict]:
+    """(the MF dimensions at the chosen weight, None for weight 0; prior beta; the prior sweep at that
+    weight; recall@k by weight): chosen together on validation, MF fitted on the train period with the
+    tuned baseline's settings."""
     key = f"recall@{ks[0]}"
     weights = sorted(set(rc.mf_weights)) if "mf" in tuning else [0.0]
     if weights == [0.0]:
         beta, sweep = prior_sweep(es, uv, iv, val.prior, list(rc.prior_betas), ks, [])
-        return 0.0, beta, sweep, {}
+        return None, beta, sweep, {}
     unit = _mf_fit(rc, train, feats, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], 1.0, seed)
     best, by_weight = None, {}
     for w in weights:
-        mf = _MF(w, unit.table * np.float32(w), unit.items)
+        mf = _MF(w, unit.table * np.float32(w), unit.items) if w > 0 else None
         beta, sweep = prior_sweep(es, *_with_mf(uv, iv, mf, val.user_cat, es.candidates), val.prior,
                                   list(rc.prior_betas), ks, [])
         by_weight[str(w)] = {"beta": beta, key: sweep[beta][key]}
         log.info("MF weight %s: beta %s, valid %s %.4f", w, beta, key, sweep[beta][key])
         if best is None or sweep[beta][key] > best[2][best[1]][key]:
-            best = (w, beta, sweep)
+            best = (mf, beta, sweep)
     assert best is not None
     return best[0], best[1], best[2], by_weight
 
@@ -348,10 +349,9 @@ def fit_retrieval(
     test_es = make_eval_set(seen, test, feats.item_ids, signal)
     val_base, test_base, tuning = _baselines(rc, train, valid, seen, feats.item_ids, val_es, test_es, split, seed)
     # The MF weight and the prior's beta are chosen together on validation with the selected checkpoint.
-    mf_weight, beta, sweep, mf_sweep = _mf_sweep(rc, tuning, train, feats, tables, layout, val, val_es, uv_val,
-                                                 iv_val, monitor_first, seed)
-    mf_val = (_mf_fit(rc, train, feats, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], mf_weight, seed)
-              if mf_weight > 0 else None)
+    mf_val, beta, sweep, mf_sweep = _mf_sweep(rc, tuning, train, feats, tables, layout, val, val_es, uv_val,
+                                              iv_val, monitor_first, seed)
+    mf_weight = mf_val.weight if mf_val is not None else 0.0
     val_metrics_vectors = _with_prior(*_with_mf(uv_val, iv_val, mf_val, val.user_cat, val_es.candidates), beta, val.prior)
     val_metrics, _ = evaluate_all(val_es, *val_metrics_vectors, val_base, **kw)
     val_metrics["prior_sweep"] = {str(b): m for b, m in sweep.items()}

@@ -248,3 +248,10 @@ def test_uncertainty_weighting_learns_a_log_variance_per_head():
     assert task.log_var is not None and task.log_var.shape == (4,)
     assert any(p is task.log_var for p in task.configure_optimizers().param_groups[0]["params"])
     assert "log_var" not in dict(task.model.named_parameters())  # not part of the exported model
+
+
+def test_config_refuses_negative_hybrid_and_gbdt_settings():
+    with pytest.raises(ConfigError, match="ranking.hybrid_min_positives must be >= 0"):
+        RankingConfig(hybrid_min_positives=-1)
+    with pytest.raises(ConfigError, match="ranking.gbdt_max_categorical must be >= 0"):
+        RankingConfig(gbdt_max_categorical=-5)

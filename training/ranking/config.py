@@ -94,6 +94,9 @@ class RankingConfig:
             raise ConfigError(f"ranking.expert_hidden must be a non-empty list of positive sizes, got {self.expert_hidden}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"ranking.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("hybrid_min_positives", "gbdt_max_categorical"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ranking.{name} must be >= 0, got {getattr(self, name)}")
         if self.task_experts < 0:
             raise ConfigError(f"ranking.task_experts must be >= 0, got {self.task_experts}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from features.config import ConfigError, apply_overrides, from_dict, load_config, load_raw, to_dict
-from serving.offline import BASELINE, GAINS, POLICY, evaluate_policy
+from serving.offline import BASELINE, POLICY, evaluate_policy
 from serving.policy import PolicyConfig, load_policy
 
 
@@ -112,8 +112,8 @@ def lorenz_plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def tradeoff_plot(result: dict[str, Any], path: Path) -> Path:
-    """Every arm's creator-Gini change against its NDCG change (judged and DM, long_view), one point each."""
-    k = result["k"]
+    """Every arm's creator-Gini change against its NDCG change (judged and DM, primary gain), one point each."""
+    k, primary = result["k"], result["gains"][0]
     rel = result["relative_to_engagement_only"]
     bar = result["bar"]
     fig, ax = _figure(6.0)
@@ -121,7 +121,7 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> Path:
     ax.axvline(-bar["gini_reduction_at_least"] * 100, color="tab:green", lw=0.8, ls="--", label="bar: -25% Gini")
     for kind, marker, color in (("dm", "o", "tab:blue"), ("judged", "s", "tab:orange")):
         xs = [100 * r["creator_gini"] for r in rel.values()]
-        ys = [100 * (r[f"ndcg_{kind}@{k}_long_view"] or 0.0) for r in rel.values()]
+        ys = [100 * (r[f"ndcg_{kind}@{k}_{primary}"] or 0.0) for r in rel.values()]
         ax.scatter(xs, ys, marker=marker, color=color, s=22,
                    label={"dm": "NDCG, direct method (all slots)", "judged": "NDCG, judged (real signals only)"}[kind])
         if kind == "dm":
@@ -133,15 +133,15 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
     ax.set_xlabel("creator exposure Gini vs engagement-only (%)")
-    ax.set_ylabel(f"NDCG@{k} long_view vs engagement-only (%)")
+    ax.set_ylabel(f"NDCG@{k} {primary} vs engagement-only (%)")
     period = result["data"].get("period") or "later log"
     return _finish(fig, ax, f"Fairness / engagement trade-off, {period}: {result['users']} users", "lower left", path)
 
 
 def table(result: dict[str, Any]) -> str:
-    k = result["k"]
+    k, gains = result["k"], result["gains"]
     arms = [a for a in result if isinstance(result[a], dict) and "creator_gini" in result[a]]
-    cols = [*(f"ndcg_{kind}@{k}_{g}" for kind in ("judged", "dm") for g in GAINS), f"ndcg_union@{k}_long_view",
+    cols = [*(f"ndcg_{kind}@{k}_{g}" for kind in ("judged", "dm") for g in gains), f"ndcg_union@{k}_{gains[0]}",
             "creator_gini", "creator_gini_catalogue", "item_coverage", "creator_coverage", "quality_share",
             "fan_delivery", "governance_leaks"]
     lines = ["| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]

@@ -29,7 +29,7 @@ from features.config import Config, to_dict
 from features.contract import CREATORS, FANS, ITEMS, MANIFEST, USERS, VOCAB
 from features.fans import FAN_COLUMNS, fan_relations, fan_table
 from features.history import history_before
-from features.ingest import Ingested, ingest
+from features.ingest import Ingested, ingest, multi_hot_columns
 from features.quality import high_quality_creators, snapshot_quality
 from features.split import PERIODS, TimeSplit, make_split
 from features.vocab import Vocab, save_vocabs
@@ -64,7 +64,7 @@ def feature_spec(cfg: Config, vocabs: dict[str, Vocab], item_numeric: list[str],
     users = cfg.data.users
     user_cat = ["user_id"] + (list(users.categorical) if users else [])
     item_cat = ["item_id", "creator_id", "category"] + list(cfg.data.items.categorical)
-    context = [c for c in cfg.data.interactions.columns if c not in ("user_id", "item_id", "ts")] + ["hour"]
+    context = cfg.data.context_columns
     return {
         "user_categorical": {c: len(vocabs[c]) for c in user_cat},
         "user_numeric": list(users.numeric) if users else [],
@@ -96,10 +96,8 @@ def _build_vocabs(cfg: Config, ing: Ingested, train: pd.DataFrame) -> dict[str, 
     if ing.users is not None and cfg.data.users is not None:
         for c in cfg.data.users.categorical:
             vocabs[c] = Vocab.build(c, ing.users[c])
-    for c in cfg.data.interactions.columns:
-        if c not in ("user_id", "item_id", "ts"):
-            vocabs[c] = Vocab.build(c, train[c], mc)
-    vocabs["hour"] = Vocab("hour", [str(h) for h in range(24)])
+    for c in cfg.data.context_columns:
+        vocabs[c] = Vocab("hour", [str(h) for h in range(24)]) if c == "hour" else Vocab.build(c, train[c], mc)
     return vocabs
 
 
@@ -140,9 +138,10 @@ def build_features(cfg: Config, force: bool = False, progress: bool = True) -> B
     log["block"] = split.block_of(log["ts"].to_numpy())
     train = log[log["period"] == "train"]
     vocabs = _build_vocabs(cfg, ing, train)
-    context = [c for c in cfg.data.interactions.columns if c not in ("user_id", "item_id", "ts")]
-    log["hour"] = log["hour"].astype(str)
-    _encode(log, vocabs, ["user_id", "item_id", "creator_id", *context, "hour"])
+    context = cfg.data.context_columns
+    if "hour" in context:
+        log["hour"] = log["hour"].astype(str)
+    _encode(log, vocabs, ["user_id", "item_id", "creator_id", *context])
     step("split + vocab")
 
     binary = cfg.data.binary_signals
@@ -202,7 +201,7 @@ def build_features(cfg: Config, force: bool = False, progress: bool = True) -> B
         users = pd.concat([users, beh.user.gather(users["user_id"], np.full(len(users), end_block))], axis=1)
     step("snapshot")
 
-    item_numeric = list(iq.columns) + list(cq.columns)
+    item_numeric = list(iq.columns) + list(cq.columns) + multi_hot_columns(ing.items, cfg.data.items)
     tables = {
         "interactions": _write(log, out / "interactions.parquet"),
         "items": _write(items, out / ITEMS),

@@ -28,19 +28,58 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- data-side sections
 
 
+COMPARISONS = (">=", ">", "<=", "<", "==", "!=")
+
+
 @dataclass
 class SignalSpec:
+    """A feedback signal read from ``column``; with ``op`` and ``value`` a binary signal derived from it
+    (``like: {column: rating, op: ">=", value: 4}``: 1 where rating >= 4)."""
+
     column: str
     kind: Literal["binary", "continuous"] = "binary"
+    op: Literal[">=", ">", "<=", "<", "==", "!="] | None = None
+    value: float | None = None
+
+    @property
+    def derived(self) -> bool:
+        return self.op is not None
 
 
 @dataclass
 class TableSpec:
-    """One input file and how its raw columns map to canonical names (canonical: raw)."""
+    """One input file, how to read it, and how its raw columns map to canonical names (canonical: raw).
+
+    ``format: auto`` reads ``.parquet`` as Parquet, ``.tsv`` / ``.tab`` (compressed or not) as tab-separated
+    and anything else as comma-separated; ``sep`` overrides the separator of a text file (``"|"``,
+    ``"\t"``); ``header: false`` with ``names`` reads a file without a header row; compression (``.gz``,
+    ``.bz2``, ``.zip``, ``.xz``, ``.zst``) follows the file name.
+    """
 
     file: str
     columns: dict[str, str] = field(default_factory=dict)
-    format: Literal["auto", "csv", "parquet"] = "auto"
+    format: Literal["auto", "csv", "tsv", "parquet"] = "auto"
+    sep: str | None = None
+    header: bool = True
+    names: list[str] = field(default_factory=list)  # raw column names of a file without a header row
+    encoding: str = "utf-8"
+
+    def raw(self, name: str) -> str:
+        """Raw column of canonical ``name``: its mapping in ``columns``, else the raw column of that name."""
+        return self.columns.get(name, name)
+
+
+@dataclass
+class MultiValuedSpec:
+    """A multi-valued attribute (genres, tags): a string ``column`` split on ``sep`` (a list column of a
+    Parquet file needs no ``sep``), or a group of 0/1 ``flags`` columns, one per value. It enters the models
+    as a normalised multi-hot vector over its ``max_values`` most frequent values (the rest pooled into one
+    "other" slot): through the first linear layer that is the mean of the values' embeddings."""
+
+    column: str | None = None
+    sep: str | None = None
+    flags: list[str] = field(default_factory=list)
+    max_values: int = 64
 
 
 @dataclass
@@ -48,18 +87,23 @@ class InteractionsSpec(TableSpec):
     time_unit: Literal["ms", "s", "us"] = "ms"
     duration_column: str | None = None  # raw column with the item length, for watch ratio
     watch_time_signal: str | None = None  # the continuous signal holding watch time (ms)
+    # Context the ranker reads: every mapped column besides user_id, item_id and ts (e.g. tab), plus the
+    # local hour of the impression when this is true (read from the clock at serving time).
+    hour_context: bool = False
 
 
 @dataclass
 class ItemsSpec(TableSpec):
     visible_values: list[Any] = field(default_factory=lambda: [0])  # raw status values meaning "visible"
-    categorical: list[str] = field(default_factory=list)  # extra canonical item columns to encode
+    # Extra attributes, by canonical name: mapped in ``columns`` or, if not, the raw column of that name.
+    categorical: list[str] = field(default_factory=list)
     numeric: list[str] = field(default_factory=list)
+    multi_valued: dict[str, MultiValuedSpec] = field(default_factory=dict)
 
 
 @dataclass
 class UsersSpec(TableSpec):
-    categorical: list[str] = field(default_factory=list)
+    categorical: list[str] = field(default_factory=list)  # as for items: canonical name or raw column
     numeric: list[str] = field(default_factory=list)
 
 
@@ -75,6 +119,12 @@ class DataConfig:
 
     def path(self, spec: TableSpec) -> Path:
         return Path(self.dir) / spec.file
+
+    @property
+    def context_columns(self) -> list[str]:
+        """Request context the ranker reads: mapped log columns besides the ids and time, then ``hour``."""
+        cols = [c for c in self.interactions.columns if c not in ("user_id", "item_id", "ts")]
+        return cols + (["hour"] if self.interactions.hour_context else [])
 
     @property
     def binary_signals(self) -> list[str]:
@@ -124,8 +174,8 @@ class QualityConfig:
 
 @dataclass
 class FansConfig:
-    follow_signal: str = "follow"
-    interaction_signals: list[str] = field(default_factory=lambda: ["like", "comment", "forward", "long_view"])
+    follow_signal: str | None = None  # None: the log has no follows, so nobody is a fan
+    interaction_signals: list[str] = field(default_factory=list)
     iron_fan_min_interactions: int = 3
     iron_fan_window_days: float = 14.0
 
@@ -137,7 +187,7 @@ class VocabConfig:
 
 @dataclass
 class HistoryConfig:
-    signal: str = "long_view"  # which positive feedback enters a user's history
+    signal: str | None = None  # which positive feedback enters a user's history; None = the first binary signal
     length: int = 20
 
 
@@ -182,24 +232,64 @@ class Config:
                 raise ConfigError(f"data.interactions.columns must map '{name}' to a raw column")
         if "item_id" not in d.items.columns:
             raise ConfigError("data.items.columns must map 'item_id' to a raw column")
+        if d.users is not None and "user_id" not in d.users.columns:
+            raise ConfigError("data.users.columns must map 'user_id' to a raw column")
+        for where, spec in self._tables():
+            if not spec.header and not spec.names:
+                raise ConfigError(f"{where}.header is false: list the file's columns in {where}.names")
+            if spec.names and len(set(spec.names)) != len(spec.names):
+                raise ConfigError(f"{where}.names repeats a column: {spec.names}")
+            if spec.sep is not None and len(spec.sep) != 1:
+                raise ConfigError(f"{where}.sep must be one character, got {spec.sep!r}")
         if not d.signals:
             raise ConfigError("data.signals is empty: declare at least one feedback signal")
-        for role, sig in (("fans.follow_signal", self.fans.follow_signal), ("history.signal", self.history.signal)):
-            if sig not in d.signals:
-                raise ConfigError(f"{role} = '{sig}' is not a declared signal; known: {sorted(d.signals)}")
-        for s in self.fans.interaction_signals + self.quality.signals:
-            if s not in d.signals:
-                raise ConfigError(f"signal '{s}' used in fans/quality is not declared; known: {sorted(d.signals)}")
-        for s in self.behaviour.signals:
-            if d.signals.get(s, SignalSpec("", "continuous")).kind != "binary":
-                raise ConfigError(f"behaviour.signals names '{s}', not a binary signal; binary: {d.binary_signals}")
+        for name, sig in d.signals.items():
+            if (sig.op is None) != (sig.value is None):
+                raise ConfigError(f"data.signals.{name}: a derived signal needs both 'op' and 'value'")
+            if sig.derived and sig.kind != "binary":
+                raise ConfigError(f"data.signals.{name}: a derived signal (op, value) is binary; drop kind or set binary")
+        for name, mv in d.items.multi_valued.items():
+            where = f"data.items.multi_valued.{name}"
+            if (mv.column is None) == (not mv.flags):
+                raise ConfigError(f"{where}: give either 'column' (with 'sep' for a string column) or 'flags'")
+            if mv.max_values < 1:
+                raise ConfigError(f"{where}.max_values must be >= 1, got {mv.max_values}")
+            if name in d.items.categorical or name in d.items.numeric:
+                raise ConfigError(f"{where}: '{name}' is also listed in data.items.categorical/numeric")
+        binary = d.binary_signals
+        if self.history.signal is None:
+            if not binary:
+                raise ConfigError("data.signals has no binary signal for history.signal; declare one")
+            self.history.signal = binary[0]
+        roles = [("history.signal", self.history.signal)]
+        if self.fans.follow_signal is not None:
+            roles.append(("fans.follow_signal", self.fans.follow_signal))
+        roles += [(f"fans.interaction_signals[{i}]", s) for i, s in enumerate(self.fans.interaction_signals)]
+        roles += [(f"quality.signals[{i}]", s) for i, s in enumerate(self.quality.signals)]
+        roles += [(f"behaviour.signals[{i}]", s) for i, s in enumerate(self.behaviour.signals)]
+        for role, sig in roles:
+            if sig not in binary:
+                raise ConfigError(f"{role} = '{sig}' is not a declared binary signal; binary signals: {binary}")
+        has_ratio = d.interactions.watch_time_signal is not None and d.interactions.duration_column is not None
+        rates = set(self.quality.signals or binary) | ({"watch_ratio"} if has_ratio else set())
+        for name in self.quality.score_weights:
+            if name not in rates:
+                raise ConfigError(f"quality.score_weights names '{name}', not an aggregated rate; known: {sorted(rates)}")
         ws = d.interactions.watch_time_signal
         if ws is not None and d.signals.get(ws, SignalSpec("", "binary")).kind != "continuous":
             raise ConfigError(f"data.interactions.watch_time_signal = '{ws}' must name a continuous signal")
+        if ws is not None and d.interactions.duration_column is None:
+            raise ConfigError("data.interactions.watch_time_signal needs data.interactions.duration_column "
+                              "(watch time is modelled against the item's length)")
         if not 0 <= self.validation.max_bad_fraction <= 1:
             raise ConfigError("validation.max_bad_fraction must be in [0, 1]")
         if self.split.mode == "dates" and (self.split.valid_start is None or self.split.test_start is None):
             raise ConfigError("split.mode = dates needs split.valid_start and split.test_start")
+
+    def _tables(self) -> list[tuple[str, TableSpec]]:
+        d = self.data
+        out: list[tuple[str, TableSpec]] = [("data.interactions", d.interactions), ("data.items", d.items)]
+        return out + ([("data.users", d.users)] if d.users is not None else [])
 
 
 # --------------------------------------------------------------------------- loading

@@ -22,7 +22,7 @@ from features.tables import FeatureTables
 def read_later_log(cfg: Config, path: str | Path, tables: FeatureTables) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Canonical rows of ``path`` with the bundle's snapshot features attached, and a data report."""
     path = Path(path)
-    raw = read_table(path, "auto")
+    raw = read_table(path, cfg.data.interactions)  # the log's own separator, header and encoding
     item_creator = pd.Series(tables.items["creator_id"].to_numpy(), index=pd.Index(tables.items["item_id"]))
     rows, charger, notes = canonicalize_log(raw, cfg, path, item_creator, known_users=None)
     counts = charger.counts()

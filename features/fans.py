@@ -20,7 +20,8 @@ def _events(log: pd.DataFrame, cfg: FansConfig) -> pd.DataFrame:
     inter = np.zeros(len(log), dtype=bool)
     for s in cfg.interaction_signals:
         inter |= log[s].to_numpy() > 0
-    follow = log[cfg.follow_signal].to_numpy() > 0
+    # No follow signal: nobody is a fan (the relation columns stay, all zero).
+    follow = log[cfg.follow_signal].to_numpy() > 0 if cfg.follow_signal else np.zeros(len(log), dtype=bool)
     keep = inter | follow
     return pd.DataFrame(
         {

@@ -7,6 +7,7 @@ quarantine file; nothing is dropped silently. A run whose bad-row share exceeds
 
 from __future__ import annotations
 
+import csv
 import json
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.config import Config, ConfigError, TableSpec
+from features.config import Config, ConfigError, ItemsSpec, MultiValuedSpec, TableSpec
 
 # Order matters: a row is charged to the first rule it breaks.
 LOG_RULES = (
@@ -32,6 +33,9 @@ ITEM_RULES = ("nan", "duplicate")
 
 _MISSING_TOKENS = {"", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A"}
 _TIME_UNIT_TO_MS = {"ms": 1.0, "s": 1000.0, "us": 0.001}
+_COMPARE = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less, "==": np.equal, "!=": np.not_equal}
+MULTI_OTHER = "__other__"  # the slot of a multi-valued attribute's values beyond its max_values
+ITEM_CREATOR = "item:"  # creator id of an item in a log without creators: the item itself
 
 
 class DataValidationError(ValueError):
@@ -57,22 +61,48 @@ class TableReport:
         return f"{self.file}: {self.rows} rows, {self.good_rows} good, bad: {bad}" + (f"; kept with notes: {notes}" if notes else "")
 
 
-def read_table(path: Path, fmt: str = "auto") -> pd.DataFrame:
+_TEXT_SEPARATORS = {"csv": ",", "tsv": "\t"}
+
+
+def _text_format(path: Path) -> str:
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".zip", ".xz", ".zst"):
+        suffixes = suffixes[:-1]
+    return "tsv" if suffixes and suffixes[-1] in (".tsv", ".tab") else "csv"
+
+
+def read_table(path: Path, spec: TableSpec | None = None) -> pd.DataFrame:
     """Raw table with every column as text (CSV) so type errors can be counted per row, not crash the read."""
+    spec = spec or TableSpec(file=path.name)
     if not path.exists():
         raise FileNotFoundError(f"input file not found: {path} (set data.dir or the file name in the config)")
+    fmt = spec.format
     if fmt == "auto":
-        fmt = "parquet" if path.suffix == ".parquet" else "csv"
+        fmt = "parquet" if path.suffix == ".parquet" else _text_format(path)
     try:
         if fmt == "parquet":
             df = pd.read_parquet(path)
         else:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+            sep = spec.sep or _TEXT_SEPARATORS[fmt]
+            # Quotes mean nothing in tab- or pipe-separated dumps (MovieLens titles hold stray '"').
+            quoting = csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE
+            df = pd.read_csv(path, sep=sep, header=0 if spec.header else None, dtype=str, keep_default_na=False,
+                             na_filter=False, encoding=spec.encoding, quoting=quoting)
     except pd.errors.EmptyDataError:
         raise DataValidationError(f"{path} is empty (no header, no rows)") from None
+    except LookupError:
+        raise ConfigError(f"{path}: unknown encoding {spec.encoding!r} (e.g. utf-8, latin-1)") from None
     # A truncated or damaged .gz ends in EOFError / BadGzipFile (an OSError) / zlib.error deep in the reader.
     except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error, ValueError) as e:
-        raise DataValidationError(f"{path} cannot be read as {fmt}: {type(e).__name__}: {str(e)[:200]}") from None
+        hint = " (set the file's encoding in the config)" if isinstance(e, UnicodeDecodeError) else ""
+        raise DataValidationError(f"{path} cannot be read as {fmt}: {type(e).__name__}: {str(e)[:200]}{hint}") from None
+    if spec.names:
+        if len(spec.names) != len(df.columns):
+            raise DataValidationError(
+                f"{path}: the config names {len(spec.names)} columns, the file has {len(df.columns)}"
+                + (f" (its header: {list(df.columns)[:30]})" if spec.header else "")
+            )
+        df.columns = list(spec.names)
     if df.empty:
         raise DataValidationError(f"{path} has no data rows (columns: {list(df.columns)[:30]})")
     return df
@@ -153,28 +183,84 @@ class Ingested:
     reports: dict[str, TableReport]
 
 
+def _attribute(raw: pd.DataFrame, col: str, good: np.ndarray) -> np.ndarray:
+    v = raw[col][good]
+    return np.where(_is_missing(v), "__none__", _ids(v))
+
+
+def _value_lists(raw: pd.DataFrame, name: str, mv: MultiValuedSpec) -> list[list[str]]:
+    """Each row's values of a multi-valued attribute (flag columns set to 1, or the column's items)."""
+    if mv.flags:
+        on = np.column_stack([pd.to_numeric(raw[f], errors="coerce").fillna(0).to_numpy() > 0 for f in mv.flags])
+        return [[mv.flags[j] for j in np.flatnonzero(r)] for r in on]
+    out: list[list[str]] = []
+    for v in raw[mv.column]:  # type: ignore[index]
+        if isinstance(v, (list, tuple, np.ndarray)):
+            vals = [str(x).strip() for x in v]
+        elif v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() in _MISSING_TOKENS:
+            vals = []
+        elif mv.sep is None:
+            raise DataValidationError(
+                f"data.items.multi_valued.{name}: column '{mv.column}' holds text ({str(v)[:40]!r}), not a list: "
+                "set 'sep' to the separator between its values"
+            )
+        else:
+            vals = [x.strip() for x in str(v).split(mv.sep)]
+        out.append([x for x in vals if x and x not in _MISSING_TOKENS])
+    return out
+
+
+def multi_hot(name: str, lists: list[list[str]], max_values: int) -> pd.DataFrame:
+    """Normalised multi-hot columns ``<name>=<value>`` over the ``max_values`` most frequent values (ties by
+    value), plus ``<name>=__other__`` when some values fall outside; a row without values is all zero."""
+    counts = pd.Series([x for row in lists for x in set(row)], dtype=object).value_counts()
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    kept = [str(v) for v, _ in ranked[:max_values]]
+    slots = kept + ([MULTI_OTHER] if len(ranked) > max_values else [])
+    pos = {v: j for j, v in enumerate(kept)}
+    mat = np.zeros((len(lists), len(slots)), np.float32)
+    for i, row in enumerate(lists):
+        for x in set(row):
+            mat[i, pos.get(x, len(kept))] = 1.0
+    n = mat.sum(axis=1, keepdims=True)
+    mat = np.divide(mat, n, out=mat, where=n > 0)
+    return pd.DataFrame(mat, columns=[f"{name}={v}" for v in slots])
+
+
+def multi_hot_columns(items: pd.DataFrame, spec: ItemsSpec) -> list[str]:
+    """The item table's multi-hot columns, attribute by attribute in config order."""
+    return [c for name in spec.multi_valued for c in items.columns if c.startswith(f"{name}=")]
+
+
+def _item_columns(spec: ItemsSpec) -> list[str]:
+    """Raw columns the item table must have besides the mapped ones."""
+    extra = [spec.raw(c) for c in spec.categorical + spec.numeric]
+    for mv in spec.multi_valued.values():
+        extra += mv.flags or [mv.column]  # type: ignore[list-item]
+    return extra
+
+
 def load_items(cfg: Config, quarantine_dir: Path) -> tuple[pd.DataFrame, TableReport]:
     spec = cfg.data.items
     path = cfg.data.path(spec)
-    raw = read_table(path, spec.format)
-    if "creator_id" not in spec.columns:
-        raise ConfigError("data.items.columns must map 'creator_id' to a raw column")
-    _require_columns(raw, spec, path, [])
+    raw = read_table(path, spec)
+    _require_columns(raw, spec, path, _item_columns(spec))
+    cols = spec.columns
     ch = _Charger(len(raw), ITEM_RULES)
-    item_raw, creator_raw = raw[spec.columns["item_id"]], raw[spec.columns["creator_id"]]
-    ch.charge("nan", _is_missing(item_raw) | _is_missing(creator_raw))
+    item_raw = raw[cols["item_id"]]
+    creator_raw = raw[cols["creator_id"]] if "creator_id" in cols else None
+    ch.charge("nan", _is_missing(item_raw) | (_is_missing(creator_raw) if creator_raw is not None else False))
     item_id = _ids(item_raw)
     ch.charge("duplicate", item_id.duplicated(keep="first").to_numpy() & ch.good)
     _quarantine(raw, ch, quarantine_dir / "quarantine_items.csv")
     report = _report(path, raw, ch, cfg.validation.examples_per_rule, {})
     good = ch.good
-    out = pd.DataFrame({"item_id": item_id[good].to_numpy(), "creator_id": _ids(creator_raw)[good].to_numpy()})
-    cols = spec.columns
-    if "category" in cols:
-        cat = raw[cols["category"]][good]
-        out["category"] = np.where(_is_missing(cat), "__none__", _ids(cat))
-    else:
-        out["category"] = "__none__"
+    ids = item_id[good].to_numpy()
+    # Without creators every item is its own creator: creator rules (fans, diversity, quality support,
+    # exposure fairness) then act per item.
+    creators = _ids(creator_raw)[good].to_numpy() if creator_raw is not None else np.array([ITEM_CREATOR + i for i in ids], dtype=object)
+    out = pd.DataFrame({"item_id": ids, "creator_id": creators})
+    out["category"] = _attribute(raw, cols["category"], good) if "category" in cols else "__none__"
     if "visible" in cols:
         visible_values = {str(v) for v in spec.visible_values} | {_ids(pd.Series([v])).iloc[0] for v in spec.visible_values}
         out["visible"] = _ids(raw[cols["visible"]][good]).isin(visible_values).to_numpy()
@@ -186,15 +272,13 @@ def load_items(cfg: Config, quarantine_dir: Path) -> tuple[pd.DataFrame, TableRe
         up = pd.to_datetime(raw[cols["upload_date"]][good], errors="coerce", utc=True)
         out["upload_ts"] = ((up - pd.Timestamp(0, tz="UTC")).dt.total_seconds() * 1000).to_numpy() - cfg.data.utc_offset_hours * 3.6e6
     for c in spec.categorical:
-        if c not in cols:
-            raise ConfigError(f"data.items.categorical names '{c}', which data.items.columns does not map")
-        v = raw[cols[c]][good]
-        out[c] = np.where(_is_missing(v), "__none__", _ids(v))
+        out[c] = _attribute(raw, spec.raw(c), good)
     for c in spec.numeric:
-        if c not in cols:
-            raise ConfigError(f"data.items.numeric names '{c}', which data.items.columns does not map")
-        out[c] = pd.to_numeric(raw[cols[c]][good], errors="coerce").to_numpy(np.float64)
-    return out.reset_index(drop=True), report
+        out[c] = pd.to_numeric(raw[spec.raw(c)][good], errors="coerce").to_numpy(np.float64)
+    good_raw = raw[good].reset_index(drop=True)
+    out = out.reset_index(drop=True)
+    parts = [multi_hot(name, _value_lists(good_raw, name, mv), mv.max_values) for name, mv in spec.multi_valued.items()]
+    return pd.concat([out, *parts], axis=1) if parts else out, report
 
 
 def load_users(cfg: Config) -> pd.DataFrame | None:
@@ -202,18 +286,15 @@ def load_users(cfg: Config) -> pd.DataFrame | None:
     if spec is None:
         return None
     path = cfg.data.path(spec)
-    raw = read_table(path, spec.format)
-    if "user_id" not in spec.columns:
-        raise ConfigError("data.users.columns must map 'user_id' to a raw column")
-    _require_columns(raw, spec, path, spec.categorical + spec.numeric)
+    raw = read_table(path, spec)
+    _require_columns(raw, spec, path, [spec.raw(c) for c in spec.categorical + spec.numeric])
     user_id = _ids(raw[spec.columns["user_id"]])
     keep = ~_is_missing(raw[spec.columns["user_id"]]) & ~user_id.duplicated().to_numpy()
     out = pd.DataFrame({"user_id": user_id[keep].to_numpy()})
     for c in spec.categorical:
-        v = raw[c][keep]
-        out[c] = np.where(_is_missing(v), "__none__", _ids(v))
+        out[c] = _attribute(raw, spec.raw(c), keep)
     for c in spec.numeric:
-        out[c] = pd.to_numeric(raw[c][keep], errors="coerce").to_numpy(np.float64)
+        out[c] = pd.to_numeric(raw[spec.raw(c)][keep], errors="coerce").to_numpy(np.float64)
     return out.reset_index(drop=True)
 
 
@@ -222,7 +303,7 @@ def canonicalize_log(
 ) -> tuple[pd.DataFrame, _Charger, dict[str, int]]:
     """Validate raw log rows; return canonical good rows, the rule charged to every row, and kept-row notes."""
     spec, data = cfg.data.interactions, cfg.data
-    signal_cols = [s.column for s in data.signals.values()]
+    signal_cols = list(dict.fromkeys(s.column for s in data.signals.values()))
     extra = signal_cols + ([spec.duration_column] if spec.duration_column else [])
     _require_columns(raw, spec, path, extra)
     n = len(raw)
@@ -242,6 +323,10 @@ def canonicalize_log(
     for name, s in data.signals.items():
         v, bad = _to_number(raw[s.column])
         wrong |= bad
+        if s.derived:
+            with np.errstate(invalid="ignore"):
+                values[name] = np.where(np.isnan(v), np.nan, _COMPARE[s.op](v, s.value).astype(np.float64))
+            continue
         values[name] = v
         if s.kind == "binary":
             invalid |= ~np.isnan(v) & (v != 0) & (v != 1)
@@ -299,7 +384,8 @@ def canonicalize_log(
         if canon not in ("user_id", "item_id", "ts"):
             v = raw[rawcol][good]
             out[canon] = np.where(_is_missing(v), "__none__", _ids(v))
-    out["hour"] = (((out["ts"] + int(data.utc_offset_hours * 3_600_000)) // 3_600_000) % 24).astype(np.int8)
+    if spec.hour_context:
+        out["hour"] = (((out["ts"] + int(data.utc_offset_hours * 3_600_000)) // 3_600_000) % 24).astype(np.int8)
     return out, ch, notes
 
 
@@ -308,7 +394,7 @@ def ingest(cfg: Config, out_dir: Path) -> Ingested:
     items, item_report = load_items(cfg, out_dir)
     users = load_users(cfg)
     path = cfg.data.path(cfg.data.interactions)
-    raw = read_table(path, cfg.data.interactions.format)
+    raw = read_table(path, cfg.data.interactions)
     item_creator = pd.Series(items["creator_id"].to_numpy(), index=pd.Index(items["item_id"]))
     known_users = pd.Index(users["user_id"]) if users is not None else None
     log, ch, notes = canonicalize_log(raw, cfg, path, item_creator, known_users)

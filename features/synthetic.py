@@ -180,6 +180,7 @@ def _kuairand_config(data_dir: Path, output_dir: Path) -> dict[str, Any]:
                 "time_unit": "ms",
                 "duration_column": "duration_ms",
                 "watch_time_signal": "watch_time",
+                "hour_context": True,
             },
             "items": {
                 "file": "items.csv",
@@ -198,9 +199,15 @@ def _kuairand_config(data_dir: Path, output_dir: Path) -> dict[str, Any]:
         "quality": {"prior_strength": 20,
                     "score_weights": {"long_view": 1.0, "like": 4.0, "follow": 10.0, "hate": -40.0, "watch_ratio": 0.5},
                     "min_creator_impressions": 20},
-        "fans": {"interaction_signals": ["like", "comment", "forward", "profile_enter", "long_view"],
+        "fans": {"follow_signal": "follow", "interaction_signals": ["like", "comment", "forward", "profile_enter", "long_view"],
                  "iron_fan_min_interactions": 3, "iron_fan_window_days": 7},
         "history": {"signal": "long_view", "length": 10},
+        "retrieval": {"positive_signal": "long_view"},
+        "ranking": {"scenarios": {
+            "feed": {"click": 1.0, "long_view": 2.0, "watch_time": 2.0, "like": 4.0, "follow": 8.0, "comment": 4.0,
+                     "forward": 6.0, "profile_enter": 1.0, "hate": -30.0},
+            "commerce": {"click": 2.0, "long_view": 1.0, "watch_time": 0.5, "like": 1.0, "follow": 6.0,
+                         "comment": 1.0, "forward": 3.0, "profile_enter": 4.0, "hate": -30.0}}},
     }
 
 

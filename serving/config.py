@@ -50,6 +50,9 @@ class ServingConfig:
     seen_window_s: float = 86400.0  # how long a request's seen_item_ids are remembered for the user
     seen_max_users: int = 100_000  # memory bound: least recently active users are forgotten first
     seen_max_items: int = 1000  # per user, newest kept
+    # Binary signals the offline policy evaluation scores pages by (besides the fusion-weighted sum); the
+    # first is the primary gain of its calibration checks. Empty = the bundle's retrieval positive signal.
+    evaluation_gains: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.candidates < 1:

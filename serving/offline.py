@@ -27,8 +27,9 @@ Protocol (every number of one run comes from this; keep it so runs compare):
   its own :class:`~serving.recommender.Recommender` and so its own exposure tracker, starting empty and
   evolving page by page as in production. Pages are built by ``Recommender._candidates`` and
   ``FeedPolicy.page``, the calls ``Recommender.recommend`` makes.
-* **Engagement.** Gains per candidate: ``long_view``, ``click``, and ``weighted`` = max(0, sum of the
-  scenario's fusion weights over the binary signals). Only a few candidates per user carry a logged label
+* **Engagement.** Gains per candidate: the binary signals of ``serving.evaluation_gains`` (KuaiRand:
+  ``long_view``, ``click``; empty = the retrieval positive signal; the first is the *primary* gain), and
+  ``weighted`` = max(0, sum of the scenario's fusion weights over the binary signals). Only a few candidates per user carry a logged label
   (the user's period impressions), so NDCG@k is reported three ways:
 
   - ``ndcg_judged``: real signals only. The arm's ranking *condensed* to the judged (logged) items: those
@@ -39,7 +40,7 @@ Protocol (every number of one run comes from this; keep it so runs compare):
     outcome, any other its calibrated ranker prediction (``weighted``: the fused predictions); the ideal is
     the best k over all servable candidates. It charges a policy for every relevant item it displaces,
     and leans on calibration, which ``calibration_logged_slots`` checks on the page (mean predicted vs
-    realised long-view rate of served logged items).
+    realised primary-gain rate of served logged items).
     ``calibration_by_exposure`` splits that check by how much engagement-only exposed the item's creator:
     if the model under-rated the creators a policy promotes, DM would overstate the policy's cost.
   - ``ndcg_union``: logged labels, 0 for unlogged items. **Biased**: a policy that serves more of what
@@ -86,7 +87,21 @@ from serving.recommender import Recommender
 
 BASELINE = "engagement_only"
 POLICY = "policy"
-GAINS = ("long_view", "click", "weighted")
+WEIGHTED = "weighted"  # the gain of the scenario's fusion weights over the binary signals
+
+
+def gain_names(rec: Recommender) -> tuple[str, ...]:
+    """The gains of one evaluation: ``serving.evaluation_gains`` (binary signals; empty = the bundle's
+    retrieval positive signal), then the weighted sum. The first is the primary gain (calibration checks)."""
+    b = rec._state.bundle
+    signals = list(rec.settings.serving.evaluation_gains)
+    if not signals:
+        positive = b.retrieval.other.get("positive_signal")
+        signals = [positive] if positive in b.heads else [b.heads[0]]
+    for s in signals:
+        if s not in b.heads:
+            raise ValueError(f"serving.evaluation_gains names '{s}', not a head of this bundle; heads: {b.heads}")
+    return (*signals, WEIGHTED)
 NDCG_KINDS = ("judged", "dm", "union")  # see the module docstring
 
 
@@ -210,7 +225,8 @@ def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = No
     name = rec._scenario(st, scenario)
     weights = dict(zip(b.heads, st.policy.weights[name].tolist()))
     binary = [h.name for h in b.ranking.heads if h.kind == "binary" and h.name in log]
-    for s in ("long_view", "click"):
+    signals = list(gain_names(rec)[:-1])
+    for s in signals:
         if s not in log:
             raise ValueError(f"the log has no '{s}' column; its columns: {sorted(log.columns)}")
     log = log.sort_values("ts", kind="stable")
@@ -223,10 +239,9 @@ def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = No
     keep = (urow >= 0) & (irow >= 0)
     sig = log.loc[keep, binary].to_numpy(np.float32)
     w = np.array([weights.get(h, 0.0) for h in binary], np.float32)
-    est_cols = [b.heads.index(h) for h in ("long_view", "click")]
+    est_cols = [b.heads.index(h) for h in signals]
     est_binary = [b.heads.index(h) for h in binary]
-    gains_all = np.column_stack([log.loc[keep, "long_view"].to_numpy(np.float32),
-                                 log.loc[keep, "click"].to_numpy(np.float32), np.maximum(sig @ w, 0.0)])
+    gains_all = np.column_stack([*(log.loc[keep, h].to_numpy(np.float32) for h in signals), np.maximum(sig @ w, 0.0)])
     kept = log.loc[keep]
     ctx_names = [n for _, n in b.request_cat if n != "user_id" and n in kept]
     ctx_vals = {n: kept[n].astype(str).to_numpy() for n in ctx_names}
@@ -245,7 +260,7 @@ def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = No
         logged_rows, first = np.unique(irow_k[idx], return_index=True)
         extra = logged_rows[~np.isin(logged_rows, retrieved)]
         rows = np.concatenate([retrieved, extra])
-        gains = np.zeros((len(rows), len(GAINS)), np.float32)
+        gains = np.zeros((len(rows), len(signals) + 1), np.float32)
         pos = pd.Index(rows).get_indexer(irow_k[idx])
         np.maximum.at(gains, pos, gains_all[idx])  # an item shown twice gains its best outcome
         logged = np.zeros(len(rows), bool)
@@ -260,12 +275,12 @@ def prepare_cases(rec: Recommender, log: pd.DataFrame, scenario: str | None = No
     report["evaluated_users"] = len(cases)
     report["evaluated_impressions"] = int(sum(c.logged.sum() for c in cases))
     report["gain_signals"] = {"weighted": {h: float(weights.get(h, 0.0)) for h in binary}}
-    report["estimated_gain_heads"] = {"long_view": "long_view", "click": "click", "weighted": binary}
+    report["estimated_gain_heads"] = {**{h: h for h in signals}, WEIGHTED: binary}
     return cases, report
 
 
 def estimated_gains(preds: np.ndarray, cols: list[int], binary: list[int], w: np.ndarray) -> np.ndarray:
-    """(n, G) model estimates of the logged gains: the long_view and click heads, and the weighted sum."""
+    """(n, G) model estimates of the logged gains: the gain signals' heads, and the weighted sum."""
     p = preds.astype(np.float32)
     return np.column_stack([p[:, cols], np.maximum(p[:, binary] @ w, 0.0)]).astype(np.float32)
 
@@ -316,6 +331,7 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
     st = rec._state
     b = st.bundle
     name = rec._scenario(st, scenario)
+    gains, primary = gain_names(rec), gain_names(rec)[0]
     forbidden = _forbidden(b, rec.settings.policy) if forbidden is None else forbidden
     n_creators = len(b.creator_ids)
     exposure = np.zeros(n_creators)
@@ -374,14 +390,14 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
             for t in tags:
                 reasons[t] = reasons.get(t, 0) + 1
     seconds = time.perf_counter() - t0
-    nd = {kind: np.array(v).reshape(-1, len(GAINS)) for kind, v in scores.items()}
+    nd = {kind: np.array(v).reshape(-1, len(gains)) for kind, v in scores.items()}
     catalogue = np.zeros(n_creators, bool)
     catalogue[b.item_creator[st.servable]] = True
     served_creators = exposure > 0
     out = {
         **{f"ndcg_{kind}@{k}_{g}": round(float(np.nanmean(v[:, j])), 5) if np.isfinite(v[:, j]).any() else None
-           for kind, v in nd.items() for j, g in enumerate(GAINS)},
-        **{f"ndcg_users_{kind}_{g}": int(np.isfinite(v[:, j]).sum()) for kind, v in nd.items() for j, g in enumerate(GAINS)},
+           for kind, v in nd.items() for j, g in enumerate(gains)},
+        **{f"ndcg_users_{kind}_{g}": int(np.isfinite(v[:, j]).sum()) for kind, v in nd.items() for j, g in enumerate(gains)},
         # Over this arm's own candidate creators; evaluate_policy replaces them with the shared population's.
         **population_metrics(exposure, attention, reachable),
         "creator_gini_own_candidates": round(gini(exposure[reachable]), 4),
@@ -395,14 +411,14 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
         "fan_delivery": round(fan_served / fan_possible, 4) if fan_possible else None,
         "fan_pages_possible": fan_possible,
         "governance_leaks": leaks,
-        # Selection-bias check: served slots that had a logged impression, the long-view rate among them,
-        # and the share of long-view slots that retrieval alone would not have offered.
+        # Selection-bias check: served slots that had a logged impression, the primary gain's rate among
+        # them, and the share of its positive slots that retrieval alone would not have offered.
         "logged_slot_share": round(logged_slots / max(1, slots), 4),
-        "long_view_rate_of_logged_slots": round(positive_slots / logged_slots, 4) if logged_slots else None,
-        "calibration_logged_slots": ({"predicted_long_view": round(predicted_logged / logged_slots, 4),
-                                      "realised_long_view": round(positive_slots / logged_slots, 4)}
+        f"{primary}_rate_of_logged_slots": round(positive_slots / logged_slots, 4) if logged_slots else None,
+        "calibration_logged_slots": ({f"predicted_{primary}": round(predicted_logged / logged_slots, 4),
+                                      f"realised_{primary}": round(positive_slots / logged_slots, 4)}
                                      if logged_slots else None),
-        "long_view_slots_from_appended": round(appended_positive_slots / positive_slots, 4) if positive_slots else None,
+        f"{primary}_slots_from_appended": round(appended_positive_slots / positive_slots, 4) if positive_slots else None,
         "pages": len(cases), "slots": slots,
         "reason_share": {t: round(n / max(1, slots), 4) for t, n in sorted(reasons.items())},
         "tracker": {"boost": round(float(rec.exposure.boost), 4), "gini": round(float(rec.exposure.current_gini), 4)},
@@ -439,7 +455,8 @@ def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log
     if log is not None and len(log):
         data["time_range"] = [int(log["ts"].min()), int(log["ts"].max())]
     t1 = time.perf_counter()
-    out: dict[str, Any] = {"protocol": "serving.offline (see its docstring)", "k": k, "gains": list(GAINS),
+    gains = gain_names(recs[POLICY])
+    out: dict[str, Any] = {"protocol": "serving.offline (see its docstring)", "k": k, "gains": list(gains),
                            "scenario": recs[POLICY]._scenario(recs[POLICY]._state, scenario),
                            "candidates": settings.serving.candidates, "data": data, "users": len(cases)}
     exposure: dict[str, np.ndarray] = {}
@@ -452,7 +469,7 @@ def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log
     for arm in recs:  # one creator population for every arm
         out[arm].update(population_metrics(exposure[arm], attention[arm], reachable))
     out["creator_population"] = int(reachable.sum())
-    out["calibration_by_exposure"] = calibration_by_exposure(cases, bundle.item_creator, exposure[BASELINE])
+    out["calibration_by_exposure"] = calibration_by_exposure(cases, bundle.item_creator, exposure[BASELINE], gains[0])
     base = out[BASELINE]
     rel: dict[str, Any] = {}
     for arm in recs:
@@ -462,12 +479,12 @@ def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log
              "creator_gini_attention": _rel(out[arm]["creator_gini_attention"], base["creator_gini_attention"]),
              "creator_gini_catalogue": _rel(out[arm]["creator_gini_catalogue"], base["creator_gini_catalogue"])}
         for kind in NDCG_KINDS:
-            for g in GAINS:
+            for g in gains:
                 key = f"ndcg_{kind}@{k}_{g}"
                 r[key] = _rel(out[arm][key], base[key])
         fair = (r["creator_gini"] is not None and r["creator_gini"] <= -0.25 and out[arm]["governance_leaks"] == 0)
         for kind in ("judged", "dm"):
-            loss = max(0.0, *(-(r[f"ndcg_{kind}@{k}_{g}"] or 0.0) for g in GAINS))
+            loss = max(0.0, *(-(r[f"ndcg_{kind}@{k}_{g}"] or 0.0) for g in gains))
             r[f"max_ndcg_loss_{kind}"] = round(loss, 4)
             r[f"passes_bar_{kind}"] = bool(fair and loss <= 0.03)
         rel[arm] = r
@@ -479,8 +496,9 @@ def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log
     return out
 
 
-def calibration_by_exposure(cases: list[UserCase], item_creator: np.ndarray, exposure: np.ndarray) -> list[dict[str, Any]]:
-    """Predicted vs realised long-view rate of every logged impression, by how much the engagement-only
+def calibration_by_exposure(cases: list[UserCase], item_creator: np.ndarray, exposure: np.ndarray,
+                            primary: str) -> list[dict[str, Any]]:
+    """Predicted vs realised rate of the primary gain (``primary``) of every logged impression, by how much the engagement-only
     arm exposed its creator: does the model under- or over-rate the creators a fairness policy promotes?
     (The DM NDCG leans on exactly this.)"""
     pred, real, tier = [], [], []
@@ -495,8 +513,8 @@ def calibration_by_exposure(cases: list[UserCase], item_creator: np.ndarray, exp
     med = float(np.median(t[t > 0])) if (t > 0).any() else 0.0
     groups = [("not served by engagement-only", t == 0), (f"served, <= {med:g} slots", (t > 0) & (t <= med)),
               (f"served, > {med:g} slots", t > med)]
-    return [{"creators": name, "impressions": int(m.sum()), "predicted_long_view": round(float(p[m].mean()), 4),
-             "realised_long_view": round(float(r[m].mean()), 4),
+    return [{"creators": name, "impressions": int(m.sum()), f"predicted_{primary}": round(float(p[m].mean()), 4),
+             f"realised_{primary}": round(float(r[m].mean()), 4),
              "realised_over_predicted": round(float(r[m].mean() / max(p[m].mean(), 1e-9)), 3)}
             for name, m in groups if m.any()]
 

@@ -58,8 +58,10 @@ def _fit(args: argparse.Namespace) -> int:
                 from training.ranking.pipeline import fit_ranking
 
                 metrics["ranking"] = fit_ranking(cfg, tables, out / "ranking", resume=args.resume, progress=not args.no_progress)
-        metrics.pop("refit", None)  # a refit's record belongs to the held-out fit it followed
-        metrics_path.write_text(json.dumps(metrics, indent=2))
+            # Each stage's results land as soon as it ends: a later stage that fails loses nothing.
+            metrics.pop("refit", None)  # a refit's record belongs to the held-out fit it followed
+            metrics_path.write_text(json.dumps(metrics, indent=2))
+            mlflow.log_dict(metrics, "metrics.json")
         print(format_metrics(metrics))
         source = None
         if cfg.training.refit and args.stage == "all":

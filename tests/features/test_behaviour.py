@@ -82,5 +82,5 @@ def test_serving_snapshot_counts_the_whole_log(synthetic_tables):
 
 
 def test_behaviour_signals_must_be_binary(world, tmp_path):
-    with pytest.raises(ConfigError, match="behaviour.signals names 'watch_time'"):
+    with pytest.raises(ConfigError, match=r"behaviour.signals\[0\] = 'watch_time' is not a declared binary signal"):
         load_config(write_config(world, tmp_path, behaviour={"signals": ["watch_time"]}))

@@ -28,7 +28,7 @@ def test_overrides_reach_nested_keys_and_are_typed():
         ("data.dri=x", r"unknown config key 'data\.dri'"),
         ("quality.prior_strength=abc", r"quality\.prior_strength: expected a number"),
         ("split.mode=weekly", r"split\.mode: 'weekly' is not one of"),
-        ("history.signal=watched", r"history\.signal = 'watched' is not a declared signal"),
+        ("history.signal=watched", r"history\.signal = 'watched' is not a declared binary signal"),
         ("fans.iron_fan_min_interactions=2.5", r"expected an integer"),
     ],
 )

@@ -12,7 +12,7 @@ from features.synthetic import World
 from serving.bundle import Bundle, load_bundle
 from serving.config import ServeSettings, ServingConfig
 from serving.offline import (
-    BASELINE, GAINS, POLICY, condensed, evaluate_policy, lorenz, ndcg, period_log, period_view, prepare_cases,
+    BASELINE, POLICY, condensed, evaluate_policy, gain_names, lorenz, ndcg, period_log, period_view, prepare_cases,
     serve_arm,
 )
 from serving.policy import ExposureControl, ExposureStep, GovernanceConfig, PolicyConfig, QualityStep, fuse
@@ -35,8 +35,10 @@ def test_log(bundle: Bundle):
 
 
 def test_policy_vs_engagement_only_report(bundle: Bundle):
-    out = evaluate_policy(bundle, ServeSettings(), k=K, max_users=USERS)
+    out = evaluate_policy(bundle, ServeSettings(ServingConfig(evaluation_gains=["long_view", "click"])), k=K,
+                          max_users=USERS)
     assert out["users"] == USERS and out["data"]["period"] == "test"
+    assert out["gains"] == ["long_view", "click", "weighted"]
     for arm in (POLICY, BASELINE):
         m = out[arm]
         assert m["governance_leaks"] == 0
@@ -50,7 +52,7 @@ def test_policy_vs_engagement_only_report(bundle: Bundle):
     assert all(0 <= g["predicted_long_view"] <= 1 and 0 <= g["realised_long_view"] <= 1 for g in calib)
     rel = out["relative_to_engagement_only"][POLICY]
     for kind in ("judged", "dm"):
-        worst = max(0.0, *(-rel[f"ndcg_{kind}@{K}_{g}"] for g in GAINS))
+        worst = max(0.0, *(-rel[f"ndcg_{kind}@{K}_{g}"] for g in out["gains"]))
         assert rel[f"max_ndcg_loss_{kind}"] == pytest.approx(worst, abs=1e-4)
         fair = rel["creator_gini"] <= -0.25 and out[POLICY]["governance_leaks"] == 0
         assert rel[f"passes_bar_{kind}"] == (fair and worst <= 0.03)
@@ -181,7 +183,7 @@ def test_engagement_metrics_against_plain_computations(bundle: Bundle, test_log)
         judged_scores.append(ndcg(c.gains[j], c.gains[j], K))
         dm = np.where(c.logged[:, None], c.gains, c.est)
         dm_scores.append(ndcg(dm[order[:K]], dm[ok], K))
-    for j, g in enumerate(GAINS):
+    for j, g in enumerate(gain_names(base)):
         assert mb[f"ndcg_judged@{K}_{g}"] == pytest.approx(np.nanmean(np.array(judged_scores)[:, j]), abs=1e-5)
         assert mb[f"ndcg_dm@{K}_{g}"] == pytest.approx(np.nanmean(np.array(dm_scores)[:, j]), abs=1e-5)
     # Estimates are the calibrated heads: long_view's estimate is the long_view head itself.

@@ -14,14 +14,9 @@ from features.config import ConfigError
 
 
 def _default_scenarios() -> dict[str, dict[str, float]]:
-    # Scores are head predictions in [0, 1] (watch_time: the duration-debiased watch quantile), so a
-    # weight says how many clicks one unit of that head is worth. Hate is costly in both scenarios.
-    return {
-        "feed": {"click": 1.0, "long_view": 2.0, "watch_time": 2.0, "like": 4.0, "follow": 8.0, "comment": 4.0,
-                 "forward": 6.0, "profile_enter": 1.0, "hate": -30.0},
-        "commerce": {"click": 2.0, "long_view": 1.0, "watch_time": 0.5, "like": 1.0, "follow": 6.0, "comment": 1.0,
-                     "forward": 3.0, "profile_enter": 4.0, "hate": -30.0},
-    }
+    # One scenario weighing every binary head equally (filled in by resolve_heads): the dataset's config says
+    # what its heads are worth (configs/kuairand.yaml).
+    return {"feed": {}}
 
 
 @dataclass
@@ -79,6 +74,8 @@ class RankingConfig:
     bootstrap_samples: int = 200
     ece_bins: int = 15
     fusion_k: int = 20
+    # Fusion weights per scenario, head -> weight on the head's score in [0, 1] (watch_time: the
+    # duration-debiased watch quantile); an empty scenario weighs every binary head 1.0.
     scenarios: dict[str, dict[str, float]] = field(default_factory=_default_scenarios)
     parity_tolerance: float = 1e-4  # on |eager - onnx| / max(1, |eager|): absolute for probabilities, relative for seconds
 
@@ -116,6 +113,9 @@ class RankingConfig:
             raise ConfigError("ranking.heads needs at least one binary head")
         heads = [(n, available[n]) for n in names]
         self.check_heads([n for n, _ in heads])
+        for sc, weights in self.scenarios.items():
+            if not weights:
+                self.scenarios[sc] = {n: 1.0 for n, kind in heads if kind == "binary"}
         return heads
 
     def check_heads(self, heads: list[str]) -> None:

@@ -58,7 +58,8 @@ class FeatureLayout:
             prefix = {"user": "users", "pair": "user_creator"}.get(kind, kind)
             for c in cols:
                 num.append(c); num_src.append(f"{prefix}:{c}")
-        num.append(DURATION); num_src.append(f"items:{DURATION}")
+        if DURATION in tables.items.columns:  # a log whose items have no length gets no duration input
+            num.append(DURATION); num_src.append(f"items:{DURATION}")
         h = spec["history"]
         return cls(cat, vocabs, sizes, sources, num, num_src, h["column"], int(h["length"]), h["vocab"])
 
@@ -68,8 +69,8 @@ class FeatureLayout:
         return self.cat_vocabs.index(self.history_vocab)
 
     @property
-    def duration_position(self) -> int:
-        return self.num_columns.index(DURATION)
+    def duration_position(self) -> int | None:
+        return self.num_columns.index(DURATION) if DURATION in self.num_columns else None
 
     def request_constant(self) -> tuple[list[int], list[int]]:
         """(cat, num) positions that one request shares across its candidates: the user's and the
@@ -89,7 +90,7 @@ class FeatureLayout:
         """Rows with every layout column present: static attributes joined, duration from the item table
         where the row lacks it, fan columns defaulting to 0."""
         out = tables.join_static(rows) if any(c not in rows.columns for c in self.cat_columns) else rows.copy()
-        if DURATION not in out.columns or out[DURATION].isna().any():
+        if DURATION in self.num_columns and (DURATION not in out.columns or out[DURATION].isna().any()):
             pos = pd.Index(tables.items["item_id"]).get_indexer(out["item_id"].astype(str))
             dur = np.where(pos >= 0, tables.items[DURATION].to_numpy(np.float64)[np.maximum(pos, 0)], np.nan)
             out[DURATION] = out[DURATION].fillna(pd.Series(dur, index=out.index)) if DURATION in out else dur

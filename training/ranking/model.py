@@ -279,7 +279,7 @@ class RankerScorer(nn.Module):
     watch-time head being the duration-debiased watch quantile; watch_time_s (B,) decoded from it, only
     when there is a watch-time head)."""
 
-    def __init__(self, ranker: Ranker, watch_index: int | None, wtq: WatchTimeQuantiles | None, duration_position: int):
+    def __init__(self, ranker: Ranker, watch_index: int | None, wtq: WatchTimeQuantiles | None, duration_position: int | None):
         super().__init__()
         self.ranker = ranker
         self.watch_index = watch_index

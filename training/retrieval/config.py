@@ -10,7 +10,8 @@ from training.retrieval.baselines import BaselinesConfig
 
 @dataclass
 class RetrievalConfig:
-    positive_signal: str = "long_view"  # what the evaluation counts as a hit (and a training positive)
+    # What the evaluation counts as a hit (and a training positive); None = the history signal.
+    positive_signal: str | None = None
     # Training examples: every row whose weight is > 0, weight = impression_weight + sum of the weights of
     # its binary signals that are > 0 (positive_signal weighs 1 unless signal_weights names it).
     impression_weight: float = 0.0

@@ -6,9 +6,10 @@ interest and partly by popularity, more often from creators the user follows. Fe
 latent affinity (interest + quality): clicks, watch time against the item length, long views, likes,
 follows, comments, forwards, profile visits, and hate that rises for low-quality items. Some items are
 not visible any more, and the lowest-quality items and creator are listed as blocked (governance
-ground truth). The files come out in KuaiRand's raw layout (``layout="kuairand"``) or in a
-different one (``layout="alt"``: other column names, seconds instead of ms, Parquet items) with the
-matching config, so a test can show that a dataset is described by config, not by code.
+ground truth). The files come out in KuaiRand's raw layout (``layout="kuairand"``), in a
+different one (``layout="alt"``: other column names, seconds instead of ms, Parquet items), or as a
+MovieLens-style ratings log of a really different shape (``layout="ratings"``), each with the matching
+config, so a test can show that a dataset is described by config, not by code.
 """
 
 from __future__ import annotations
@@ -211,11 +212,61 @@ def _kuairand_config(data_dir: Path, output_dir: Path) -> dict[str, Any]:
     }
 
 
+GENRES = ["unknown", "Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Western", "Documentary"]
+
+
+def _ratings_world(world: World, data_dir: Path, output_dir: Path) -> dict[str, Any]:
+    """A ratings log in MovieLens-100k's layout: only watched (clicked) or hated impressions are rated,
+    1-5 from the world's feedback; ``ratings.data`` tab-separated without a header, ``movies.item``
+    pipe-separated latin-1 without a header and with one 0/1 flag column per genre (each movie has its
+    topic's genre and maybe a second), ``people.user`` pipe-separated; plus a ``keywords`` text column
+    (values joined by ';'). No creators, durations, follows or context."""
+    rng = np.random.default_rng(world.spec.seed + 1)
+    log = world.log
+    rated = log[(log["is_click"] == 1) | (log["is_hate"] == 1)]
+    rating = (2 + 2 * rated["long_view"] + rated["is_like"]).clip(1, 5)
+    rating = np.where(rated["is_hate"] == 1, 1, rating)
+    pd.DataFrame({"u": rated["user_id"], "i": rated["video_id"], "r": rating, "t": rated["time_ms"] // 1000}).to_csv(
+        data_dir / "ratings.data", sep="\t", header=False, index=False)
+    n_items = len(world.items)
+    flags = np.zeros((n_items, len(GENRES)), np.int64)
+    flags[np.arange(n_items), 1 + world.item_topic % (len(GENRES) - 1)] = 1
+    second = rng.random(n_items) < 0.4
+    flags[np.flatnonzero(second), rng.integers(0, len(GENRES), int(second.sum()))] = 1
+    items = pd.DataFrame({"movie": world.items["video_id"], "title": [f"Film {i} (Amélie's cut)" for i in range(n_items)],
+                          "released": "01-Jan-1995", **{g: flags[:, j] for j, g in enumerate(GENRES)}})
+    items["keywords"] = [";".join(f"kw{(t * 3 + k) % 7}" for k in range(1 + i % 3)) for i, t in enumerate(world.item_topic)]
+    items.to_csv(data_dir / "movies.item", sep="|", header=False, index=False, encoding="latin-1")
+    users = pd.DataFrame({"uid": world.users["user_id"], "age": 18 + world.users["user_id"] % 50,
+                          "gender": np.where(world.users["user_id"] % 2 == 0, "M", "F"), "job": world.users["user_active_degree"]})
+    users.to_csv(data_dir / "people.user", sep="|", header=False, index=False)
+    return {
+        "output_dir": str(output_dir),
+        "data": {
+            "dir": str(data_dir), "name": "synthetic-ratings",
+            "interactions": {"file": "ratings.data", "format": "tsv", "header": False,
+                             "names": ["user", "movie", "rating", "unix_s"],
+                             "columns": {"user_id": "user", "item_id": "movie", "ts": "unix_s"}, "time_unit": "s"},
+            "items": {"file": "movies.item", "sep": "|", "header": False, "encoding": "latin-1",
+                      "names": list(items.columns), "columns": {"item_id": "movie", "upload_date": "released"},
+                      "multi_valued": {"genre": {"flags": GENRES}, "keywords": {"column": "keywords", "sep": ";"}}},
+            "users": {"file": "people.user", "sep": "|", "header": False, "names": list(users.columns),
+                      "columns": {"user_id": "uid"}, "categorical": ["gender", "job"], "numeric": ["age"]},
+            "signals": {"like": {"column": "rating", "op": ">=", "value": 4}},
+        },
+        "split": {"mode": "fractions", "valid_fraction": 0.2, "test_fraction": 0.2, "align_days": True},
+        "history": {"length": 10},
+        "quality": {"score_weights": {"like": 1.0}},
+    }
+
+
 def write_world(world: World, data_dir: str | Path, output_dir: str | Path,
-                layout: Literal["kuairand", "alt"] = "kuairand") -> dict[str, Any]:
+                layout: Literal["kuairand", "alt", "ratings"] = "kuairand") -> dict[str, Any]:
     """Write the world's raw files and return the matching config (a plain dict, YAML-ready)."""
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    if layout == "ratings":
+        return _ratings_world(world, data_dir, output_dir)
     cfg = _kuairand_config(data_dir, output_dir)
     if layout == "kuairand":
         world.log.to_csv(data_dir / "log.csv", index=False)

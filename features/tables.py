@@ -63,18 +63,21 @@ class FeatureTables:
         return list(self.spec["context_categorical"])
 
     def join_static(self, rows: pd.DataFrame) -> pd.DataFrame:
-        """Add ``<attr>_idx`` for item attributes (by item_id) and user attributes (by user_id); unknown -> 0."""
+        """Add ``<attr>_idx`` for item attributes (by item_id) and user attributes (by user_id), unknown -> 0,
+        and the static numeric inputs the rows lack (item numerics such as multi-hot attributes, user
+        numerics), unknown -> NaN (the models fill the train mean)."""
         out = rows.copy()
-        item_cols = [f"{c}_idx" for c in self.item_attributes]
         pos = pd.Index(self.items["item_id"]).get_indexer(out["item_id"].astype(str))
-        for c in item_cols:
-            vals = self.items[c].to_numpy()[np.maximum(pos, 0)]
-            out[c] = np.where(pos >= 0, vals, 0)
-        user_cols = [f"{c}_idx" for c in self.user_attributes]
         upos = pd.Index(self.users["user_id"]).get_indexer(out["user_id"].astype(str))
-        for c in user_cols:
-            vals = self.users[c].to_numpy()[np.maximum(upos, 0)]
-            out[c] = np.where(upos >= 0, vals, 0)
+        for table, where, cols, missing in (
+            (self.items, pos, [f"{c}_idx" for c in self.item_attributes], 0),
+            (self.users, upos, [f"{c}_idx" for c in self.user_attributes], 0),
+            (self.items, pos, [c for c in self.spec["item_numeric"] if c not in out.columns], np.nan),
+            (self.users, upos, [c for c in self.spec.get("user_numeric", []) if c not in out.columns], np.nan),
+        ):
+            for c in cols:
+                vals = table[c].to_numpy()[np.maximum(where, 0)]
+                out[c] = np.where(where >= 0, vals, missing)
         return out
 
     def attach_snapshot(self, rows: pd.DataFrame) -> pd.DataFrame:

@@ -89,7 +89,9 @@ class FeatureLayout:
     def prepare(self, rows: pd.DataFrame, tables: FeatureTables) -> pd.DataFrame:
         """Rows with every layout column present: static attributes joined, duration from the item table
         where the row lacks it, fan columns defaulting to 0."""
-        out = tables.join_static(rows) if any(c not in rows.columns for c in self.cat_columns) else rows.copy()
+        static = [c for c, src in zip(self.num_columns, self.num_sources) if src.startswith(("items:", "users:"))]
+        out = (tables.join_static(rows) if any(c not in rows.columns for c in self.cat_columns + static)
+               else rows.copy())
         if DURATION in self.num_columns and (DURATION not in out.columns or out[DURATION].isna().any()):
             pos = pd.Index(tables.items["item_id"]).get_indexer(out["item_id"].astype(str))
             dur = np.where(pos >= 0, tables.items[DURATION].to_numpy(np.float64)[np.maximum(pos, 0)], np.nan)

@@ -270,17 +270,17 @@ class Config:
         for role, sig in roles:
             if sig not in binary:
                 raise ConfigError(f"{role} = '{sig}' is not a declared binary signal; binary signals: {binary}")
-        has_ratio = d.interactions.watch_time_signal is not None and d.interactions.duration_column is not None
-        rates = set(self.quality.signals or binary) | ({"watch_ratio"} if has_ratio else set())
-        for name in self.quality.score_weights:
-            if name not in rates:
-                raise ConfigError(f"quality.score_weights names '{name}', not an aggregated rate; known: {sorted(rates)}")
         ws = d.interactions.watch_time_signal
         if ws is not None and d.signals.get(ws, SignalSpec("", "binary")).kind != "continuous":
             raise ConfigError(f"data.interactions.watch_time_signal = '{ws}' must name a continuous signal")
         if ws is not None and d.interactions.duration_column is None:
             raise ConfigError("data.interactions.watch_time_signal needs data.interactions.duration_column "
                               "(watch time is modelled against the item's length)")
+        has_ratio = d.interactions.watch_time_signal is not None and d.interactions.duration_column is not None
+        rates = set(self.quality.signals or binary) | ({"watch_ratio"} if has_ratio else set())
+        for name in self.quality.score_weights:
+            if name not in rates:
+                raise ConfigError(f"quality.score_weights names '{name}', not an aggregated rate; known: {sorted(rates)}")
         if not 0 <= self.validation.max_bad_fraction <= 1:
             raise ConfigError("validation.max_bad_fraction must be in [0, 1]")
         if self.split.mode == "dates" and (self.split.valid_start is None or self.split.test_start is None):
@@ -418,7 +418,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set expects dotted.key=value, got '{text}'")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return key.split("."), ""
+    if raw.strip()[0] in "|>":  # a YAML block scalar cannot sit on one line: `sep=|` means the text
+        return key.split("."), raw.strip()
+    try:
+        return key.split("."), yaml.safe_load(raw)
+    except yaml.YAMLError:  # e.g. `sep=|`: not YAML, so the text itself
+        return key.split("."), raw
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

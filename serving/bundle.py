@@ -150,7 +150,19 @@ class Bundle:
             "git_revision": self.manifest.git_revision, "dataset": self.manifest.dataset,
             "heads": self.heads, "scenarios": sorted(self.ranking.scenarios), "items": self.n_items,
             "index_ntotal": int(self.index.ntotal), "ranker_graph": f"{RANKING}/{self.ranker_file}",
+            "data_notes": self.data_notes(),
         }
+
+    def data_notes(self) -> list[str]:
+        """What the bundle's data lacks and how the feed policy falls back (logged when it is loaded)."""
+        data = self.manifest.config.get("data", {})
+        notes = []
+        if "creator_id" not in (data.get("items") or {}).get("columns", {}):
+            notes.append("no creators in the data: each item is its own creator, so the creator rules "
+                         "(per-creator cap, quality support, exposure fairness, fans-first) act per item")
+        if not (self.manifest.config.get("fans") or {}).get("follow_signal"):
+            notes.append("no follow signal in the data: nobody is a fan, fans-first serves nothing")
+        return notes
 
 
 def load_bundle(path: str | Path, *, registry_version: str | None = None, onnx_threads: int = 1) -> Bundle:

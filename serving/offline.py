@@ -138,7 +138,9 @@ def period_log(bundle: Bundle, period: str = "test") -> pd.DataFrame:
         raise FileNotFoundError(f"{path} is missing: the offline policy evaluation needs the bundle's period log")
     log = pd.read_parquet(path, filters=[("period", "==", period)])
     if not len(log):
-        raise ValueError(f"{path} has no rows with period == '{period}'")
+        why = (" (this bundle is a production refit, trained on every day: evaluate a later log with --log, or "
+               "the held-out fit's bundle: `training fit --set training.refit=false`)") if bundle.manifest.refit else ""
+        raise ValueError(f"{path} has no rows with period == '{period}'{why}")
     return log
 
 
@@ -451,7 +453,7 @@ def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log
     probe_cfg = dataclasses.replace(settings.policy, fans_first=dataclasses.replace(settings.policy.fans_first, enabled=True))
     probe = Recommender(view, ServeSettings(settings.serving, probe_cfg))
     cases, report = prepare_cases(recs[POLICY], log, scenario, max_users, probe)
-    data.update(report)
+    data.update(report, notes=bundle.data_notes())
     if log is not None and len(log):
         data["time_range"] = [int(log["ts"].min()), int(log["ts"].max())]
     t1 = time.perf_counter()

@@ -217,6 +217,8 @@ class Feedstack:
             self.metrics.set_bundle(self.recommender.bundle.version)
             self._sync_blocklist(self.recommender, force=True)
             log.info("serving bundle %s from %s", self.recommender.bundle.version, self.source)
+            for note in self.recommender.bundle.data_notes():
+                log.info("bundle %s: %s", self.recommender.bundle.version, note)
         except (BundleError, OSError, ValueError) as e:
             # Stay up but not ready: /readyz says 503 and an admin reload can bring a good bundle.
             self.load_error = public(str(e), self.bundle_root)

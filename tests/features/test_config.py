@@ -37,6 +37,11 @@ def test_bad_values_name_the_key(override, message):
         load_config(KUAIRAND, [override])
 
 
+def test_override_values_that_are_not_yaml_are_text():
+    assert parse_override("data.items.sep=|") == (["data", "items", "sep"], "|")
+    assert parse_override("split.train_block_hours=6") == (["split", "train_block_hours"], 6)
+
+
 def test_missing_file_and_bad_override_syntax():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("nope.yaml")

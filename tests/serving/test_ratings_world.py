@@ -84,6 +84,9 @@ def test_the_service_serves_it_and_rejects_undeclared_context(ratings_run, serve
         assert len(set(items)) == 10
         bad = client.post("/recommend", json={"user_id": user, "k": 10, "context": {"hour": 3}})
         assert bad.status_code in (400, 422) and "context.hour" in bad.text
+        notes = client.get("/bundle").json()["data_notes"]
+        assert any("no creators" in n for n in notes) and any("no follow signal" in n for n in notes)
+    assert "no creators in the data" in (tmp_path / "serve.log").read_text()
 
 
 def test_evaluate_policy_scores_the_declared_gain(ratings_run, tmp_path):
@@ -95,6 +98,7 @@ def test_evaluate_policy_scores_the_declared_gain(ratings_run, tmp_path):
     assert out["gains"] == ["like", "weighted"]
     assert out["policy"]["governance_leaks"] == 0 and out["policy"][f"ndcg_dm@10_like"] is not None
     assert "predicted_like" in out["policy"]["calibration_logged_slots"]
+    assert any("each item is its own creator" in n for n in out["data"]["notes"])
 
 
 def test_a_later_log_in_the_same_layout_evaluates(ratings_run, tmp_path):

@@ -14,6 +14,17 @@ export BENTOML_DO_NOT_TRACK=true
 mkdir -p runs
 
 "$PY" -m training fit "$@"
+# The registered model and alias the config names (configs/movielens-100k.yaml registers its own).
+MODEL_URI=$("$PY" - "$@" <<'PY'
+import argparse
+from features.cli_common import add_config_args, config_from_args
+from training.config import TrainConfig
+ap = argparse.ArgumentParser()
+add_config_args(ap)
+t = config_from_args(ap.parse_known_args()[0], TrainConfig).tracking
+print(f"models:/{t.registered_model}@{t.alias}")
+PY
+)
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -22,7 +33,7 @@ trap cleanup EXIT INT TERM
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$PY" -m mlflow server --backend-store-uri "$MLFLOW_TRACKING_URI" \
   --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 > runs/mlflow-ui.log 2>&1 &
 pids+=($!)
-"$PY" -m serving --bundle models:/feedstack@production --port "$SERVE_PORT" > runs/serving.log 2>&1 &
+"$PY" -m serving --bundle "$MODEL_URI" --port "$SERVE_PORT" > runs/serving.log 2>&1 &
 pids+=($!)
 
 for _ in $(seq 1 120); do
@@ -31,19 +42,19 @@ for _ in $(seq 1 120); do
 done
 curl -sf "http://127.0.0.1:$SERVE_PORT/readyz" > /dev/null || { echo "service did not become ready; see runs/serving.log"; tail -20 runs/serving.log; exit 1; }
 
-user=$("$PY" - <<'PY'
-import os, pandas as pd, mlflow
-p = mlflow.artifacts.download_artifacts("models:/feedstack@production/features/users.parquet")
+user=$("$PY" - "$MODEL_URI" <<'PY'
+import sys, pandas as pd, mlflow
+p = mlflow.artifacts.download_artifacts(f"{sys.argv[1]}/features/users.parquet")
 u = pd.read_parquet(p, columns=["user_id", "user_id_idx"])
 print(u.loc[u["user_id_idx"] > 0, "user_id"].iloc[0])
 PY
 )
-body="{\"user_id\": \"$user\", \"k\": 10, \"scenario\": \"feed\"}"
+body="{\"user_id\": \"$user\", \"k\": 10}"
 cat <<MSG
 
 feedstack is up.
   service   http://127.0.0.1:$SERVE_PORT        (OpenAPI page at /, spec /docs.json, metrics /metrics)
-  MLflow UI http://127.0.0.1:$MLFLOW_PORT       (experiment "feedstack", model "feedstack" alias "production")
+  MLflow UI http://127.0.0.1:$MLFLOW_PORT       (served: $MODEL_URI)
 
 example request:
   curl -s -X POST http://127.0.0.1:$SERVE_PORT/recommend -H 'content-type: application/json' -d '$body'
@@ -55,7 +66,9 @@ import json
 r = json.load(open("runs/example-response.json"))
 for i in r["items"]:
     p = i["predictions"]
-    print(f"  {i['item_id']:>8}  creator {i['creator_id']:>8}  score {i['score']:6.3f}  click {p['click']:.3f}  long_view {p['long_view']:.3f}  watch {(i.get('watch_time_ms') or 0)/1000:5.1f}s  {','.join(i['reasons'])}")
+    heads = "  ".join(f"{h} {v:.3f}" for h, v in list(p.items())[:3])
+    watch = f"  watch {i['watch_time_ms'] / 1000:5.1f}s" if i.get("watch_time_ms") is not None else ""
+    print(f"  {i['item_id']:>8}  creator {i['creator_id']:>8}  score {i['score']:6.3f}  {heads}{watch}  {','.join(i['reasons'])}")
 print(f"bundle {r['bundle_version']}, {r['candidates']} candidates, cold_start={r['cold_start']}; full JSON in runs/example-response.json")
 PY
 if [ "${MAIN_SMOKE:-0}" = "1" ]; then exit 0; fi

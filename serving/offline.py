@@ -139,7 +139,7 @@ def period_log(bundle: Bundle, period: str = "test") -> pd.DataFrame:
     log = pd.read_parquet(path, filters=[("period", "==", period)])
     if not len(log):
         why = (" (this bundle is a production refit, trained on every day: evaluate a later log with --log, or "
-               "the held-out fit's bundle: `training fit --set training.refit=false`)") if bundle.manifest.refit else ""
+               "the held-out fit's bundle, <output_dir>/heldout-bundle)") if bundle.manifest.refit else ""
         raise ValueError(f"{path} has no rows with period == '{period}'{why}")
     return log
 

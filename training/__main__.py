@@ -22,6 +22,7 @@ from training.config import TrainConfig
 from training.report import format_metrics
 
 STAGES = ("retrieval", "ranking")
+HELDOUT_BUNDLE = "heldout-bundle"  # beside the served refit bundle: the held-out fit, not registered
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -79,6 +80,9 @@ def _fit(args: argparse.Namespace) -> int:
             bundle = assemble_bundle(cfg, metrics, source)
             reg = log_and_register(cfg, bundle, metrics)
             print(f"bundle: {bundle}")
+            if source is not None:  # the refit saw every day: the policy evaluation needs the held-out models
+                heldout = assemble_bundle(cfg, metrics, None, name=HELDOUT_BUNDLE)
+                print(f"held-out bundle (evaluate-policy on the valid / test periods): {heldout}")
             if reg.version is not None:
                 failed = [k for k, g in reg.gates.items() if not g["passed"]]
                 alias = (f"alias '{cfg.tracking.alias}' -> version {reg.version}" if reg.alias_moved

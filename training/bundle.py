@@ -53,13 +53,13 @@ def check_gates(metrics: dict[str, Any], gates: dict[str, float]) -> dict[str, d
     return out
 
 
-def assemble_bundle(cfg: TrainConfig, metrics: dict[str, Any], source: Path | None = None) -> Path:
+def assemble_bundle(cfg: TrainConfig, metrics: dict[str, Any], source: Path | None = None, name: str = "bundle") -> Path:
     """Copy features, retrieval and ranking outputs of ``source`` (default ``<output_dir>``; the production
-    refit's folder when there is one) into ``<output_dir>/bundle`` and write its manifest."""
+    refit's folder when there is one) into ``<output_dir>/<name>`` and write its manifest."""
     out = Path(cfg.output_dir)
     source = Path(source) if source is not None else out
-    bundle = out / "bundle"
-    tmp = out / "bundle.tmp"
+    bundle = out / name
+    tmp = out / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for component in COMPONENTS:
@@ -86,7 +86,7 @@ def assemble_bundle(cfg: TrainConfig, metrics: dict[str, Any], source: Path | No
     )
     write_manifest(tmp, info.to_json())
     # Swap in the finished bundle in one rename so a reader never sees a half-written one.
-    old = out / "bundle.old"
+    old = out / f"{name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if bundle.exists():
         bundle.rename(old)

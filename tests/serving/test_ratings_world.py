@@ -1,7 +1,7 @@
 """A log of a really different shape, by config alone: MovieLens-style ratings (TSV without a header, one
 binary signal derived from the rating, no creators, durations, follows or context, genres as flag columns
 and keywords in a ';'-separated text column) through build -> fit -> bundle -> HTTP service ->
-evaluate-policy, with the real CLIs."""
+evaluate-policy, with the real CLIs, the production refit included."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from features.synthetic import GENRES, WorldSpec, make_world, write_world
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["retrieval.max_epochs=2", "retrieval.min_epochs=1", "ranking.max_epochs=2",
-        "ranking.single_task_baselines=false", "ranking.gbdt_max_rounds=30", "training.refit=false"]
+        "ranking.single_task_baselines=false", "ranking.gbdt_max_rounds=30", "training.refit=true"]
 
 
 def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -91,8 +91,15 @@ def test_the_service_serves_it_and_rejects_undeclared_context(ratings_run, serve
 
 def test_evaluate_policy_scores_the_declared_gain(ratings_run, tmp_path):
     root, _ = ratings_run
-    r = _cli("training", "evaluate-policy", "--bundle", str(root / "out" / "bundle"), "--out", str(tmp_path / "p.json"),
-             "--k", "10", "--max-users", "40", "--no-mlflow", cwd=root)
+    # The served bundle is the refit (every day, no held-out period); the held-out fit's bundle sits beside it.
+    served = json.loads((root / "out" / "bundle" / "manifest.json").read_text())
+    heldout = json.loads((root / "out" / "heldout-bundle" / "manifest.json").read_text())
+    assert served["refit"] and not heldout["refit"]
+    r = _cli("training", "evaluate-policy", "--bundle", str(root / "out" / "bundle"), "--out", str(tmp_path / "x.json"),
+             "--no-mlflow", cwd=root)
+    assert r.returncode == 2 and "heldout-bundle" in r.stderr
+    r = _cli("training", "evaluate-policy", "--bundle", str(root / "out" / "heldout-bundle"), "--out",
+             str(tmp_path / "p.json"), "--k", "10", "--max-users", "40", "--no-mlflow", cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "p.json").read_text())
     assert out["gains"] == ["like", "weighted"]

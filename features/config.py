@@ -28,9 +28,6 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- data-side sections
 
 
-COMPARISONS = (">=", ">", "<=", "<", "==", "!=")
-
-
 @dataclass
 class SignalSpec:
     """A feedback signal read from ``column``; with ``op`` and ``value`` a binary signal derived from it
@@ -241,6 +238,8 @@ class Config:
                 raise ConfigError(f"{where}.names repeats a column: {spec.names}")
             if spec.sep is not None and len(spec.sep) != 1:
                 raise ConfigError(f"{where}.sep must be one character, got {spec.sep!r}")
+        if d.interactions.hour_context and "hour" in d.interactions.columns:
+            raise ConfigError("data.interactions.columns maps 'hour' and hour_context adds one: rename the column")
         if not d.signals:
             raise ConfigError("data.signals is empty: declare at least one feedback signal")
         for name, sig in d.signals.items():

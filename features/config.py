@@ -155,7 +155,7 @@ class Config:
     """Root config as the features layer sees it."""
 
     OTHER_LAYER_SECTIONS: ClassVar[frozenset[str]] = frozenset(
-        {"retrieval", "ranking", "tracking", "training", "serving", "policy"}
+        {"retrieval", "ranking", "tracking", "training", "trainer", "serving", "policy"}
     )
 
     output_dir: str = "runs/default"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from features.config import Config
+from features.config import Config, ConfigError
 from training.ranking.config import RankingConfig
 from training.retrieval.config import RetrievalConfig
 
@@ -29,6 +29,40 @@ class TrainingConfig:
 
 
 @dataclass
+class TrainerConfig:
+    """How Lightning runs every fit of both stages (training/trainer.py). The defaults are one CPU process.
+
+    ``strategy: ddp`` with ``devices: N`` runs N processes per node (Lightning re-launches the CLI for ranks
+    1..N-1, or torchrun / a cluster scheduler starts them); gloo on CPU, NCCL on GPU unless
+    ``process_group_backend`` says otherwise. ``batch_size`` in the stage sections stays the global batch:
+    each process takes ``batch_size // world_size`` rows per step. ``ddp_spawn`` is not offered: it trains
+    in spawned copies and hands back only the weights, losing the callbacks' state the stages read after fit.
+    """
+
+    accelerator: Literal["cpu", "gpu", "cuda", "auto"] = "cpu"
+    devices: int = 1  # processes (CPU) or GPUs per node
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    process_group_backend: Literal["gloo", "nccl"] | None = None  # None: gloo on CPU, nccl on GPU
+    # Ranks other than 0 wait at the next collective while rank 0 evaluates, exports and fits baselines.
+    timeout_minutes: float = 180.0
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy != "auto" or self.devices > 1 or self.num_nodes > 1
+
+    def validate(self) -> None:
+        for name in ("devices", "num_nodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.strategy == "auto" and (self.devices > 1 or self.num_nodes > 1):
+            raise ConfigError("trainer.devices or trainer.num_nodes > 1 needs trainer.strategy: ddp")
+        if self.timeout_minutes <= 0:
+            raise ConfigError(f"trainer.timeout_minutes must be > 0, got {self.timeout_minutes}")
+
+
+@dataclass
 class TrainConfig(Config):
     OTHER_LAYER_SECTIONS: ClassVar[frozenset[str]] = frozenset({"serving", "policy"})
 
@@ -36,3 +70,8 @@ class TrainConfig(Config):
     ranking: RankingConfig = field(default_factory=RankingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        self.trainer.validate()

@@ -8,6 +8,7 @@ Writes into ``out_dir`` (``<output_dir>/ranking``): ``ranker.onnx``, ``ranker_re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from features.contract import (RANKER_ONNX, RANKER_REQUEST_ONNX, RANKING_FORMAT_VERSION, RANKING_JSON, CatInput, Head,
                                HistInput, NumInput, RankingSpec, ScoresOutput, WatchTimeOutput)
 from features.tables import FeatureTables
-from training.config import TrainConfig
+from training.config import TrainConfig, TrainerConfig
 from training.onnx_export import OPSET, ParityReport, check_parity, export_onnx
 from training.ranking.data import BatchDataset, FeatureLayout, loader
 from training.ranking.evaluate import build_report, score_bundle
@@ -38,6 +39,7 @@ from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, Rank
 from training.ranking.task import MONITOR, ActiveRunLogger, KeepBest, RankingTask
 from training.ranking.watch_time import WatchTimeQuantiles
 from training.refit import RefitPlan
+from training.trainer import batch_sampler, is_global_zero, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +67,13 @@ def _spec(cfg: TrainConfig, layout: FeatureLayout, heads: list[str]) -> RankerSp
     )
 
 
-def _trainer(max_epochs: int, patience: int | None, progress: bool, callbacks: list[L.Callback], logger: Any,
-             checkpointing: bool) -> L.Trainer:
+def _trainer(cfg: TrainConfig, max_epochs: int, patience: int | None, progress: bool, callbacks: list[L.Callback],
+             logger: Any, checkpointing: bool, single_process: bool = False) -> L.Trainer:
     """``patience=None``: a fixed number of epochs with no validation (the production refit)."""
     stop = [] if patience is None else [EarlyStopping(MONITOR, mode="max", patience=patience)]
-    return L.Trainer(
-        max_epochs=max_epochs, min_epochs=max_epochs if patience is None else None, accelerator="cpu", devices=1,
-        logger=logger, callbacks=[*stop, *callbacks], limit_val_batches=0 if patience is None else None,
-        enable_checkpointing=checkpointing, enable_progress_bar=progress, enable_model_summary=False,
-        num_sanity_val_steps=0, log_every_n_steps=10,
-    )
+    return make_trainer(cfg.trainer, max_epochs=max_epochs, min_epochs=max_epochs if patience is None else None,
+                        callbacks=[*stop, *callbacks], logger=logger, progress=progress,
+                        validate=patience is not None, checkpointing=checkpointing, single_process=single_process)
 
 
 class _Data:
@@ -97,12 +96,15 @@ class _Data:
         self.labels = {p: _labels(r, heads, self.wtq) for p, r in self.rows.items()}
         self.num_stats = NumericNormalizer.statistics(self.inputs["train"]["num"])
 
-    def loaders(self, columns: list[int], batch_size: int, seed: int) -> tuple[Any, Any]:
+    def loaders(self, columns: list[int], batch_size: int, seed: int, tc: TrainerConfig) -> tuple[Any, Any]:
+        """Training batches (this rank's shard in a distributed fit, see ``tc``) and whole validation."""
         tr = BatchDataset(self.inputs["train"], self.labels["train"][:, columns])
+        train = torch.utils.data.DataLoader(tr, sampler=batch_sampler(len(tr), batch_size, True, seed, tc),
+                                            batch_size=None, num_workers=0)
         if self.rows["valid"].empty:
-            return loader(tr, batch_size, True, seed), None
+            return train, None
         va = BatchDataset(self.inputs["valid"], self.labels["valid"][:, columns])
-        return loader(tr, batch_size, True, seed), loader(va, 8192, False, seed)
+        return train, loader(va, 8192, False, seed)
 
 
 def _new_task(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], columns: list[int]) -> RankingTask:
@@ -251,11 +253,11 @@ def _fit_main(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], out_d
     rc = cfg.ranking
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    if not resume and ckpt_dir.exists():
+    if not resume and ckpt_dir.exists() and is_global_zero(cfg.trainer):
         shutil.rmtree(ckpt_dir)  # a fresh fit must not pick up another run's "best"
     cols = list(range(len(heads)))
     task = _new_task(cfg, data, heads, cols)
-    train_dl, val_dl = data.loaders(cols, rc.batch_size, cfg.seed)
+    train_dl, val_dl = data.loaders(cols, rc.batch_size, cfg.seed, cfg.trainer)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=None if epochs else MONITOR,
                                  mode="max", save_last=True, save_top_k=0 if epochs else 1)
     logger: Any = False
@@ -264,12 +266,14 @@ def _fit_main(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], out_d
     run = mlflow.active_run()
     if run is not None:
         logger = ActiveRunLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
-    trainer = _trainer(epochs or rc.max_epochs, None if epochs else rc.patience, progress, [checkpoint], logger,
+    trainer = _trainer(cfg, epochs or rc.max_epochs, None if epochs else rc.patience, progress, [checkpoint], logger,
                        checkpointing=True)
     ckpt_path = str(last) if resume and last.exists() else None
     if resume and ckpt_path is None:
         log.warning("--resume: no %s, training from scratch", last)
     trainer.fit(task, train_dl, val_dl, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return task, {"global_rank": trainer.global_rank}
     best = checkpoint.best_model_path if not epochs else ""
     best_epoch = int(trainer.current_epoch) - 1
     if best and Path(best).exists():
@@ -287,6 +291,7 @@ def _fit_main(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], out_d
         "train_samples": int(task.train_samples),
         "samples_per_s": round(task.train_samples / task.train_seconds, 1) if task.train_seconds > 0 else None,
         "threads": torch.get_num_threads(),
+        "world_size": trainer.world_size,  # train_samples and samples_per_s are rank 0's share
         "val_auc_by_epoch": task.val_history,
     }
     return task, info
@@ -296,9 +301,11 @@ def _fit_single(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], t: 
     rc = cfg.ranking
     keep = KeepBest()
     task = _new_task(cfg, data, [heads[t]], [t])
-    train_dl, val_dl = data.loaders([t], rc.batch_size, cfg.seed)
+    single = dataclasses.replace(cfg.trainer, devices=1, num_nodes=1, strategy="auto")  # rank 0 alone
+    train_dl, val_dl = data.loaders([t], rc.batch_size, cfg.seed, single)
     epochs = rc.single_task_max_epochs or rc.max_epochs
-    _trainer(epochs, rc.patience, progress, [keep], False, checkpointing=False).fit(task, train_dl, val_dl)
+    _trainer(cfg, epochs, rc.patience, progress, [keep], False, checkpointing=False,
+             single_process=True).fit(task, train_dl, val_dl)
     if keep.state is not None:
         task.load_state_dict(keep.state)
     return task
@@ -445,6 +452,8 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     data = _Data(cfg, tables, heads, refit=refit is not None)
 
     task, train_info = _fit_main(cfg, data, heads, out_dir, resume, progress, refit.epochs if refit else None)
+    if "global_rank" in train_info:  # another rank of a distributed fit: rank 0 does the rest
+        return {}
     # The GBDT: the baseline, and the hybrid ranker's second component (refit: the blended heads only).
     gbdt = None
     if refit is None and (rc.gbdt_baseline or rc.hybrid):

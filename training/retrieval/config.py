@@ -49,7 +49,6 @@ class RetrievalConfig:
     ivf_nprobe: int = 16  # used when the factory string builds an IVF index
     index_recall_k: int = 100
     num_threads: int = 0  # torch intra-op threads for training; 0 = leave torch's default
-    accelerator: str = "auto"
     seed: int | None = None  # None = the root `seed`
     # Multi-channel candidates: quota mixes of `channel_total` tried on validation (ann gets the rest),
     # judged by Recall@channel_total of the merged set; the best mix is what serving uses by default.

@@ -100,6 +100,8 @@ def _build_vocabs(cfg: Config, ing: Ingested, train: pd.DataFrame) -> dict[str, 
         if c not in ("user_id", "item_id", "ts"):
             vocabs[c] = Vocab.build(c, train[c], mc)
     vocabs["hour"] = Vocab("hour", [str(h) for h in range(24)])
+    for name, buckets in cfg.vocab.hash_buckets.items():
+        vocabs[name] = Vocab(name, hash_buckets=buckets)
     return vocabs
 
 

@@ -23,12 +23,6 @@ import torch
 from training.config import TrainerConfig
 
 
-def world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def global_rank(devices_per_node: int = 1) -> int:
     """This process's rank: from the process group once it exists, else from the launcher's environment
     (torchrun sets RANK; Lightning's re-launched children get LOCAL_RANK and NODE_RANK)."""

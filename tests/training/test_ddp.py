@@ -118,3 +118,11 @@ def test_two_process_ddp_fit_matches_one_process(synthetic_config: Path, synthet
     assert len(common) >= 4
     mean = lambda a: sum(a[h]["auc"] for h in common) / len(common)  # noqa: E731
     assert abs(mean(a2) - mean(a1)) <= 0.01
+
+
+def test_retrieval_accelerator_moved_to_the_trainer_section(synthetic_config: Path):
+    old = load_config(synthetic_config, ["retrieval.accelerator=auto"], TrainConfig)  # as earlier bundles stored it
+    old.retrieval.validate(old.data.binary_signals)
+    cfg = load_config(synthetic_config, ["retrieval.accelerator=gpu"], TrainConfig)
+    with pytest.raises(ConfigError, match="trainer.accelerator"):
+        cfg.retrieval.validate(cfg.data.binary_signals)

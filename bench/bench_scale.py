@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="keep the data and outputs here (default: a temp dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--stages", default="features,retrieval,ranking", help="comma-separated subset, in order")
     ap.add_argument("--stage", choices=("features", "retrieval", "ranking"), help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -180,7 +181,11 @@ def main() -> None:
         summary: dict = {"bench": "scale", "rows_requested": args.rows, "days": args.days,
                          "generate_s": round(time.perf_counter() - t0, 1), "stages": {}}
         env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-        for stage in ("features", "retrieval", "ranking"):
+        stages = args.stages.split(",")
+        if stages[0] != "features":
+            sys.exit("--stages: the training stages read the features, so 'features' comes first")
+        summary["loadavg_1m_start"] = round(os.getloadavg()[0], 2)  # these machines are shared: say how busy
+        for stage in stages:
             cmd = [sys.executable, __file__, "--stage", stage, "--config", str(config)]
             cmd += [a for s in args.overrides for a in ("--set", s)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -190,6 +195,7 @@ def main() -> None:
             print(f"{stage}: {summary['stages'][stage]}", file=sys.stderr, flush=True)
         summary["rows"] = summary["stages"]["features"]["rows"]
         summary["cpu_count"] = os.cpu_count()
+        summary["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(summary))
 
 

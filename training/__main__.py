@@ -28,7 +28,6 @@ def _fit(args: argparse.Namespace) -> int:
     from features.tables import FeatureTables
     from training.bundle import assemble_bundle, log_and_register
     from training.tracking import mlflow_run, setup_mlflow
-
     from training.trainer import barrier, is_global_zero, join_external_launch
 
     cfg = load_config(args.config, args.overrides, TrainConfig)

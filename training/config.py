@@ -26,6 +26,14 @@ class TrainingConfig:
     # After the held-out fit, retrain both stages on every day with the chosen epochs and calibration;
     # that refit is the bundle registered and served (training/refit.py).
     refit: bool = False
+    # The ranking stage streams the train period from interactions.parquet (training/stream.py) instead of
+    # loading it: memory is the shuffle buffer; the numeric statistics, head biases, watch-time quantiles
+    # and the GBDT (baseline / hybrid trees) come from a uniform sample of stream_sample_rows train rows.
+    # The retrieval stage still loads the log (docs/scaling.md).
+    stream: bool = False
+    stream_buffer_rows: int = 262_144
+    stream_sample_rows: int = 200_000
+    stream_workers: int = 0  # data-loader processes per rank, each reading its own stripe
 
 
 @dataclass
@@ -75,3 +83,6 @@ class TrainConfig(Config):
     def validate(self) -> None:
         super().validate()
         self.trainer.validate()
+        t = self.training
+        if t.stream_buffer_rows < 1 or t.stream_sample_rows < 1 or t.stream_workers < 0:
+            raise ConfigError("training.stream_buffer_rows and stream_sample_rows must be >= 1, stream_workers >= 0")

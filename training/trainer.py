@@ -122,14 +122,21 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield mine[a : a + self.batch_size]
 
 
+def shard(tc: TrainerConfig) -> tuple[int, int]:
+    """(this process's rank, world size) of the fits ``tc`` describes; rank 0 knows the world size from the
+    config before Lightning launches the other ranks."""
+    world = tc.devices * tc.num_nodes if tc.distributed else 1
+    return (global_rank(tc.devices) if world > 1 else 0), world
+
+
 def batch_sampler(n: int, batch_size: int, shuffle: bool, seed: int,
                   tc: TrainerConfig) -> torch.utils.data.Sampler:
     """The training batch sampler: one process keeps torch's RandomSampler stream (as before DDP existed, so
     single-process metrics do not move); a distributed fit gets this rank's :class:`ShardedBatchSampler`."""
-    world = tc.devices * tc.num_nodes if tc.distributed else 1  # rank 0 learns it from the config before launch
+    rank, world = shard(tc)
     if world == 1:
         gen = torch.Generator().manual_seed(seed)
         base = (torch.utils.data.RandomSampler(range(n), generator=gen) if shuffle
                 else torch.utils.data.SequentialSampler(range(n)))
         return torch.utils.data.BatchSampler(base, batch_size, drop_last=False)
-    return ShardedBatchSampler(n, batch_size, shuffle, seed, global_rank(tc.devices), world)
+    return ShardedBatchSampler(n, batch_size, shuffle, seed, rank, world)

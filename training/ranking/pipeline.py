@@ -15,6 +15,7 @@ import math
 import shutil
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, Rank
 from training.ranking.task import MONITOR, ActiveRunLogger, KeepBest, RankingTask
 from training.ranking.watch_time import WatchTimeQuantiles
 from training.refit import RefitPlan
-from training.trainer import batch_sampler, is_global_zero, make_trainer
+from training.stream import ParquetStream, StreamEpoch, read_period, sample_period
+from training.trainer import batch_sampler, is_global_zero, make_trainer, shard
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,22 @@ class _Data:
 
     def __init__(self, cfg: TrainConfig, tables: FeatureTables, heads: list[tuple[str, str]], refit: bool = False):
         self.layout = FeatureLayout.from_tables(tables)
-        inter = pd.read_parquet(Path(tables.dir) / tables.manifest["tables"]["interactions"]["file"])
-        frame = self.layout.prepare(inter, tables)
-        self.rows = {p: frame[frame["period"] == p].reset_index(drop=True) for p in ("train", "valid", "test")}
+        self.tables, self.heads, self.training = tables, heads, cfg.training
+        self.path = Path(tables.dir) / tables.manifest["tables"]["interactions"]["file"]
+        binary = [n for n, k in heads if k == "binary"]
+        if cfg.training.stream:
+            # The train period stays on disk (ParquetStream); a uniform sample of it stands in for it below.
+            self.train_rows = int(tables.manifest["rows"]["train"])
+            sample, self.train_positives = sample_period(self.path, "train", self.train_rows,
+                                                         cfg.training.stream_sample_rows, cfg.seed, binary)
+            self.rows = {"train": self.layout.prepare(sample, tables),
+                         **{p: self.layout.prepare(read_period(self.path, p), tables) for p in ("valid", "test")}}
+        else:
+            inter = pd.read_parquet(self.path)
+            frame = self.layout.prepare(inter, tables)
+            self.rows = {p: frame[frame["period"] == p].reset_index(drop=True) for p in ("train", "valid", "test")}
+            self.train_rows = len(self.rows["train"])
+            self.train_positives = {n: float(np.nansum(self.rows["train"][n].to_numpy(np.float64))) for n in binary}
         for p, r in self.rows.items():
             if r.empty and not (refit and p != "train"):
                 raise ValueError(f"the {p} period has no rows in {tables.dir}; check the split config")
@@ -96,15 +111,31 @@ class _Data:
         self.labels = {p: _labels(r, heads, self.wtq) for p, r in self.rows.items()}
         self.num_stats = NumericNormalizer.statistics(self.inputs["train"]["num"])
 
+    def _stream_arrays(self, rows: pd.DataFrame, columns: list[int]) -> dict[str, np.ndarray]:
+        prepared = self.layout.prepare(rows, self.tables)
+        return {**self.layout.arrays(prepared), "y": _labels(prepared, self.heads, self.wtq)[:, columns]}
+
     def loaders(self, columns: list[int], batch_size: int, seed: int, tc: TrainerConfig) -> tuple[Any, Any]:
-        """Training batches (this rank's shard in a distributed fit, see ``tc``) and whole validation."""
-        tr = BatchDataset(self.inputs["train"], self.labels["train"][:, columns])
-        train = torch.utils.data.DataLoader(tr, sampler=batch_sampler(len(tr), batch_size, True, seed, tc),
-                                            batch_size=None, num_workers=0)
+        """Training batches (this rank's shard in a distributed fit, see ``tc``; streamed from disk with
+        ``training.stream``) and whole validation."""
+        if self.training.stream:
+            rank, world = shard(tc)
+            stream = ParquetStream(self.path, "train", self.train_rows, partial(self._stream_arrays, columns=columns),
+                                   batch_size, self.training.stream_buffer_rows, seed, rank, world,
+                                   self.training.stream_workers)
+            train = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.training.stream_workers)
+        else:
+            tr = BatchDataset(self.inputs["train"], self.labels["train"][:, columns])
+            train = torch.utils.data.DataLoader(tr, sampler=batch_sampler(len(tr), batch_size, True, seed, tc),
+                                                batch_size=None, num_workers=0)
         if self.rows["valid"].empty:
             return train, None
         va = BatchDataset(self.inputs["valid"], self.labels["valid"][:, columns])
         return train, loader(va, 8192, False, seed)
+
+
+def _stream_callbacks(train_dl: Any) -> list[L.Callback]:
+    return [StreamEpoch(train_dl.dataset)] if isinstance(train_dl.dataset, ParquetStream) else []
 
 
 def _new_task(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], columns: list[int]) -> RankingTask:
@@ -266,8 +297,8 @@ def _fit_main(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], out_d
     run = mlflow.active_run()
     if run is not None:
         logger = ActiveRunLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
-    trainer = _trainer(cfg, epochs or rc.max_epochs, None if epochs else rc.patience, progress, [checkpoint], logger,
-                       checkpointing=True)
+    trainer = _trainer(cfg, epochs or rc.max_epochs, None if epochs else rc.patience, progress,
+                       [checkpoint, *_stream_callbacks(train_dl)], logger, checkpointing=True)
     ckpt_path = str(last) if resume and last.exists() else None
     if resume and ckpt_path is None:
         log.warning("--resume: no %s, training from scratch", last)
@@ -304,7 +335,7 @@ def _fit_single(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], t: 
     single = dataclasses.replace(cfg.trainer, devices=1, num_nodes=1, strategy="auto")  # rank 0 alone
     train_dl, val_dl = data.loaders([t], rc.batch_size, cfg.seed, single)
     epochs = rc.single_task_max_epochs or rc.max_epochs
-    _trainer(cfg, epochs, rc.patience, progress, [keep], False, checkpointing=False,
+    _trainer(cfg, epochs, rc.patience, progress, [keep, *_stream_callbacks(train_dl)], False, checkpointing=False,
              single_process=True).fit(task, train_dl, val_dl)
     if keep.state is not None:
         task.load_state_dict(keep.state)
@@ -449,6 +480,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     heads = rc.resolve_heads(list(spec["binary_signals"]), spec.get("watch_time_signal"))
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")  # shards are disjoint
     data = _Data(cfg, tables, heads, refit=refit is not None)
 
     task, train_info = _fit_main(cfg, data, heads, out_dir, resume, progress, refit.epochs if refit else None)
@@ -502,7 +534,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
                               "sigmoid per head; watch_time = watch quantile"),
                  WatchTimeOutput("watch_time_s", "float32", ["batch"], "s") if data.wtq else None),
         heads=[Head(n, k, i, rc.loss_weights.get(n, 1.0),
-                    int(np.nansum(data.labels["train"][:, i])) if k == "binary" else None)
+                    int(data.train_positives[n]) if k == "binary" else None)
                for i, (n, k) in enumerate(heads)],
         scenarios=rc.scenarios,
         other={
@@ -533,7 +565,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         },
     )
     if refit is not None:
-        spec.other["refit"] = {"epochs": refit.epochs, "rows": len(data.rows["train"]),
+        spec.other["refit"] = {"epochs": refit.epochs, "rows": data.train_rows,
                                "held_out_metrics": {h: {k: m.get(k) for k in ("auc", "gauc", "logloss")}
                                                     for h, m in refit.held_out.get("model", {}).items()}}
     meta = _jsonable(spec.to_json())

@@ -11,7 +11,8 @@ items, items/20 creators (the 185k-row KuaiRand sample has 27k users and 7.5k it
 Each stage runs in its own process (``--stage``), so its peak RSS (getrusage ru_maxrss) is its own:
 ``features`` is ``build_features`` with ``split.mode: all`` (what the production refit builds); ``retrieval``
 and ``ranking`` are the production refit path for one epoch (train every row, export ONNX, build the
-index; no held-out evaluation, which is a separate cost), baselines off. Prints a one-line JSON summary last.
+index; no held-out evaluation, which is a separate cost), baselines off; ``ranking_stream`` is the ranking
+stage with ``training.stream: true`` (train rows streamed from Parquet). Prints a one-line JSON summary last.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def run_stage(stage: str, config: str, overrides: list[str]) -> dict:
     from features.tables import FeatureTables
     from training.config import TrainConfig
 
-    cfg = load_config(config, STAGE_SETTINGS + overrides, TrainConfig)
+    streamed = ["training.stream=true"] if stage == "ranking_stream" else []
+    cfg = load_config(config, STAGE_SETTINGS + overrides + streamed, TrainConfig)
     t0 = time.perf_counter()
     out: dict = {}
     if stage == "features":
@@ -166,8 +168,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="keep the data and outputs here (default: a temp dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--stages", default="features,retrieval,ranking", help="comma-separated subset, in order")
-    ap.add_argument("--stage", choices=("features", "retrieval", "ranking"), help=argparse.SUPPRESS)
+    ap.add_argument("--stages", default="features,retrieval,ranking",
+                    help="comma-separated, in order, from features, retrieval, ranking, ranking_stream "
+                         "(the ranking stage with training.stream: true)")
+    ap.add_argument("--stage", choices=("features", "retrieval", "ranking", "ranking_stream"), help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:  # a child: one stage, one JSON line

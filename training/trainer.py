@@ -37,11 +37,27 @@ def is_global_zero(tc: TrainerConfig | None = None) -> bool:
     return global_rank(tc.devices if tc else 1) == 0
 
 
+def _from_slurm() -> None:
+    """Under ``srun`` every task starts at once with SLURM's variables only: spell them as torchrun's (from
+    Lightning's own SLURM environment, which the Trainer then also uses), so the ranks are known before the
+    first fit. Not exercised on a real SLURM cluster in this project."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if "RANK" in os.environ or not SLURMEnvironment.detect():
+        return
+    env = SLURMEnvironment()
+    os.environ.update(MASTER_ADDR=env.main_address, MASTER_PORT=str(env.main_port), RANK=str(env.global_rank()),
+                      WORLD_SIZE=str(env.world_size()), LOCAL_RANK=str(env.local_rank()), NODE_RANK=str(env.node_rank()))
+
+
 def join_external_launch(tc: TrainerConfig) -> None:
     """When torchrun (or a scheduler) started every rank at once, open the process group now, so that rank 0
     can build the features while the others wait at :func:`barrier`. Under Lightning's own launch, rank 0
     starts alone and the group opens inside the first fit (the features exist by then)."""
-    if not tc.distributed or "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if not tc.distributed:
+        return
+    _from_slurm()
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return
     if torch.distributed.is_initialized():
         return

@@ -98,6 +98,8 @@ def _build_vocabs(cfg: Config, ing: Ingested, train: pd.DataFrame) -> dict[str, 
             vocabs[c] = Vocab.build(c, ing.users[c])
     for c in cfg.data.context_columns:
         vocabs[c] = Vocab("hour", [str(h) for h in range(24)]) if c == "hour" else Vocab.build(c, train[c], mc)
+    for name, buckets in cfg.vocab.hash_buckets.items():
+        vocabs[name] = Vocab(name, hash_buckets=buckets)
     return vocabs
 
 

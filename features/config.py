@@ -180,6 +180,11 @@ class FansConfig:
 @dataclass
 class VocabConfig:
     min_count: int = 1  # ids seen fewer times in the train period map to the OOV index 0
+    # Id vocabularies hashed into a fixed number of buckets (features/vocab.py), e.g. {item_id: 1000000}:
+    # the table size comes from here, not from the catalogue; min_count does not apply to them.
+    hash_buckets: dict[str, int] = field(default_factory=dict)
+
+    HASHABLE: ClassVar[tuple[str, ...]] = ("user_id", "item_id", "creator_id")
 
 
 @dataclass
@@ -202,7 +207,7 @@ class Config:
     """Root config as the features layer sees it."""
 
     OTHER_LAYER_SECTIONS: ClassVar[frozenset[str]] = frozenset(
-        {"retrieval", "ranking", "tracking", "training", "serving", "policy"}
+        {"retrieval", "ranking", "tracking", "training", "trainer", "serving", "policy"}
     )
 
     output_dir: str = "runs/default"
@@ -282,6 +287,11 @@ class Config:
                 raise ConfigError(f"quality.score_weights names '{name}', not an aggregated rate; known: {sorted(rates)}")
         if not 0 <= self.validation.max_bad_fraction <= 1:
             raise ConfigError("validation.max_bad_fraction must be in [0, 1]")
+        for name, buckets in self.vocab.hash_buckets.items():
+            if name not in VocabConfig.HASHABLE:
+                raise ConfigError(f"vocab.hash_buckets.{name}: only {list(VocabConfig.HASHABLE)} can be hashed")
+            if buckets < 1:
+                raise ConfigError(f"vocab.hash_buckets.{name} must be >= 1, got {buckets}")
         if self.split.mode == "dates" and (self.split.valid_start is None or self.split.test_start is None):
             raise ConfigError("split.mode = dates needs split.valid_start and split.test_start")
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from features.bundle import BundleError, verify_bundle
 from features.candidates import ChannelTables
+from features.vocab import HashedLookup, request_lookup
 from features.contract import (FANS, FEATURES, ITEMS, MANIFEST, RANKER_ONNX, RANKING, RANKING_JSON, RETRIEVAL,
                                RETRIEVAL_JSON, USERS, VOCAB, Manifest, RankingSpec, RetrievalSpec)
 from serving.behaviour import KINDS as BEHAVIOUR_KINDS
@@ -114,7 +115,7 @@ class Bundle:
     fan_values: np.ndarray  # (F, 3) float32
     fan_columns: list[str]
     # encoders for request:* sources
-    vocab_maps: dict[str, dict[str, int]]
+    vocab_maps: dict[str, dict[str, int] | HashedLookup]  # request vocabularies (vocab.hash_buckets: hashed)
     # ranker inputs laid out once: positions of each source kind in cat / num
     item_cat: np.ndarray  # (N, #item cat cols)
     item_cat_pos: np.ndarray
@@ -289,7 +290,7 @@ def _load(path: Path, manifest: Manifest, registry_version: str | None, onnx_thr
     version = f"{registry_version}-{digest}" if registry_version else digest
     behaviour = BehaviourLookup.load(fdir, spec.get("behaviour") or {}, kspec.num.sources, user_ids,
                                      np.asarray(creator_ids, dtype=object).astype(str), item_ids)
-    vocab_maps = {name: {str(v): i + 1 for i, v in enumerate(ids)} for name, ids in vocab_raw.items()
+    vocab_maps = {name: request_lookup(name, raw) for name, raw in vocab_raw.items()
                   if name in {n for _, n in request_cat}}
     return Bundle(
         path=path, manifest=manifest, version=version, registry_version=registry_version,

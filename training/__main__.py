@@ -29,12 +29,17 @@ def _fit(args: argparse.Namespace) -> int:
     from features.tables import FeatureTables
     from training.bundle import assemble_bundle, log_and_register
     from training.tracking import mlflow_run, setup_mlflow
+    from training.trainer import barrier, is_global_zero, join_external_launch
 
     cfg = load_config(args.config, args.overrides, TrainConfig)
     _quiet_lightning()
     stages = STAGES if args.stage == "all" else (args.stage,)
+    join_external_launch(cfg.trainer)
+    if not is_global_zero(cfg.trainer):
+        return _fit_worker(cfg, args, stages)
     t0 = time.perf_counter()
     built = build_features(cfg, progress=not args.no_progress)
+    barrier()  # torchrun: the other ranks wait for these features (see _fit_worker)
     print(f"features: {'up to date' if built.skipped else 'built'} in {built.out_dir}")
     tables = FeatureTables.load(built.out_dir)
     out = Path(cfg.output_dir)
@@ -91,6 +96,31 @@ def _fit(args: argparse.Namespace) -> int:
         else:
             print("bundle: not assembled yet (needs both the retrieval and the ranking stage outputs)")
         print(f"mlflow run {run.info.run_id}; done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _fit_worker(cfg: TrainConfig, args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    """A rank other than 0 of a distributed fit (``trainer.strategy: ddp``): it joins every distributed fit
+    in the order rank 0 runs them and leaves features, evaluation, export, the bundle and MLflow to rank 0."""
+    from features.tables import FeatureTables
+    from training.trainer import barrier
+
+    barrier()  # torchrun: rank 0 builds the features first (Lightning's launch starts us after that)
+    tables = FeatureTables.load(cfg.features_dir)
+    out = Path(cfg.output_dir)
+    for stage in stages:
+        if stage == "retrieval":
+            from training.retrieval.pipeline import fit_retrieval
+
+            fit_retrieval(cfg, tables, out / "retrieval", resume=args.resume, progress=False)
+        else:
+            from training.ranking.pipeline import fit_ranking
+
+            fit_ranking(cfg, tables, out / "ranking", resume=args.resume, progress=False)
+    if cfg.training.refit and args.stage == "all":
+        from training.refit import run_refit
+
+        run_refit(cfg, {}, progress=False)
     return 0
 
 

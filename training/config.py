@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from features.config import Config, ConfigError
 from training.ranking.config import RankingConfig
@@ -26,6 +26,48 @@ class TrainingConfig:
     # After the held-out fit, retrain both stages on every day with the chosen epochs and calibration;
     # that refit is the bundle registered and served (training/refit.py).
     refit: bool = False
+    # The ranking stage streams the train period from interactions.parquet (training/stream.py) instead of
+    # loading it: memory is the shuffle buffer; the numeric statistics, head biases, watch-time quantiles
+    # and the GBDT (baseline / hybrid trees) come from a uniform sample of stream_sample_rows train rows.
+    # The retrieval stage still loads the log (docs/scaling.md).
+    stream: bool = False
+    stream_buffer_rows: int = 262_144
+    stream_sample_rows: int = 200_000
+    stream_workers: int = 0  # data-loader processes per rank, each reading its own stripe
+
+
+@dataclass
+class TrainerConfig:
+    """How Lightning runs every fit of both stages (training/trainer.py). The defaults are one CPU process.
+
+    ``strategy: ddp`` with ``devices: N`` runs N processes per node (Lightning re-launches the CLI for ranks
+    1..N-1, or torchrun / a cluster scheduler starts them); gloo on CPU, NCCL on GPU unless
+    ``process_group_backend`` says otherwise. ``batch_size`` in the stage sections stays the global batch:
+    each process takes ``batch_size // world_size`` rows per step. ``ddp_spawn`` is not offered: it trains
+    in spawned copies and hands back only the weights, losing the callbacks' state the stages read after fit.
+    """
+
+    accelerator: Literal["cpu", "gpu", "cuda", "auto"] = "cpu"
+    devices: int = 1  # processes (CPU) or GPUs per node
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    process_group_backend: Literal["gloo", "nccl"] | None = None  # None: gloo on CPU, nccl on GPU
+    # Ranks other than 0 wait at the next collective while rank 0 evaluates, exports and fits baselines.
+    timeout_minutes: float = 180.0
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy != "auto" or self.devices > 1 or self.num_nodes > 1
+
+    def validate(self) -> None:
+        for name in ("devices", "num_nodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.strategy == "auto" and (self.devices > 1 or self.num_nodes > 1):
+            raise ConfigError("trainer.devices or trainer.num_nodes > 1 needs trainer.strategy: ddp")
+        if self.timeout_minutes <= 0:
+            raise ConfigError(f"trainer.timeout_minutes must be > 0, got {self.timeout_minutes}")
 
 
 @dataclass
@@ -36,11 +78,16 @@ class TrainConfig(Config):
     ranking: RankingConfig = field(default_factory=RankingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> None:
-        """Everything a fit will need, checked before any work starts: the data-side sections, then the
-        signals and heads the model sections and the policy's fusion weights name."""
+        """Everything a fit will need, checked before any work starts: the data-side sections, the trainer,
+        then the signals and heads the model sections and the policy's fusion weights name."""
         super().validate()
+        self.trainer.validate()
+        t = self.training
+        if t.stream_buffer_rows < 1 or t.stream_sample_rows < 1 or t.stream_workers < 0:
+            raise ConfigError("training.stream_buffer_rows and stream_sample_rows must be >= 1, stream_workers >= 0")
         d = self.data
         if self.retrieval.positive_signal is None:
             self.retrieval.positive_signal = self.history.signal

@@ -68,22 +68,25 @@ def run_refit(cfg: TrainConfig, metrics: dict[str, Any], progress: bool = True) 
     from features.tables import FeatureTables
     from training.ranking.pipeline import fit_ranking
     from training.retrieval.pipeline import fit_retrieval
+    from training.trainer import broadcast, is_global_zero
 
     out = Path(cfg.output_dir)
-    for stage in ("retrieval", "ranking"):
-        if stage not in metrics:
-            raise ValueError(f"refit needs the held-out {stage} fit first (run `training fit` with --stage all)")
-    ranking_meta = json.loads((out / RANKING / RANKING_JSON).read_text())
     rcfg = refit_config(cfg)
-    built = build_features(rcfg, progress=progress)
-    tables = FeatureTables.load(built.out_dir)
+    plans = None
+    if is_global_zero(cfg.trainer):
+        for stage in ("retrieval", "ranking"):
+            if stage not in metrics:
+                raise ValueError(f"refit needs the held-out {stage} fit first (run `training fit` with --stage all)")
+        ranking_meta = json.loads((out / RANKING / RANKING_JSON).read_text())
+        plans = (retrieval_plan(metrics["retrieval"]), ranking_plan(metrics["ranking"], ranking_meta))
+        built = build_features(rcfg, progress=progress)
+    # A distributed fit: the other ranks wait here for rank 0's features and plans, then join both refits.
+    retrieval, ranking = broadcast(plans)
+    tables = FeatureTables.load(rcfg.features_dir)
     root = Path(rcfg.output_dir)
-    metrics["refit"] = {
-        "rows": built.manifest["rows"]["train"],
-        "time_range": built.manifest["split"]["iso"],
-        "retrieval": fit_retrieval(rcfg, tables, root / "retrieval", progress=progress,
-                                   refit=retrieval_plan(metrics["retrieval"])),
-        "ranking": fit_ranking(rcfg, tables, root / "ranking", progress=progress,
-                               refit=ranking_plan(metrics["ranking"], ranking_meta)),
-    }
+    fitted = {"retrieval": fit_retrieval(rcfg, tables, root / "retrieval", progress=progress, refit=retrieval),
+              "ranking": fit_ranking(rcfg, tables, root / "ranking", progress=progress, refit=ranking)}
+    if is_global_zero(cfg.trainer):
+        metrics["refit"] = {"rows": built.manifest["rows"]["train"], "time_range": built.manifest["split"]["iso"],
+                            **fitted}
     return root

@@ -8,12 +8,14 @@ Writes into ``out_dir`` (``<output_dir>/ranking``): ``ranker.onnx``, ``ranker_re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import shutil
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from features.contract import (RANKER_ONNX, RANKER_REQUEST_ONNX, RANKING_FORMAT_VERSION, RANKING_JSON, CatInput, Head,
                                HistInput, NumInput, RankingSpec, ScoresOutput, WatchTimeOutput)
 from features.tables import FeatureTables
-from training.config import TrainConfig
+from training.config import TrainConfig, TrainerConfig
 from training.onnx_export import OPSET, ParityReport, check_parity, export_onnx
 from training.ranking.data import BatchDataset, FeatureLayout, loader
 from training.ranking.evaluate import build_report, score_bundle
@@ -38,6 +40,8 @@ from training.ranking.model import NumericNormalizer, Ranker, RankerScorer, Rank
 from training.ranking.task import MONITOR, ActiveRunLogger, KeepBest, RankingTask
 from training.ranking.watch_time import WatchTimeQuantiles
 from training.refit import RefitPlan
+from training.stream import ParquetStream, StreamEpoch, read_period, sample_period
+from training.trainer import batch_sampler, is_global_zero, make_trainer, shard
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +69,13 @@ def _spec(cfg: TrainConfig, layout: FeatureLayout, heads: list[str]) -> RankerSp
     )
 
 
-def _trainer(max_epochs: int, patience: int | None, progress: bool, callbacks: list[L.Callback], logger: Any,
-             checkpointing: bool) -> L.Trainer:
+def _trainer(cfg: TrainConfig, max_epochs: int, patience: int | None, progress: bool, callbacks: list[L.Callback],
+             logger: Any, checkpointing: bool, single_process: bool = False) -> L.Trainer:
     """``patience=None``: a fixed number of epochs with no validation (the production refit)."""
     stop = [] if patience is None else [EarlyStopping(MONITOR, mode="max", patience=patience)]
-    return L.Trainer(
-        max_epochs=max_epochs, min_epochs=max_epochs if patience is None else None, accelerator="cpu", devices=1,
-        logger=logger, callbacks=[*stop, *callbacks], limit_val_batches=0 if patience is None else None,
-        enable_checkpointing=checkpointing, enable_progress_bar=progress, enable_model_summary=False,
-        num_sanity_val_steps=0, log_every_n_steps=10,
-    )
+    return make_trainer(cfg.trainer, max_epochs=max_epochs, min_epochs=max_epochs if patience is None else None,
+                        callbacks=[*stop, *callbacks], logger=logger, progress=progress,
+                        validate=patience is not None, checkpointing=checkpointing, single_process=single_process)
 
 
 class _Data:
@@ -82,9 +83,22 @@ class _Data:
 
     def __init__(self, cfg: TrainConfig, tables: FeatureTables, heads: list[tuple[str, str]], refit: bool = False):
         self.layout = FeatureLayout.from_tables(tables)
-        inter = pd.read_parquet(Path(tables.dir) / tables.manifest["tables"]["interactions"]["file"])
-        frame = self.layout.prepare(inter, tables)
-        self.rows = {p: frame[frame["period"] == p].reset_index(drop=True) for p in ("train", "valid", "test")}
+        self.tables, self.heads, self.training = tables, heads, cfg.training
+        self.path = Path(tables.dir) / tables.manifest["tables"]["interactions"]["file"]
+        binary = [n for n, k in heads if k == "binary"]
+        if cfg.training.stream:
+            # The train period stays on disk (ParquetStream); a uniform sample of it stands in for it below.
+            self.train_rows = int(tables.manifest["rows"]["train"])
+            sample, self.train_positives = sample_period(self.path, "train", self.train_rows,
+                                                         cfg.training.stream_sample_rows, cfg.seed, binary)
+            self.rows = {"train": self.layout.prepare(sample, tables),
+                         **{p: self.layout.prepare(read_period(self.path, p), tables) for p in ("valid", "test")}}
+        else:
+            inter = pd.read_parquet(self.path)
+            frame = self.layout.prepare(inter, tables)
+            self.rows = {p: frame[frame["period"] == p].reset_index(drop=True) for p in ("train", "valid", "test")}
+            self.train_rows = len(self.rows["train"])
+            self.train_positives = {n: float(np.nansum(self.rows["train"][n].to_numpy(np.float64))) for n in binary}
         for p, r in self.rows.items():
             if r.empty and not (refit and p != "train"):
                 raise ValueError(f"the {p} period has no rows in {tables.dir}; check the split config")
@@ -97,12 +111,31 @@ class _Data:
         self.labels = {p: _labels(r, heads, self.wtq) for p, r in self.rows.items()}
         self.num_stats = NumericNormalizer.statistics(self.inputs["train"]["num"])
 
-    def loaders(self, columns: list[int], batch_size: int, seed: int) -> tuple[Any, Any]:
-        tr = BatchDataset(self.inputs["train"], self.labels["train"][:, columns])
+    def _stream_arrays(self, rows: pd.DataFrame, columns: list[int]) -> dict[str, np.ndarray]:
+        prepared = self.layout.prepare(rows, self.tables)
+        return {**self.layout.arrays(prepared), "y": _labels(prepared, self.heads, self.wtq)[:, columns]}
+
+    def loaders(self, columns: list[int], batch_size: int, seed: int, tc: TrainerConfig) -> tuple[Any, Any]:
+        """Training batches (this rank's shard in a distributed fit, see ``tc``; streamed from disk with
+        ``training.stream``) and whole validation."""
+        if self.training.stream:
+            rank, world = shard(tc)
+            stream = ParquetStream(self.path, "train", self.train_rows, partial(self._stream_arrays, columns=columns),
+                                   batch_size, self.training.stream_buffer_rows, seed, rank, world,
+                                   self.training.stream_workers)
+            train = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.training.stream_workers)
+        else:
+            tr = BatchDataset(self.inputs["train"], self.labels["train"][:, columns])
+            train = torch.utils.data.DataLoader(tr, sampler=batch_sampler(len(tr), batch_size, True, seed, tc),
+                                                batch_size=None, num_workers=0)
         if self.rows["valid"].empty:
-            return loader(tr, batch_size, True, seed), None
+            return train, None
         va = BatchDataset(self.inputs["valid"], self.labels["valid"][:, columns])
-        return loader(tr, batch_size, True, seed), loader(va, 8192, False, seed)
+        return train, loader(va, 8192, False, seed)
+
+
+def _stream_callbacks(train_dl: Any) -> list[L.Callback]:
+    return [StreamEpoch(train_dl.dataset)] if isinstance(train_dl.dataset, ParquetStream) else []
 
 
 def _new_task(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], columns: list[int]) -> RankingTask:
@@ -251,11 +284,11 @@ def _fit_main(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], out_d
     rc = cfg.ranking
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    if not resume and ckpt_dir.exists():
+    if not resume and ckpt_dir.exists() and is_global_zero(cfg.trainer):
         shutil.rmtree(ckpt_dir)  # a fresh fit must not pick up another run's "best"
     cols = list(range(len(heads)))
     task = _new_task(cfg, data, heads, cols)
-    train_dl, val_dl = data.loaders(cols, rc.batch_size, cfg.seed)
+    train_dl, val_dl = data.loaders(cols, rc.batch_size, cfg.seed, cfg.trainer)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=None if epochs else MONITOR,
                                  mode="max", save_last=True, save_top_k=0 if epochs else 1)
     logger: Any = False
@@ -264,12 +297,14 @@ def _fit_main(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], out_d
     run = mlflow.active_run()
     if run is not None:
         logger = ActiveRunLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
-    trainer = _trainer(epochs or rc.max_epochs, None if epochs else rc.patience, progress, [checkpoint], logger,
-                       checkpointing=True)
+    trainer = _trainer(cfg, epochs or rc.max_epochs, None if epochs else rc.patience, progress,
+                       [checkpoint, *_stream_callbacks(train_dl)], logger, checkpointing=True)
     ckpt_path = str(last) if resume and last.exists() else None
     if resume and ckpt_path is None:
         log.warning("--resume: no %s, training from scratch", last)
     trainer.fit(task, train_dl, val_dl, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return task, {"global_rank": trainer.global_rank}
     best = checkpoint.best_model_path if not epochs else ""
     best_epoch = int(trainer.current_epoch) - 1
     if best and Path(best).exists():
@@ -287,6 +322,7 @@ def _fit_main(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], out_d
         "train_samples": int(task.train_samples),
         "samples_per_s": round(task.train_samples / task.train_seconds, 1) if task.train_seconds > 0 else None,
         "threads": torch.get_num_threads(),
+        "world_size": trainer.world_size,  # train_samples and samples_per_s are rank 0's share
         "val_auc_by_epoch": task.val_history,
     }
     return task, info
@@ -296,9 +332,11 @@ def _fit_single(cfg: TrainConfig, data: _Data, heads: list[tuple[str, str]], t: 
     rc = cfg.ranking
     keep = KeepBest()
     task = _new_task(cfg, data, [heads[t]], [t])
-    train_dl, val_dl = data.loaders([t], rc.batch_size, cfg.seed)
+    single = dataclasses.replace(cfg.trainer, devices=1, num_nodes=1, strategy="auto")  # rank 0 alone
+    train_dl, val_dl = data.loaders([t], rc.batch_size, cfg.seed, single)
     epochs = rc.single_task_max_epochs or rc.max_epochs
-    _trainer(epochs, rc.patience, progress, [keep], False, checkpointing=False).fit(task, train_dl, val_dl)
+    _trainer(cfg, epochs, rc.patience, progress, [keep, *_stream_callbacks(train_dl)], False, checkpointing=False,
+             single_process=True).fit(task, train_dl, val_dl)
     if keep.state is not None:
         task.load_state_dict(keep.state)
     return task
@@ -442,9 +480,12 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     heads = rc.resolve_heads(list(spec["binary_signals"]), spec.get("watch_time_signal"))
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")  # shards are disjoint
     data = _Data(cfg, tables, heads, refit=refit is not None)
 
     task, train_info = _fit_main(cfg, data, heads, out_dir, resume, progress, refit.epochs if refit else None)
+    if "global_rank" in train_info:  # another rank of a distributed fit: rank 0 does the rest
+        return {}
     # The GBDT: the baseline, and the hybrid ranker's second component (refit: the blended heads only).
     gbdt = None
     if refit is None and (rc.gbdt_baseline or rc.hybrid):
@@ -493,7 +534,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
                               "sigmoid per head; watch_time = watch quantile"),
                  WatchTimeOutput("watch_time_s", "float32", ["batch"], "s") if data.wtq else None),
         heads=[Head(n, k, i, rc.loss_weights.get(n, 1.0),
-                    int(np.nansum(data.labels["train"][:, i])) if k == "binary" else None)
+                    int(data.train_positives[n]) if k == "binary" else None)
                for i, (n, k) in enumerate(heads)],
         scenarios=rc.scenarios,
         other={
@@ -524,7 +565,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         },
     )
     if refit is not None:
-        spec.other["refit"] = {"epochs": refit.epochs, "rows": len(data.rows["train"]),
+        spec.other["refit"] = {"epochs": refit.epochs, "rows": data.train_rows,
                                "held_out_metrics": {h: {k: m.get(k) for k in ("auc", "gauc", "logloss")}
                                                     for h, m in refit.held_out.get("model", {}).items()}}
     meta = _jsonable(spec.to_json())

@@ -62,7 +62,7 @@ class RankingTask(L.LightningModule):
         if self.embedding_l2 > 0:
             loss = loss + self.embedding_l2 * self.model.embedding.penalty(batch["cat"], batch["hist"])
         self.train_samples += len(batch["y"])
-        self.log("ranking/train_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]))
+        self.log("ranking/train_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]), sync_dist=True)
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -95,10 +95,12 @@ class RankingTask(L.LightningModule):
                     epoch[self.names[t]] = round(float(a), 5)
         self.val_history.append(epoch)
         score = float(np.mean(aucs)) if aucs else -loss
-        self.log("ranking/val_loss", loss)
+        # Every rank of a distributed fit validates on the whole period, so these agree; sync_dist makes
+        # early stopping and the checkpoint choice agree even if floating point ever differed.
+        self.log("ranking/val_loss", loss, sync_dist=True)
         if aucs:
-            self.log("ranking/val_mean_auc", float(np.mean(aucs)))
-        self.log(MONITOR, score, prog_bar=True)
+            self.log("ranking/val_mean_auc", float(np.mean(aucs)), sync_dist=True)
+        self.log(MONITOR, score, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

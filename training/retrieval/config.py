@@ -50,7 +50,9 @@ class RetrievalConfig:
     ivf_nprobe: int = 16  # used when the factory string builds an IVF index
     index_recall_k: int = 100
     num_threads: int = 0  # torch intra-op threads for training; 0 = leave torch's default
-    accelerator: str = "auto"
+    # Moved to trainer.accelerator (training/trainer.py); kept so that the configs stored in earlier bundles
+    # ("auto") still load for `evaluate`.
+    accelerator: str | None = None
     seed: int | None = None  # None = the root `seed`
     # Multi-channel candidates: quota mixes of `channel_total` tried on validation (ann gets the rest),
     # judged by Recall@channel_total of the merged set; the best mix is what serving uses by default.
@@ -72,6 +74,8 @@ class RetrievalConfig:
         return w
 
     def validate(self, binary_signals: list[str]) -> None:
+        if self.accelerator not in (None, "auto"):
+            raise ConfigError("retrieval.accelerator moved to trainer.accelerator (it applies to both stages)")
         if self.positive_signal not in binary_signals:
             raise ConfigError(
                 f"retrieval.positive_signal = '{self.positive_signal}' is not a binary signal; known: {binary_signals}"

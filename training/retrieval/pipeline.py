@@ -41,6 +41,7 @@ from training.retrieval.metrics import (EvalSet, evaluate_all, make_eval_set, pl
 from training.retrieval.model import ItemEmbeddings, ItemTower, PriorUserTower, TwoTower, UserTower
 from training.retrieval.task import RetrievalTask, Throughput, ValInputs, prior_sweep, tower_vectors
 from training.refit import RefitPlan
+from training.trainer import batch_sampler, is_global_zero, make_trainer
 
 PARITY_TOL = 1e-4
 METRICS = "metrics.json"
@@ -262,7 +263,7 @@ def fit_retrieval(
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    if not resume and ckpt_dir.exists():
+    if not resume and ckpt_dir.exists() and is_global_zero(cfg.trainer):
         shutil.rmtree(ckpt_dir)  # a fresh fit must not pick up or version against old checkpoints
     seed = cfg.seed if rc.seed is None else rc.seed
     L.seed_everything(seed, workers=True, verbose=False)
@@ -302,10 +303,7 @@ def fit_retrieval(
         model, rc, torch.tensor(feats.cat), torch.from_numpy(feats.num), torch.from_numpy(freq),
         torch.from_numpy(feats.vocab_rows.astype(np.int64)), val,
     )
-    gen = torch.Generator().manual_seed(seed)
-    sampler = torch.utils.data.BatchSampler(
-        torch.utils.data.RandomSampler(range(len(tt)), generator=gen), rc.batch_size, drop_last=False
-    )
+    sampler = batch_sampler(len(tt), rc.batch_size, True, seed, cfg.trainer)
     train_dl = torch.utils.data.DataLoader(BatchDataset(tt), sampler=sampler, batch_size=None)
     val_dl = torch.utils.data.DataLoader([0], batch_size=1)
 
@@ -315,11 +313,11 @@ def fit_retrieval(
     stop = [] if refit else [EarlyStopping(task.val_metric, mode="max", patience=rc.patience)]
     callbacks = [checkpoint, *stop, throughput, history]
     logger = _ActiveRunLogger.make()
-    trainer = L.Trainer(
-        max_epochs=refit.epochs if refit else rc.max_epochs, min_epochs=refit.epochs if refit else rc.min_epochs,
-        limit_val_batches=0 if refit else None, accelerator=rc.accelerator, devices=1,
-        logger=logger if logger is not None else False, callbacks=callbacks, enable_progress_bar=progress,
-        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=out_dir,
+    trainer = make_trainer(
+        cfg.trainer, max_epochs=refit.epochs if refit else rc.max_epochs,
+        min_epochs=refit.epochs if refit else rc.min_epochs, callbacks=callbacks,
+        logger=logger if logger is not None else False, progress=progress, validate=refit is None,
+        default_root_dir=out_dir,
     )
     resumed_from = None
     ckpt_path = None
@@ -331,6 +329,8 @@ def fit_retrieval(
         warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
         trainer.fit(task, train_dataloaders=train_dl, val_dataloaders=None if refit else val_dl, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - t_start
+    if not trainer.is_global_zero:  # another rank of a distributed fit: rank 0 evaluates, exports, indexes
+        return {}
     if refit is not None:
         return _refit_outputs(rc, tables, out_dir, task.model.cpu().eval(), layout, feats, rows, refit,
                               num_mean, num_std, seed, throughput, len(tt), train_seconds)
@@ -395,7 +395,8 @@ def fit_retrieval(
         "epochs_run_now": len(throughput.epochs),
         "train_positives": len(tt),
         "train_weight": round(float(tt.weight.sum()), 1),
-        "samples_per_s": round(throughput.samples_per_s, 1),
+        "samples_per_s": round(throughput.samples_per_s, 1),  # rank 0's share in a distributed fit
+        "world_size": trainer.world_size,
         "wall_seconds": round(train_seconds, 1),
         "val_history": history.rows,
     }

@@ -103,7 +103,7 @@ class RetrievalTask(L.LightningModule):
         else:
             log_q = torch.zeros(len(rows), device=rows.device)
         loss = sampled_softmax_loss(u, v, rows, log_q, self.cfg.temperature, weight)
-        self.log("retrieval/train_loss", loss, on_step=False, on_epoch=True, batch_size=b)
+        self.log("retrieval/train_loss", loss, on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -115,9 +115,11 @@ class RetrievalTask(L.LightningModule):
         uv, iv = tower_vectors(self.model, self.val)
         ks = [self.cfg.monitor_k] + [k for k in self.cfg.eval_ks if k != self.cfg.monitor_k]
         beta, sweep = prior_sweep(self.val.es, uv, iv, self.val.prior, self.cfg.prior_betas, ks, self.cfg.ndcg_ks)
+        # Each rank of a distributed fit ranks the whole validation set, so the values agree (sync_dist: a
+        # mean of equal values), and so do early stopping and the checkpoint choice.
         for name, value in sweep[beta].items():  # the epoch is judged with its best prior weight
-            self.log(f"retrieval/val_{name.replace('@', '_at_')}", value)
-        self.log("retrieval/val_prior_beta", beta)
+            self.log(f"retrieval/val_{name.replace('@', '_at_')}", value, sync_dist=True)
+        self.log("retrieval/val_prior_beta", beta, sync_dist=True)
 
 
 class Throughput(L.Callback):
@@ -146,7 +148,7 @@ class Throughput(L.Callback):
         self.samples += self._n
         self.seconds += dt
         if dt > 0:
-            pl_module.log("retrieval/samples_per_s", self._n / dt)
+            pl_module.log("retrieval/samples_per_s", self._n / dt, sync_dist=True)  # DDP: the mean over ranks
 
     @property
     def samples_per_s(self) -> float:

@@ -1,0 +1,77 @@
+"""The streamed training rows (training/stream.py): every shard (rank x worker) gets the same number of full
+batches, the shards are disjoint and cover the period, the order changes by epoch, and the shuffle buffer
+really bounds how far apart the rows of one batch were read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from training.stream import ParquetStream, sample_period
+
+N = 5000
+
+
+def _log(tmp_path: Path, row_group_size: int = 700) -> tuple[Path, int]:
+    period = np.where(np.arange(N) % 10 < 8, "train", "valid")
+    df = pd.DataFrame({"row": np.arange(N), "period": pd.Categorical(period), "x": np.arange(N) % 2})
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=row_group_size)
+    return path, int((period == "train").sum())
+
+
+def _make(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {"row": df["row"].to_numpy(np.int64)}
+
+
+def _rows(batches) -> list[int]:
+    return [int(i) for b in batches for i in b["row"]]
+
+
+def test_one_process_streams_every_train_row_once(tmp_path: Path):
+    path, train = _log(tmp_path)
+    s = ParquetStream(path, "train", train, _make, batch_size=128, buffer_rows=512, seed=0)
+    batches = list(s)
+    rows = _rows(batches)
+    assert len(batches) == len(s) == -(-train // 128) and sorted(rows) == [r for r in range(N) if r % 10 < 8]
+    s.set_epoch(1)
+    assert _rows(list(s)) != rows
+
+
+def test_ranks_and_workers_get_equal_disjoint_stripes(tmp_path: Path):
+    path, train = _log(tmp_path)
+    per_rank = []
+    for rank in (0, 1):
+        s = ParquetStream(path, "train", train, _make, batch_size=128, buffer_rows=512, seed=0, rank=rank, world=2,
+                          workers=2)
+        batches = list(torch.utils.data.DataLoader(s, batch_size=None, num_workers=2))
+        assert len(batches) == len(s) and all(len(b["row"]) == 64 for b in batches)  # the global batch / 2
+        per_rank.append(set(_rows(batches)))
+    assert not per_rank[0] & per_rank[1]
+    covered = len(per_rank[0] | per_rank[1])
+    assert train - 4 * 64 <= covered <= train  # each of the 4 shards drops less than one batch
+
+
+def test_the_buffer_bounds_the_mixing(tmp_path: Path):
+    """In one row group the file is read in row order: with a small buffer a batch mixes rows read close
+    together, with a buffer as large as the period it mixes the whole period."""
+    path, train = _log(tmp_path, row_group_size=N)
+
+    def spread(buffer_rows: int) -> float:
+        s = ParquetStream(path, "train", train, _make, 64, buffer_rows=buffer_rows, seed=0, chunk_rows=128)
+        return float(np.median([np.ptp(b["row"].numpy()) for b in s]))
+
+    small, large = spread(256), spread(N)
+    assert small < 1500 < 3000 < large, (small, large)
+
+
+def test_sample_is_uniform_and_sums_are_exact(tmp_path: Path):
+    path, train = _log(tmp_path)
+    sample, sums = sample_period(path, "train", train, 1000, seed=1, sums=["x"])
+    assert 800 < len(sample) < 1200 and set(sample["period"].astype(str)) == {"train"}
+    assert sums["x"] == sum(1 for r in range(N) if r % 10 < 8 and r % 2)

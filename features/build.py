@@ -108,8 +108,8 @@ def _encode(df: pd.DataFrame, vocabs: dict[str, Vocab], columns: list[str]) -> N
         df[f"{c}_idx"] = vocabs[c].encode(df[c].astype(str))
 
 
-def _write(df: pd.DataFrame, path: Path) -> dict[str, Any]:
-    df.to_parquet(path, index=False)
+def _write(df: pd.DataFrame, path: Path, row_group_size: int | None = None) -> dict[str, Any]:
+    df.to_parquet(path, index=False, row_group_size=row_group_size)
     return {"file": path.name, "rows": len(df), "sha256": sha256_file(path), "columns": list(df.columns)}
 
 
@@ -205,7 +205,8 @@ def build_features(cfg: Config, force: bool = False, progress: bool = True) -> B
 
     item_numeric = list(iq.columns) + list(cq.columns) + multi_hot_columns(ing.items, cfg.data.items)
     tables = {
-        "interactions": _write(log, out / "interactions.parquet"),
+        # ~100k-row groups: a streamed fit shuffles row groups, so smaller ones mix the log better.
+        "interactions": _write(log, out / "interactions.parquet", row_group_size=100_000),
         "items": _write(items, out / ITEMS),
         "creators": _write(creators, out / CREATORS),
         "users": _write(users, out / USERS),

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving.bundle import load_bundle  # noqa: E402
 from serving.config import ServeSettings, load_settings  # noqa: E402
-from serving.policy import PolicyConfig  # noqa: E402
+from serving.policy_config import PolicyConfig  # noqa: E402
 from serving.recommender import Recommender  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from features.config import ConfigError, apply_overrides, from_dict, load_config, load_raw, to_dict
 from serving.offline import BASELINE, POLICY, evaluate_policy
-from serving.policy import PolicyConfig, load_policy
+from serving.policy_config import PolicyConfig, load_policy
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

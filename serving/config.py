@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from features.config import ConfigError, apply_overrides, from_dict, load_raw
-from serving.policy import PolicyConfig, load_policy
+from serving.policy_config import PolicyConfig, load_policy
 
 ENV_BUNDLE = "FEEDSTACK_BUNDLE"  # bundle directory or models:/<name>@<alias> URI
 ENV_CONFIG = "FEEDSTACK_SERVING_CONFIG"  # optional YAML with serving: / policy: sections

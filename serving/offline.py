@@ -82,7 +82,9 @@ import pandas as pd
 
 from serving.bundle import Bundle, load_bundle
 from serving.config import ServeSettings, load_settings
-from serving.policy import PolicyConfig, fuse, gini
+from serving.exposure import gini
+from serving.policy import fuse
+from serving.policy_config import PolicyConfig
 from serving.recommender import Recommender
 
 BASELINE = "engagement_only"

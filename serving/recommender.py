@@ -19,7 +19,8 @@ from features.bundle import BundleError
 from serving.bundle import DAY_MS, Bundle, load_bundle, resolve_bundle
 from serving.candidates import CHANNEL_REASONS, SeenMemory, channel_quotas, merge_for_user
 from serving.config import ServeSettings
-from serving.policy import Candidates, ExposureTracker, FeedPolicy
+from serving.exposure import ExposureTracker
+from serving.policy import Candidates, FeedPolicy
 
 
 class RequestError(ValueError):

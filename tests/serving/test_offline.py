@@ -15,7 +15,8 @@ from serving.offline import (
     BASELINE, POLICY, condensed, evaluate_policy, gain_names, lorenz, ndcg, period_log, period_view, prepare_cases,
     serve_arm,
 )
-from serving.policy import ExposureControl, ExposureStep, GovernanceConfig, PolicyConfig, QualityStep, fuse
+from serving.policy import fuse
+from serving.policy_config import ExposureControl, ExposureStep, GovernanceConfig, PolicyConfig, QualityStep
 from serving.recommender import Recommender
 
 K = 10

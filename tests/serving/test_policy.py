@@ -11,9 +11,10 @@ import pytest
 
 from features.config import ConfigError
 from features.synthetic import World
-from serving.policy import (
-    Candidates, DiversityStep, ExplorationStep, ExposureControl, ExposureStep, ExposureTracker, FansFirstStep,
-    FeedPolicy, PolicyConfig, QualityStep, fuse, gini, load_policy,
+from serving.exposure import ExposureTracker, gini
+from serving.policy import Candidates, FeedPolicy, fuse
+from serving.policy_config import (
+    DiversityStep, ExplorationStep, ExposureControl, ExposureStep, FansFirstStep, PolicyConfig, QualityStep, load_policy,
 )
 
 HEADS = ["click", "long_view", "hate"]

@@ -34,7 +34,7 @@ import numpy as np
 
 from features.config import ConfigError
 from serving.exposure import ExposureTracker
-from serving.policy_config import PolicyConfig
+from serving.policy_config import PolicyConfig, PolicySteps
 
 REASONS = ("relevance", "fan", "quality_support", "exposure_boost", "exploration")
 
@@ -149,127 +149,173 @@ class FeedPolicy:
         return body
 
     def page(self, c: Candidates, k: int, scenario: str, exposure: ExposureTracker | None = None) -> Page:
+        """The page of ``k`` items. Each step is one function below. They run in the order their inputs
+        allow, which is not DESIGN.md's numbering (a precedence order): the exposure boost (5) reorders the
+        candidates every later step picks from; fans-first (3) and exploration (7) reserve their slots before
+        the diversity fill (6), so the fill cannot spend the creator cap on them; quality support (4) swaps
+        the lowest filled items last, under the same cap."""
         steps = self.config.for_scenario(scenario)
         keep = np.flatnonzero(c.allowed)  # 1. governance: nothing else ever sees a filtered item
-        n = len(keep)
         creator, category = c.creator[keep], c.category[keep]
         fused = fuse(c.preds[keep].astype(np.float32), self.weights[scenario], steps.fusion.mode)  # 2. fusion
-        score = fused.astype(np.float64)
-        boosted = np.zeros(n, dtype=bool)
-        if exposure is not None and steps.exposure.enabled and steps.exposure.strength > 0 and n > 1:  # 5.
-            spread = float(fused.std()) or 1.0
-            adjust = exposure.under_exposure(creator)
-            if steps.exposure.demote > 0:
-                adjust = adjust - steps.exposure.demote * exposure.over_exposure(creator)
-            bonus = exposure.boost * steps.exposure.strength * spread * adjust
-            score = score + bonus
-            boosted = bonus > 0
-        order_np = np.argsort(-score, kind="stable")
-        order = order_np.tolist()
-        k = min(k, n)
-        cre = creator.tolist()
-        cat_l = category.tolist()
-        taken: set[int] = set()
-        per_creator: dict[int, int] = {}
-        cap = steps.diversity.max_per_creator if steps.diversity.enabled else n
-        reasons: dict[int, str] = {}
-
-        def can_take(i: int) -> bool:
-            return i not in taken and per_creator.get(cre[i], 0) < cap
-
-        def take(i: int, why: str) -> None:
-            taken.add(i)
-            per_creator[cre[i]] = per_creator.get(cre[i], 0) + 1
-            reasons[i] = why
-
-        def release(i: int) -> None:
-            taken.discard(i)
-            per_creator[cre[i]] -= 1
-            reasons.pop(i, None)
-
-        # 3. fans-first: the best fresh items of iron-fan creators, at the top.
-        head: list[int] = []
-        if steps.fans_first.enabled and steps.fans_first.slots > 0:
-            for i in order_np[c.fan_fresh[keep][order_np]].tolist():
-                if len(head) >= min(steps.fans_first.slots, k):
-                    break
-                if can_take(i):
-                    take(i, "fan")
-                    head.append(i)
-        # 7. exploration (chosen before the fill so the fill cannot use up the creator cap).
-        explore: list[int] = []
-        n_explore = min(steps.exploration.slots, k - len(head)) if steps.exploration.enabled else 0
-        if n_explore > 0:
-            seen_cats: set[int] = set()
-            for i in order_np[c.new_category[keep][order_np]].tolist():
-                if len(explore) >= n_explore:
-                    break
-                if cat_l[i] not in seen_cats and can_take(i):
-                    take(i, "exploration")
-                    explore.append(i)
-                    seen_cats.add(cat_l[i])
-        # 6. diversity fill, greedy in score order under the creator cap; an item whose category is among
-        # the last `window` placed is deferred (per-category queues, heads in a heap keyed by score rank)
-        # and placed as soon as its category is allowed again, before any lower-ranked item.
-        window = steps.diversity.category_window if steps.diversity.enabled else 0
-        lead = [cat_l[i] for i in head][-window:] if window else []
-        body = self._fill(order, cat_l, k - len(head) - len(explore), window, can_take, take, list(lead))
-        if steps.exposure.placement == "relevance" and boosted.any() and len(body) > 1:
-            # Same items, laid out again by fused score under the same category window.
-            chosen = set(body)
-            by_fused = sorted(body, key=lambda i: (-fused[i], i))  # the page's k items only, ties by position
-            body = self._fill(by_fused, cat_l, len(body), window, lambda i: i in chosen, lambda i, why: chosen.discard(i),
-                              list(lead))
-        # 4. quality support: swap the lowest body items for the best unused high-quality ones.
-        hq = c.high_quality[keep]
-        if steps.quality.enabled and steps.quality.min_share > 0 and k > 0:
-            need = math.ceil(steps.quality.min_share * k - 1e-9)
-            have = int(hq[head + explore + body].sum()) if k else 0
-            if have < need:
-                pos = len(body) - 1
-                for cand in order_np[hq[order_np]].tolist():
-                    if have >= need:
-                        break
-                    if cand in taken:
-                        continue
-                    while pos >= 0 and hq[body[pos]]:
-                        pos -= 1
-                    if pos < 0:
-                        break
-                    old = body[pos]
-                    release(old)
-                    if can_take(cand):
-                        take(cand, "quality_support")
-                        body[pos] = cand
-                        have += 1
-                        pos -= 1
-                    else:  # creator cap: put the old item back and try the next candidate
-                        take(old, "relevance")
-        # Assemble: fan slots, then the body with exploration items spread evenly through it.
-        final = list(head)
-        total = len(body) + len(explore)
-        slots = {round((j + 1) * total / (len(explore) + 1)) for j in range(len(explore))}
-        rest_body, rest_explore = list(body), list(explore)
-        for p in range(total):
-            if rest_explore and (p in slots or not rest_body):
-                final.append(rest_explore.pop(0))
-            else:
-                final.append(rest_body.pop(0))
-        idx = np.array(final, dtype=np.int64)
-        # Items whose boost lifted them into the page past a better-fused item are tagged as such.
-        tags: list[list[str]] = []
+        score, boosted = _exposure_boost(steps, fused, creator, exposure)  # 5. exposure fairness
+        order = np.argsort(-score, kind="stable")
+        k = min(k, len(keep))
+        b = _PageBuild(creator, category, steps.diversity.max_per_creator if steps.diversity.enabled else len(keep))
+        head = b.fans_first(order, c.fan_fresh[keep], steps, k)  # 3
+        explore = b.exploration(order, c.new_category[keep], steps, k - len(head))  # 7
+        body = b.diversity_fill(order, fused, boosted, steps, k - len(head) - len(explore), head)  # 6
+        b.quality_support(order, c.high_quality[keep], steps, k, head + explore, body)  # 4
+        idx = np.array(_spread(head, body, explore), dtype=np.int64)
         pool = c.exposure_pool[keep] if c.exposure_pool is not None else None
-        if boosted.any() and len(idx):
-            fused_rank = np.empty(n, dtype=np.int64)
-            fused_rank[np.argsort(-fused, kind="stable")] = np.arange(n)
-            cutoff = len(idx)
-        for i in idx.tolist():
-            t = [reasons[i]]
-            if (boosted[i] and fused_rank[i] >= cutoff) or (pool is not None and pool[i]):
-                t.append("exposure_boost")
-            tags.append(t)
+        tags = b.tags(idx, fused, boosted, pool)
         if exposure is not None:
             exposure.record(creator[idx])
-        stats = {"candidates": int(len(c.allowed)), "filtered": int(len(c.allowed) - n),
+        stats = {"candidates": int(len(c.allowed)), "filtered": int(len(c.allowed) - len(keep)),
                  "boost": float(exposure.boost) if exposure is not None else 0.0}
         return Page(keep[idx], score[idx], fused[idx].astype(np.float64), tags, stats)
+
+
+def _exposure_boost(steps: PolicySteps, fused: np.ndarray, creator: np.ndarray,
+                    exposure: ExposureTracker | None) -> tuple[np.ndarray, np.ndarray]:
+    """(score, boosted): the fused score plus the exposure step's boost of under-exposed creators (minus its
+    demotion of over-exposed ones), in units of the candidates' score spread; boosted = the boost is > 0."""
+    score = fused.astype(np.float64)
+    boosted = np.zeros(len(fused), dtype=bool)
+    if exposure is not None and steps.exposure.enabled and steps.exposure.strength > 0 and len(fused) > 1:
+        spread = float(fused.std()) or 1.0
+        adjust = exposure.under_exposure(creator)
+        if steps.exposure.demote > 0:
+            adjust = adjust - steps.exposure.demote * exposure.over_exposure(creator)
+        bonus = exposure.boost * steps.exposure.strength * spread * adjust
+        score = score + bonus
+        boosted = bonus > 0
+    return score, boosted
+
+
+def _spread(head: list[int], body: list[int], explore: list[int]) -> list[int]:
+    """Fan slots first, then the body with the exploration items spread evenly through it."""
+    final = list(head)
+    total = len(body) + len(explore)
+    slots = {round((j + 1) * total / (len(explore) + 1)) for j in range(len(explore))}
+    rest_body, rest_explore = list(body), list(explore)
+    for p in range(total):
+        if rest_explore and (p in slots or not rest_body):
+            final.append(rest_explore.pop(0))
+        else:
+            final.append(rest_body.pop(0))
+    return final
+
+
+class _PageBuild:
+    """One page under construction: which candidates are taken, per-creator counts under the diversity cap,
+    and the reason each taken item was placed."""
+
+    def __init__(self, creator: np.ndarray, category: np.ndarray, cap: int):
+        self.cre = creator.tolist()
+        self.cat = category.tolist()
+        self.cap = cap
+        self.taken: set[int] = set()
+        self.per_creator: dict[int, int] = {}
+        self.reasons: dict[int, str] = {}
+
+    def can_take(self, i: int) -> bool:
+        return i not in self.taken and self.per_creator.get(self.cre[i], 0) < self.cap
+
+    def take(self, i: int, why: str) -> None:
+        self.taken.add(i)
+        self.per_creator[self.cre[i]] = self.per_creator.get(self.cre[i], 0) + 1
+        self.reasons[i] = why
+
+    def release(self, i: int) -> None:
+        self.taken.discard(i)
+        self.per_creator[self.cre[i]] -= 1
+        self.reasons.pop(i, None)
+
+    def fans_first(self, order: np.ndarray, fan_fresh: np.ndarray, steps: PolicySteps, k: int) -> list[int]:
+        """Step 3: the best fresh items of iron-fan creators, at the top."""
+        head: list[int] = []
+        if steps.fans_first.enabled and steps.fans_first.slots > 0:
+            for i in order[fan_fresh[order]].tolist():
+                if len(head) >= min(steps.fans_first.slots, k):
+                    break
+                if self.can_take(i):
+                    self.take(i, "fan")
+                    head.append(i)
+        return head
+
+    def exploration(self, order: np.ndarray, new_category: np.ndarray, steps: PolicySteps, room: int) -> list[int]:
+        """Step 7: the best items of categories new to the user, one per category."""
+        explore: list[int] = []
+        n_explore = min(steps.exploration.slots, room) if steps.exploration.enabled else 0
+        seen_cats: set[int] = set()
+        for i in order[new_category[order]].tolist() if n_explore > 0 else []:
+            if len(explore) >= n_explore:
+                break
+            if self.cat[i] not in seen_cats and self.can_take(i):
+                self.take(i, "exploration")
+                explore.append(i)
+                seen_cats.add(self.cat[i])
+        return explore
+
+    def diversity_fill(self, order: np.ndarray, fused: np.ndarray, boosted: np.ndarray, steps: PolicySteps,
+                       n_fill: int, head: list[int]) -> list[int]:
+        """Step 6: greedy in score order under the creator cap; an item whose category is among the last
+        `window` placed is deferred (per-category queues, heads in a heap keyed by score rank) and placed as
+        soon as its category is allowed again, before any lower-ranked item. With the exposure step's
+        ``placement: relevance`` the chosen items are laid out again by fused score."""
+        window = steps.diversity.category_window if steps.diversity.enabled else 0
+        lead = [self.cat[i] for i in head][-window:] if window else []
+        body = FeedPolicy._fill(order.tolist(), self.cat, n_fill, window, self.can_take, self.take, list(lead))
+        if steps.exposure.placement == "relevance" and boosted.any() and len(body) > 1:
+            chosen = set(body)
+            by_fused = sorted(body, key=lambda i: (-fused[i], i))  # the page's k items only, ties by position
+            body = FeedPolicy._fill(by_fused, self.cat, len(body), window, lambda i: i in chosen,
+                                    lambda i, why: chosen.discard(i), list(lead))
+        return body
+
+    def quality_support(self, order: np.ndarray, hq: np.ndarray, steps: PolicySteps, k: int, reserved: list[int],
+                        body: list[int]) -> None:
+        """Step 4: swap the lowest body items (in place) for the best unused high-quality ones until the page
+        holds ``min_share`` of high-quality creators' items, under the creator cap."""
+        if not (steps.quality.enabled and steps.quality.min_share > 0 and k > 0):
+            return
+        need = math.ceil(steps.quality.min_share * k - 1e-9)
+        have = int(hq[reserved + body].sum())
+        if have >= need:
+            return
+        pos = len(body) - 1
+        for cand in order[hq[order]].tolist():
+            if have >= need:
+                break
+            if cand in self.taken:
+                continue
+            while pos >= 0 and hq[body[pos]]:
+                pos -= 1
+            if pos < 0:
+                break
+            old = body[pos]
+            self.release(old)
+            if self.can_take(cand):
+                self.take(cand, "quality_support")
+                body[pos] = cand
+                have += 1
+                pos -= 1
+            else:  # creator cap: put the old item back and try the next candidate
+                self.take(old, "relevance")
+
+    def tags(self, idx: np.ndarray, fused: np.ndarray, boosted: np.ndarray, pool: np.ndarray | None) -> list[list[str]]:
+        """Each placed item's reason, plus "exposure_boost" where the boost lifted it into the page past a
+        better-fused item or the exposure candidate step brought it."""
+        lifted = np.zeros(len(fused), dtype=bool)
+        if boosted.any() and len(idx):
+            fused_rank = np.empty(len(fused), dtype=np.int64)
+            fused_rank[np.argsort(-fused, kind="stable")] = np.arange(len(fused))
+            lifted = boosted & (fused_rank >= len(idx))
+        out = []
+        for i in idx.tolist():
+            t = [self.reasons[i]]
+            if lifted[i] or (pool is not None and pool[i]):
+                t.append("exposure_boost")
+            out.append(t)
+        return out

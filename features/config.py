@@ -50,7 +50,7 @@ class TableSpec:
     ``format: auto`` reads ``.parquet`` as Parquet, ``.tsv`` / ``.tab`` (compressed or not) as tab-separated
     and anything else as comma-separated; ``sep`` overrides the separator of a text file (``"|"``,
     ``"\t"``); ``header: false`` with ``names`` reads a file without a header row; compression (``.gz``,
-    ``.bz2``, ``.zip``, ``.xz``, ``.zst``) follows the file name.
+    ``.bz2``, ``.zip``, ``.xz``) follows the file name.
     """
 
     file: str

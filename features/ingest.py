@@ -66,7 +66,7 @@ _TEXT_SEPARATORS = {"csv": ",", "tsv": "\t"}
 
 def _text_format(path: Path) -> str:
     suffixes = [x.lower() for x in path.suffixes]
-    if suffixes and suffixes[-1] in (".gz", ".bz2", ".zip", ".xz", ".zst"):
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".zip", ".xz"):
         suffixes = suffixes[:-1]
     return "tsv" if suffixes and suffixes[-1] in (".tsv", ".tab") else "csv"
 

@@ -1,6 +1,6 @@
 """feedstack offline evaluation CLI.
 
-    python -m evaluation policy --bundle runs/full/bundle [--period valid|test | --log LATER.csv] --out policy.json
+    python -m evaluation policy --bundle runs/full/heldout-bundle [--period valid|test | --log LATER.csv] --out policy.json
 
 (`python -m training evaluate-policy ...` forwards here, so existing scripts keep working.)
 """

@@ -1,7 +1,7 @@
 """``python -m evaluation policy`` (also ``python -m training evaluate-policy``): the offline feed-policy evaluation of :mod:`serving.offline`, with
 the later log read through the bundle's dataset config, a Lorenz plot, and an MLflow run.
 
-    python -m evaluation policy --bundle runs/full/bundle [--period valid|test | --log LATER.csv]
+    python -m evaluation policy --bundle runs/full/heldout-bundle [--period valid|test | --log LATER.csv]
         [--policy-config configs/kuairand.yaml] [--strengths 0.5,2] --out policy.json [--plot docs/policy_lorenz.png]
 
 The protocol (candidates, time order, period view, metric definitions) is in ``serving.offline``'s

@@ -20,6 +20,10 @@ BUNDLE_FORMAT_VERSION = 1
 RANKING_FORMAT_VERSION = 1
 RETRIEVAL_FORMAT_VERSION = 1
 
+# The bundle's folder under output_dir: the served one (the production refit's when there is one), and
+# beside a refit the held-out fit's (not registered; the policy evaluation's held-out periods are in it).
+BUNDLE_DIR, HELDOUT_BUNDLE_DIR = "bundle", "heldout-bundle"
+
 # Directories of the bundle, and the files in them.
 FEATURES, RETRIEVAL, RANKING = "features", "retrieval", "ranking"
 MANIFEST = "manifest.json"  # the bundle's, and the features stage's inside features/

@@ -1,7 +1,7 @@
 """Offline evaluation of the feed policy with the code the service runs, on a held-out period or a later log.
 
-    python -m serving.offline --bundle runs/full/bundle [--period valid|test] [--k 20] [--out policy.json]
-    python -m training evaluate-policy --bundle runs/full/bundle [--log LATER.csv] --out policy.json   # + MLflow, plot
+    python -m serving.offline --bundle runs/full/heldout-bundle [--period valid|test] [--k 20] [--out policy.json]
+    python -m training evaluate-policy --bundle runs/full/heldout-bundle [--log LATER.csv] --out policy.json   # + MLflow, plot
 
 Protocol (every number of one run comes from this; keep it so runs compare):
 
@@ -80,6 +80,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from features.contract import HELDOUT_BUNDLE_DIR
 from serving.bundle import Bundle, load_bundle
 from serving.config import ServeSettings, load_settings
 from serving.exposure import gini
@@ -141,7 +142,7 @@ def period_log(bundle: Bundle, period: str = "test") -> pd.DataFrame:
     log = pd.read_parquet(path, filters=[("period", "==", period)])
     if not len(log):
         why = (" (this bundle is a production refit, trained on every day: evaluate a later log with --log, or "
-               "the held-out fit's bundle, <output_dir>/heldout-bundle)") if bundle.manifest.refit else ""
+               f"the held-out fit's bundle, <output_dir>/{HELDOUT_BUNDLE_DIR})") if bundle.manifest.refit else ""
         raise ValueError(f"{path} has no rows with period == '{period}'{why}")
     return log
 
@@ -335,7 +336,8 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
     st = rec._state
     b = st.bundle
     name = rec._scenario(st, scenario)
-    gains, primary = gain_names(rec), gain_names(rec)[0]
+    gains = gain_names(rec)
+    primary = gains[0]
     forbidden = _forbidden(b, rec.settings.policy) if forbidden is None else forbidden
     n_creators = len(b.creator_ids)
     exposure = np.zeros(n_creators)

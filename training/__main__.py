@@ -2,7 +2,7 @@
 
     python -m training fit --config configs/kuairand.yaml [--stage all|retrieval|ranking] [--resume] [--set k=v]
     python -m training evaluate --bundle runs/kuairand/bundle --log LATER.csv --out metrics.json
-    python -m training evaluate-policy --bundle runs/full/bundle [--log LATER.csv] --out policy.json
+    python -m training evaluate-policy --bundle runs/full/heldout-bundle [--log LATER.csv] --out policy.json
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 from features.build import build_features
 from features.cli_common import add_config_args, run_cli
 from features.config import apply_overrides, from_dict, load_config, to_dict
+from features.contract import HELDOUT_BUNDLE_DIR
 from training.config import TrainConfig
 from training.report import format_metrics
 
 STAGES = ("retrieval", "ranking")
-HELDOUT_BUNDLE = "heldout-bundle"  # beside the served refit bundle: the held-out fit, not registered
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -56,14 +56,7 @@ def _fit(args: argparse.Namespace) -> int:
         import mlflow
 
         for stage in stages:
-            if stage == "retrieval":
-                from training.retrieval.pipeline import fit_retrieval
-
-                metrics["retrieval"] = fit_retrieval(cfg, tables, out / "retrieval", resume=args.resume, progress=not args.no_progress)
-            else:
-                from training.ranking.pipeline import fit_ranking
-
-                metrics["ranking"] = fit_ranking(cfg, tables, out / "ranking", resume=args.resume, progress=not args.no_progress)
+            metrics[stage] = _fit_stage(stage, cfg, tables, args.resume, progress=not args.no_progress)
             # Each stage's results land as soon as it ends: a later stage that fails loses nothing.
             metrics.pop("refit", None)  # a refit's record belongs to the held-out fit it followed
             metrics_path.write_text(json.dumps(metrics, indent=2))
@@ -86,7 +79,7 @@ def _fit(args: argparse.Namespace) -> int:
             reg = log_and_register(cfg, bundle, metrics)
             print(f"bundle: {bundle}")
             if source is not None:  # the refit saw every day: the policy evaluation needs the held-out models
-                heldout = assemble_bundle(cfg, metrics, None, name=HELDOUT_BUNDLE)
+                heldout = assemble_bundle(cfg, metrics, None, name=HELDOUT_BUNDLE_DIR)
                 print(f"held-out bundle (evaluate-policy on the valid / test periods): {heldout}")
             if reg.version is not None:
                 failed = [k for k, g in reg.gates.items() if not g["passed"]]
@@ -99,6 +92,17 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_stage(stage: str, cfg: TrainConfig, tables: Any, resume: bool, progress: bool) -> dict[str, Any]:
+    """Fit one stage into ``<output_dir>/<stage>``; its metrics (on ranks other than 0: what the stage returns)."""
+    if stage == "retrieval":
+        from training.retrieval.pipeline import fit_retrieval
+
+        return fit_retrieval(cfg, tables, Path(cfg.output_dir) / stage, resume=resume, progress=progress)
+    from training.ranking.pipeline import fit_ranking
+
+    return fit_ranking(cfg, tables, Path(cfg.output_dir) / stage, resume=resume, progress=progress)
+
+
 def _fit_worker(cfg: TrainConfig, args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     """A rank other than 0 of a distributed fit (``trainer.strategy: ddp``): it joins every distributed fit
     in the order rank 0 runs them and leaves features, evaluation, export, the bundle and MLflow to rank 0."""
@@ -107,16 +111,8 @@ def _fit_worker(cfg: TrainConfig, args: argparse.Namespace, stages: tuple[str, .
 
     barrier()  # torchrun: rank 0 builds the features first (Lightning's launch starts us after that)
     tables = FeatureTables.load(cfg.features_dir)
-    out = Path(cfg.output_dir)
     for stage in stages:
-        if stage == "retrieval":
-            from training.retrieval.pipeline import fit_retrieval
-
-            fit_retrieval(cfg, tables, out / "retrieval", resume=args.resume, progress=False)
-        else:
-            from training.ranking.pipeline import fit_ranking
-
-            fit_ranking(cfg, tables, out / "ranking", resume=args.resume, progress=False)
+        _fit_stage(stage, cfg, tables, args.resume, progress=False)
     if cfg.training.refit and args.stage == "all":
         from training.refit import run_refit
 

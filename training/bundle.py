@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from features.bundle import COMPONENTS, write_manifest
-from features.contract import (FEATURES, MANIFEST, RANKING, RANKING_JSON, RETRIEVAL, RETRIEVAL_JSON, BundleInfo,
+from features.contract import (BUNDLE_DIR, FEATURES, MANIFEST, RANKING, RANKING_JSON, RETRIEVAL, RETRIEVAL_JSON, BundleInfo,
                                RankingSpec, RetrievalSpec)
 from features.config import to_dict
 from training.config import TrainConfig
@@ -53,7 +53,7 @@ def check_gates(metrics: dict[str, Any], gates: dict[str, float]) -> dict[str, d
     return out
 
 
-def assemble_bundle(cfg: TrainConfig, metrics: dict[str, Any], source: Path | None = None, name: str = "bundle") -> Path:
+def assemble_bundle(cfg: TrainConfig, metrics: dict[str, Any], source: Path | None = None, name: str = BUNDLE_DIR) -> Path:
     """Copy features, retrieval and ranking outputs of ``source`` (default ``<output_dir>``; the production
     refit's folder when there is one) into ``<output_dir>/<name>`` and write its manifest."""
     out = Path(cfg.output_dir)

@@ -41,8 +41,15 @@ def _serve(bundle: Path, logf: Path, workers: int = 1, state_dir: Path | None = 
            "--state-dir", str(state_dir or logf.parent / "state")]
     if bundle_root is not None:
         cmd += ["--bundle-root", str(bundle_root)]
+    with run_server(cmd, port, env, logf, REPO) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def run_server(cmd: list[str], port: int, env: dict[str, str], logf: Path, cwd: Path):
+    """Start ``cmd`` (a server on ``port``), yield an HTTP client once /readyz answers 200, SIGTERM it after."""
     with open(logf, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
         deadline = time.monotonic() + 90

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
-from tests.serving.conftest import _free_port
+from tests.serving.conftest import _free_port, run_server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,33 +54,15 @@ def test_the_bento_holds_the_service_and_no_training_code(bento):
 
 
 def test_bentoml_serve_of_the_bento_serves_a_bundle(bento, serving_bundle, tmp_path):
+    import pandas as pd
+
     path, env = bento
     port = _free_port()
     env = {**env, "FEEDSTACK_BUNDLE": str(serving_bundle), "FEEDSTACK_STATE_DIR": str(tmp_path / "state")}
     tag = f"{path.parent.name}:{path.name}"
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port",
-                                 str(port)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.3)
-        import pandas as pd
-
+    cmd = [sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)]
+    with run_server(cmd, port, env, tmp_path / "serve.log", tmp_path) as client:
         user = str(pd.read_parquet(serving_bundle / "features" / "users.parquet", columns=["user_id"])["user_id"].iloc[0])
         r = client.post("/recommend", json={"user_id": user, "k": 5})
         assert r.status_code == 200 and len(r.json()["items"]) == 5, r.text
         assert "serving bundle" in (tmp_path / "serve.log").read_text()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()

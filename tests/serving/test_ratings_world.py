@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from features.contract import HELDOUT_BUNDLE_DIR
 from features.synthetic import GENRES, WorldSpec, make_world, write_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,12 +94,12 @@ def test_evaluate_policy_scores_the_declared_gain(ratings_run, tmp_path):
     root, _ = ratings_run
     # The served bundle is the refit (every day, no held-out period); the held-out fit's bundle sits beside it.
     served = json.loads((root / "out" / "bundle" / "manifest.json").read_text())
-    heldout = json.loads((root / "out" / "heldout-bundle" / "manifest.json").read_text())
+    heldout = json.loads((root / "out" / HELDOUT_BUNDLE_DIR / "manifest.json").read_text())
     assert served["refit"] and not heldout["refit"]
     r = _cli("training", "evaluate-policy", "--bundle", str(root / "out" / "bundle"), "--out", str(tmp_path / "x.json"),
              "--no-mlflow", cwd=root)
-    assert r.returncode == 2 and "heldout-bundle" in r.stderr
-    r = _cli("training", "evaluate-policy", "--bundle", str(root / "out" / "heldout-bundle"), "--out",
+    assert r.returncode == 2 and HELDOUT_BUNDLE_DIR in r.stderr
+    r = _cli("training", "evaluate-policy", "--bundle", str(root / "out" / HELDOUT_BUNDLE_DIR), "--out",
              str(tmp_path / "p.json"), "--k", "10", "--max-users", "40", "--no-mlflow", cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "p.json").read_text())

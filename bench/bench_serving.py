@@ -76,25 +76,20 @@ class Server:
 
     def rss_mb(self) -> float:
         """Resident memory of the server's process tree (the CLI, bentoml serve and its workers)."""
-        parents: dict[int, int] = {}
-        rss: dict[int, int] = {}
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
+        total = 0
+        for p in procs:
             try:
-                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                parents[int(d.name)] = int(stat[1])
-                rss[int(d.name)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, IndexError, ValueError):
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:  # a worker that exited while we walked the tree
                 continue
-        tree, frontier = {self.proc.pid}, [self.proc.pid]
-        while frontier:
-            p = frontier.pop()
-            for child, parent in parents.items():
-                if parent == p and child not in tree:
-                    tree.add(child)
-                    frontier.append(child)
-        return sum(rss.get(p, 0) for p in tree) / 2**20
+        return total / 2**20
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -164,13 +159,18 @@ def policy_stage_ms(url: str) -> float | None:
     """Mean policy time per /recommend from the service's own stage histogram."""
     import httpx
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(f"{url}/metrics", timeout=10).text
     s = c = None
-    for line in text.splitlines():
-        if line.startswith('feedstack_stage_latency_seconds_sum{stage="policy"}'):
-            s = float(line.split()[-1])
-        elif line.startswith('feedstack_stage_latency_seconds_count{stage="policy"}'):
-            c = float(line.split()[-1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("stage") != "policy":
+                continue
+            if sample.name == "feedstack_stage_latency_seconds_sum":
+                s = sample.value
+            elif sample.name == "feedstack_stage_latency_seconds_count":
+                c = sample.value
     return round(s / c * 1e3, 3) if s is not None and c else None
 
 

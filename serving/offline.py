@@ -81,6 +81,8 @@ import numpy as np
 import pandas as pd
 
 from features.contract import HELDOUT_BUNDLE_DIR
+from features.metrics import ndcg as shared_ndcg
+from features.metrics import position_discount
 from serving.bundle import Bundle, load_bundle
 from serving.config import ServeSettings, load_settings
 from serving.exposure import gini
@@ -123,12 +125,7 @@ def lorenz(x: np.ndarray, points: int = 11) -> list[float]:
 
 def ndcg(page_gains: np.ndarray, ideal_gains: np.ndarray, k: int) -> np.ndarray:
     """page_gains (k', G) gains of the served page in order, ideal_gains (m, G) -> (G,) NDCG@k (NaN: no positive)."""
-    disc = 1.0 / np.log2(np.arange(2, k + 2))
-    dcg = (page_gains[:k] * disc[: min(k, len(page_gains)), None]).sum(axis=0)
-    ideal = -np.sort(-ideal_gains, axis=0)[:k]
-    idcg = (ideal * disc[: len(ideal), None]).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), np.nan)
+    return shared_ndcg(np.asarray(page_gains).T, np.asarray(ideal_gains).T, k)
 
 
 # --------------------------------------------------------------------------- impressions and the period view
@@ -342,7 +339,7 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
     n_creators = len(b.creator_ids)
     exposure = np.zeros(n_creators)
     attention = np.zeros(n_creators)  # exposure weighted by the NDCG position discount
-    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    disc = position_discount(k)
     reachable = np.zeros(n_creators, bool)
     served_items = np.zeros(b.n_items, bool)
     candidate_items = np.zeros(b.n_items, bool)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from features.metrics import ndcg
+
 EPS = 1e-7
 
 
@@ -125,19 +127,20 @@ def ndcg_at_k(scores: np.ndarray, gains: np.ndarray, groups: np.ndarray, k: int,
     df = df[n >= min_items]
     if df.empty:
         return float("nan"), 0
-    disc = 1.0 / np.log2(np.arange(k) + 2.0)
 
-    def dcg(frame: pd.DataFrame, by: str) -> pd.Series:
-        f = frame.sort_values(["g", by, "row"], ascending=[True, False, True], kind="stable")
+    def top_k(by: str) -> np.ndarray:
+        """(groups, k) gains of each group's first k rows ordered by ``by``, zero-padded."""
+        f = df.sort_values(["g", by, "row"], ascending=[True, False, True], kind="stable")
         pos = f.groupby("g", sort=False).cumcount().to_numpy()
+        group = pd.factorize(f["g"], sort=True)[0]
         keep = pos < k
-        return pd.Series(f["gain"].to_numpy()[keep] * disc[pos[keep]]).groupby(f["g"].to_numpy()[keep]).sum()
+        out = np.zeros((group.max() + 1, k))
+        out[group[keep], pos[keep]] = f["gain"].to_numpy()[keep]
+        return out
 
-    actual = dcg(df, "s")
-    ideal = dcg(df, "gain")
-    ok = ideal > 0
-    vals = actual.reindex(ideal.index)[ok] / ideal[ok]
-    return (float(vals.mean()) if len(vals) else float("nan")), int(ok.sum())
+    vals = ndcg(top_k("s"), top_k("gain"), k)
+    ok = ~np.isnan(vals)
+    return (float(vals[ok].mean()) if ok.any() else float("nan")), int(ok.sum())
 
 
 def head_report(y: np.ndarray, p: np.ndarray, users: np.ndarray, ece_bins: int) -> dict[str, float | int]:

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from features.metrics import ndcg
+
 
 @dataclass
 class EvalSet:
@@ -122,13 +124,10 @@ def recall_ndcg(hits: np.ndarray, n_pos: np.ndarray, recall_ks: list[int], ndcg_
     out: dict[str, float] = {}
     for k in recall_ks:
         out[f"recall@{k}"] = float(np.mean(cum[:, min(k, hits.shape[1]) - 1] / n_pos))
-    disc = 1.0 / np.log2(np.arange(hits.shape[1]) + 2.0)
-    cdisc = np.cumsum(disc)
     for k in ndcg_ks:
         kk = min(k, hits.shape[1])
-        dcg = hits[:, :kk] @ disc[:kk]
-        idcg = cdisc[np.minimum(n_pos, kk).astype(int) - 1]
-        out[f"ndcg@{k}"] = float(np.mean(dcg / idcg))
+        ideal = np.arange(kk)[None, :] < n_pos[:, None]  # every positive ranked first
+        out[f"ndcg@{k}"] = float(np.mean(ndcg(hits[:, :kk], ideal, kk)))
     return out
 
 

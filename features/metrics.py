@@ -1,0 +1,29 @@
+"""List metrics shared by training's offline evaluation and serving's offline policy evaluation.
+
+One NDCG for the whole stack: DCG = sum of gain / log2(position + 2) over the first k positions
+(position 0-based), divided by the DCG of the same list's gains in their best order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def position_discount(k: int) -> np.ndarray:
+    """(k,) the NDCG discount 1 / log2(position + 2) of positions 0..k-1."""
+    return 1.0 / np.log2(np.arange(k) + 2.0)
+
+
+def ndcg(ordered_gains: np.ndarray, ideal_gains: np.ndarray, k: int) -> np.ndarray:
+    """NDCG@k per list.
+
+    ordered_gains: (n, m) each list's gains in served order (m may be below or above k);
+    ideal_gains: (n, m') the gains the list could have had, in any order (sorted here, best first).
+    Returns (n,) NDCG@k, NaN where the ideal DCG is 0 (no positive gain to find).
+    """
+    ordered = np.asarray(ordered_gains, np.float64)[:, :k]
+    ideal = -np.sort(-np.asarray(ideal_gains, np.float64), axis=1)[:, :k]
+    dcg = ordered @ position_discount(ordered.shape[1])
+    idcg = ideal @ position_discount(ideal.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), np.nan)

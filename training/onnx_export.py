@@ -31,6 +31,12 @@ class ParityReport:
     def ok(self, tol: float) -> bool:
         return self.max_scaled_diff <= tol
 
+    def require(self, what: str, tol: float) -> "ParityReport":
+        """The one parity rule of both stages: a graph over ``tol`` (scaled diff) raises instead of shipping."""
+        if not self.ok(tol):
+            raise RuntimeError(f"ONNX parity of the {what} failed: {self.describe()} > {tol:.0e}")
+        return self
+
     def describe(self) -> str:
         worst = max((self.per_output or {"?": self.max_scaled_diff}).items(), key=lambda kv: kv[1])
         return (f"max scaled diff {self.max_scaled_diff:.2e} (output '{worst[0]}'), max abs diff "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -137,3 +138,55 @@ def mlflow_run(run_name: str, config: dict[str, Any], features_manifest: dict[st
         yield run
     if run_dir is not None and not nested:
         (run_dir / RUN_MARKER).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- what both stages log into the run
+
+
+def active_run_logger() -> Any:
+    """A Lightning logger writing into the MLflow run the CLI opened, or None without one. It leaves ending
+    the run to the CLI (the stock logger marks the run finished when training ends)."""
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    run = mlflow.active_run()
+    if run is None:
+        return None
+
+    class ActiveRunLogger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:  # noqa: ARG002
+            return None
+
+    return ActiveRunLogger(run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())
+
+
+def metric_key(*parts: str) -> str:
+    """MLflow metric names may not hold '@': recall@100 -> recall_at_100."""
+    return "/".join(parts).replace("@", "_at_")
+
+
+def metric_tree(report: dict[str, Any], prefix: str) -> dict[str, float]:
+    """Every finite number in a nested report, keyed by its '/'-joined path under ``prefix``."""
+    flat: dict[str, float] = {}
+    for k, v in report.items():
+        key = metric_key(prefix, str(k))
+        if isinstance(v, dict):
+            flat.update(metric_tree(v, key))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[key] = float(v)
+    return {k: v for k, v in flat.items() if math.isfinite(v)}
+
+
+def log_to_run(metrics: dict[str, float], files: list[Path] = (), artifact_path: str | None = None,
+               tags: dict[str, Any] | None = None) -> None:
+    """Finite metrics, tags and files into the active MLflow run; nothing without one."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
+    if tags:
+        mlflow.set_tags(tags)  # tags, not params: a resumed fit may log them again with other values
+    for f in files:
+        if Path(f).is_file():
+            mlflow.log_artifact(str(f), artifact_path=artifact_path)

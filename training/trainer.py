@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
@@ -156,3 +158,12 @@ def batch_sampler(n: int, batch_size: int, shuffle: bool, seed: int,
                 else torch.utils.data.SequentialSampler(range(n)))
         return torch.utils.data.BatchSampler(base, batch_size, drop_last=False)
     return ShardedBatchSampler(n, batch_size, shuffle, seed, rank, world)
+
+
+def checkpoint_dir(out_dir: Path, resume: bool, tc: TrainerConfig) -> tuple[Path, Path]:
+    """``<out_dir>/checkpoints`` and its ``last.ckpt``. A fresh fit (not ``resume``) empties the folder first
+    (rank 0 only) so it never picks up another run's "best" or versions against old checkpoints."""
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    if not resume and ckpt_dir.exists() and is_global_zero(tc):
+        shutil.rmtree(ckpt_dir)
+    return ckpt_dir, ckpt_dir / "last.ckpt"

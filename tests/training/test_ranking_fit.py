@@ -147,7 +147,7 @@ def test_eager_ranker_from_checkpoint_matches_the_shipped_onnx(fitted):
     """The benchmarks' eager model (checkpoint + ranking.json, calibration included) is what ranker.onnx runs."""
     from training.checkpoints import load_eager_ranker
     from training.onnx_export import check_parity
-    from training.ranking.pipeline import random_inputs
+    from training.ranking.export import random_inputs
 
     bundle, _, _ = fitted
     out = bundle / "ranking"
@@ -174,7 +174,7 @@ def test_hybrid_ranker_ships_its_trees_in_the_graph(synthetic_config: Path, synt
 
     from training.checkpoints import load_eager_ranker
     from training.onnx_export import check_parity
-    from training.ranking.pipeline import random_inputs
+    from training.ranking.export import random_inputs
 
     cfg = config(synthetic_config, "ranking.max_epochs=1", "ranking.single_task_baselines=false",
                  "ranking.hybrid_min_gain=-1", "ranking.hybrid_min_positives=0")

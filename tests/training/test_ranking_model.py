@@ -15,7 +15,7 @@ from training.ranking.data import FeatureLayout
 from training.ranking.model import (
     GatedLevel, Gates, NumericNormalizer, Ranker, RankerScorer, RankerSpec, RequestScorer, embedding_dims,
 )
-from training.ranking.pipeline import random_inputs, request_shaped
+from training.ranking.export import random_inputs, request_shaped
 from training.ranking.watch_time import WatchTimeDecoder, WatchTimeQuantiles
 
 HEADS = ["click", "like", "hate", "watch_time"]

@@ -22,7 +22,8 @@ from training.config import TrainConfig
 from training.onnx_export import check_parity
 from training.retrieval.data import InputLayout
 from training.retrieval.evaluate import evaluate_retrieval, item_feeds
-from training.retrieval.pipeline import fit_retrieval, onnx_vectors
+from training.retrieval.pipeline import fit_retrieval
+from training.retrieval.ship import onnx_vectors
 
 TINY = [
     "retrieval.embedding_dim=16", "retrieval.id_dim=16", "retrieval.feature_dim=8", "retrieval.hidden=[32]",
@@ -206,7 +207,7 @@ def test_mf_dimensions_ride_in_the_served_vectors(synthetic_config: Path, synthe
     user tower carries weight x the ALS user factors by user index (0 for unknown users), the item vectors
     the ALS item factors, and the test table shows the towers alone beside it."""
     from training.retrieval.data import InputLayout
-    from training.retrieval.pipeline import _mf_fit
+    from training.retrieval.vectors import mf_fit as _mf_fit
 
     cfg = _cfg(synthetic_config, "retrieval.mf_weights=[0.0, 2.0]", "retrieval.max_epochs=2")
     out = tmp_path / "retrieval"

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from features.fans import FAN_COLUMNS
 from features.tables import FeatureTables
@@ -113,27 +112,3 @@ class FeatureLayout:
             raise ValueError(f"history has length {hist.shape[1]}, the layout expects {self.history_length}")
         num = rows[self.num_columns].to_numpy(np.float32)
         return {"cat": cat, "hist": hist, "num": num}
-
-
-class BatchDataset(torch.utils.data.Dataset):
-    """In-memory tensors indexed by a list of rows (use with a BatchSampler and ``batch_size=None``)."""
-
-    def __init__(self, inputs: dict[str, np.ndarray], labels: np.ndarray):
-        self.tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-        self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        i = torch.as_tensor(idx)
-        out = {k: v[i] for k, v in self.tensors.items()}
-        out["y"] = self.labels[i]
-        return out
-
-
-def loader(ds: BatchDataset, batch_size: int, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    base = torch.utils.data.RandomSampler(ds, generator=g) if shuffle else torch.utils.data.SequentialSampler(ds)
-    sampler = torch.utils.data.BatchSampler(base, batch_size, drop_last=False)
-    return torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.embedding import OffsetEmbedding
 from training.ranking.watch_time import WatchTimeDecoder, WatchTimeQuantiles
 
 
@@ -53,33 +54,22 @@ class FeatureEmbedding(nn.Module):
         self.item_position = item_position
         for g, w in enumerate(self.widths):
             cols = [i for i, d in enumerate(dims) if d == w]
-            gsizes = [sizes[i] for i in cols]
-            offsets = np.r_[0, np.cumsum(gsizes)[:-1]]
             self.register_buffer(f"cols_{g}", torch.tensor(cols, dtype=torch.long))
-            self.register_buffer(f"offsets_{g}", torch.tensor(offsets, dtype=torch.long))
-            self.register_buffer(f"sizes_{g}", torch.tensor(gsizes, dtype=torch.long))
-            table = nn.Embedding(int(sum(gsizes)), w)
-            nn.init.normal_(table.weight, std=0.05)
-            self.tables.append(table)
+            group = OffsetEmbedding([sizes[i] for i in cols], w, oov_to_zero=True)
+            self.tables.append(group)
             if item_position in cols:
                 self.item_group = g
                 self.item_column = cols.index(item_position)  # its position among the group's columns
-                self.item_offset = int(offsets[self.item_column])
+                self.item_offset = int(group.offsets[self.item_column])
                 self.item_size = sizes[item_position]
         self.item_dim = dims[item_position]
         self.out_dim = int(sum(dims)) + 2 * self.item_dim
 
-    def _rows(self, cat: torch.Tensor, g: int) -> torch.Tensor:
-        x = cat.index_select(1, getattr(self, f"cols_{g}"))
-        sizes = getattr(self, f"sizes_{g}")
-        x = torch.where((x < 0) | (x >= sizes), torch.zeros_like(x), x)
-        return x + getattr(self, f"offsets_{g}")
-
     def lookup(self, cat: torch.Tensor, hist: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-width (B, k_g, w) embeddings and the history's item embeddings (B, L, d_item)."""
-        embs = [table(self._rows(cat, g)) for g, table in enumerate(self.tables)]
+        embs = [table(cat.index_select(1, getattr(self, f"cols_{g}"))) for g, table in enumerate(self.tables)]
         h = torch.where((hist < 0) | (hist >= self.item_size), torch.zeros_like(hist), hist)
-        hist_e = self.tables[self.item_group](h + self.item_offset)
+        hist_e = self.tables[self.item_group].table(h + self.item_offset)
         return embs, hist_e
 
     def forward(self, cat: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:

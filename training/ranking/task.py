@@ -10,7 +10,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from lightning.pytorch.loggers import MLFlowLogger
 
 from training.ranking.metrics import auc
 from training.ranking.model import Ranker
@@ -118,11 +117,3 @@ class KeepBest(L.Callback):
         if score is not None and float(score) > self.best:
             self.best = float(score)
             self.state = copy.deepcopy(pl_module.state_dict())
-
-
-class ActiveRunLogger(MLFlowLogger):
-    """Log into the MLflow run the CLI already opened; leave ending it to the CLI (the stock logger marks
-    the run finished when training ends)."""
-
-    def finalize(self, status: str = "success") -> None:  # noqa: ARG002
-        return None

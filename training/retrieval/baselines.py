@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,11 @@ import scipy.sparse as sp
 
 from features.candidates import covisit_matrix, row_normalise
 from features.config import ConfigError
-from training.retrieval.metrics import EvalSet, ranked_hits, recall_ndcg
+from features.split import DAY_MS
+from training.retrieval.metrics import EvalSet, popularity_scores, ranked_hits, recall_ndcg
+
+if TYPE_CHECKING:  # the config module imports this one for BaselinesConfig
+    from training.retrieval.config import RetrievalConfig
 
 ScoreChunk = Callable[[np.ndarray], np.ndarray]
 log = logging.getLogger(__name__)
@@ -190,3 +194,17 @@ def tune_baselines(cfg: BaselinesConfig, seen: pd.DataFrame, catalogue: np.ndarr
 
 def tuned_json(tuned: dict[str, Tuned]) -> dict:
     return {n: {k: v for k, v in asdict(t).items() if k != "name"} for n, t in tuned.items()}
+
+
+def baseline_scorers(rc: RetrievalConfig, train: pd.DataFrame, valid: pd.DataFrame, seen: pd.DataFrame,
+               item_ids: np.ndarray, val_es: EvalSet, test_es: EvalSet, split: dict, seed: int):
+    """Popularity scores and the MF / co-visitation scorers tuned on validation, refit on ``seen`` for test;
+    returns (validation scorers, test scorers, tuning record)."""
+    signal = rc.positive_signal
+    val = popularity_scores(train, item_ids, val_es, signal, int(split["valid_start"] - rc.recent_days * DAY_MS))
+    test = popularity_scores(seen, item_ids, test_es, signal, int(split["test_start"] - rc.recent_days * DAY_MS))
+    tuned = tune_baselines(rc.baselines, train, item_ids, val_es, signal, rc.monitor_k, seed)
+    for name, t in tuned.items():
+        val[name] = make_scorer(name, t.params, rc.baselines, train, item_ids, val_es, signal, seed)
+        test[name] = make_scorer(name, t.params, rc.baselines, seen, item_ids, test_es, signal, seed)
+    return val, test, tuned_json(tuned)

@@ -14,6 +14,9 @@ import scipy.sparse as sp
 from features.candidates import (ChannelTables, covisit_matrix, covisit_top, history_weights, merge_channels,
                                  row_normalise, top_per_row)
 from features.split import DAY_MS
+from features.tables import FeatureTables
+from training.retrieval.config import RetrievalConfig
+from training.retrieval.data import InputLayout, ItemFeatures
 from training.retrieval.metrics import EvalSet
 
 
@@ -89,3 +92,21 @@ def merged_recall(es: EvalSet, score_chunk, histories: np.ndarray, idx_to_row: n
     m = max(es.n_users, 1)
     return {"k": total, "single": {k: v / m for k, v in single.items()},
             "merged": [{"quotas": q, f"recall@{total}": float(r / m)} for q, r in zip(grid, mixes)]}
+
+
+def channel_recall(rc: RetrievalConfig, seen: pd.DataFrame, period: pd.DataFrame, es: EvalSet, layout: InputLayout,
+              feats: ItemFeatures, tables: FeatureTables, window: int, start: int, score_chunk,
+              grid: list[dict[str, int]] | None) -> dict:
+    """Recall@channel_total of each channel and of the quota mixes, tables built from ``seen`` only."""
+    ch = build_tables(seen, tables.items, np.zeros(0, str), rc.positive_signal, window, rc.covisit_top,
+                      rc.recent_days, start)
+    hist = layout.user_arrays(period.iloc[es.first_row])["history"]
+    grid = grid or quota_grid(rc.channel_total, rc.channel_covisit, rc.channel_trending, rc.channel_fresh)
+    return merged_recall(es, score_chunk, hist, idx_to_row(tables), ch, len(feats.item_ids), grid)
+
+
+def idx_to_row(tables: FeatureTables) -> np.ndarray:
+    idx = tables.items["item_id_idx"].to_numpy(np.int64)
+    out = np.full(int(idx.max(initial=0)) + 1, -1, np.int64)
+    out[idx[idx > 0]] = np.flatnonzero(idx > 0)
+    return out

@@ -149,17 +149,3 @@ def train_tensors(rows: pd.DataFrame, layout: InputLayout, feats: ItemFeatures,
         block=torch.from_numpy(rows["block"].to_numpy(np.int64)),
         weight=torch.from_numpy(w),
     )
-
-
-class BatchDataset(torch.utils.data.Dataset):
-    """Indexed by a whole list of row positions (used with a BatchSampler), so a batch is one gather."""
-
-    def __init__(self, t: TrainTensors):
-        self.t = t
-
-    def __len__(self) -> int:
-        return len(self.t)
-
-    def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
-        i = torch.as_tensor(idx, dtype=torch.int64)
-        return self.t.user_cat[i], self.t.history[i], self.t.item_row[i], self.t.block[i], self.t.weight[i]

@@ -17,20 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class FeatureEmbedding(nn.Module):
-    """Several categorical columns looked up in one table with per-column offsets: (B, k) -> (B, k * dim)."""
-
-    def __init__(self, sizes: list[int], dim: int):
-        super().__init__()
-        offsets = torch.tensor([0] + list(sizes[:-1]), dtype=torch.int64).cumsum(0)
-        self.register_buffer("offsets", offsets)
-        self.table = nn.Embedding(int(sum(sizes)), dim)
-        nn.init.normal_(self.table.weight, std=0.05)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = self.table(x + self.offsets)  # (B, k, dim)
-        return e.flatten(1)
+from training.embedding import OffsetEmbedding
 
 
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -70,7 +57,7 @@ class UserTower(nn.Module):
         super().__init__()
         self.user_id = nn.Embedding(user_sizes[0], id_dim)
         nn.init.normal_(self.user_id.weight, std=0.05)
-        self.attributes = FeatureEmbedding(user_sizes[1:], feature_dim) if len(user_sizes) > 1 else None
+        self.attributes = OffsetEmbedding(user_sizes[1:], feature_dim) if len(user_sizes) > 1 else None
         self.item_emb = item_emb
         # item_id_idx -> creator_id_idx / category_idx, so history items bring their creator and topic.
         self.register_buffer("item_creator", item_creator.to(torch.int64))
@@ -83,7 +70,7 @@ class UserTower(nn.Module):
     def forward(self, user_cat: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         parts = [self.user_id(user_cat[:, 0])]
         if self.attributes is not None:
-            parts.append(self.attributes(user_cat[:, 1:]))
+            parts.append(self.attributes(user_cat[:, 1:]).flatten(1))
         mask = (history > 0).to(torch.float32)  # (B, L)
         # Learned recency weights over positions, renormalised over the non-padding entries.
         w = torch.exp(self.position).unsqueeze(0) * mask  # (B, L)
@@ -119,7 +106,7 @@ class ItemTower(nn.Module):
     ):
         super().__init__()
         self.item_emb = item_emb
-        self.attributes = FeatureEmbedding(attribute_sizes, feature_dim) if attribute_sizes else None
+        self.attributes = OffsetEmbedding(attribute_sizes, feature_dim) if attribute_sizes else None
         self.register_buffer("num_mean", num_mean.to(torch.float32))
         self.register_buffer("num_std", num_std.to(torch.float32))
         n_num = int(num_mean.numel())
@@ -133,7 +120,7 @@ class ItemTower(nn.Module):
             self.item_emb.category(item_cat[:, 2]),
         ]
         if self.attributes is not None:
-            parts.append(self.attributes(item_cat[:, 3:]))
+            parts.append(self.attributes(item_cat[:, 3:]).flatten(1))
         x = (item_num - self.num_mean) / self.num_std
         parts.append(torch.where(torch.isnan(x), torch.zeros_like(x), x))  # unknown aggregate -> the mean
         return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)

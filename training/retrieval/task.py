@@ -85,7 +85,7 @@ class RetrievalTask(L.LightningModule):
         return ids * keep
 
     def training_step(self, batch, batch_idx):
-        user_cat, history, item_row, block, weight = batch
+        user_cat, history, item_row, block, weight = (batch[k] for k in ("user_cat", "history", "item_row", "block", "weight"))
         b, m = item_row.shape[0], self.cfg.uniform_negatives
         neg = self.vocab_rows[torch.randint(len(self.vocab_rows), (m,), device=item_row.device)]
         rows = torch.cat([item_row, neg])
@@ -139,7 +139,7 @@ class Throughput(L.Callback):
         self.epochs.append(trainer.current_epoch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._n += int(batch[2].shape[0])
+        self._n += int(batch["item_row"].shape[0])
         self._last = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):

@@ -184,10 +184,114 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def _by_source(sources: list[str], allowed: set[str], label: str) -> dict[str, tuple[list[str], list[int]]]:
+    """Input positions grouped by source kind: {"items": (columns, positions), ...}, from "kind:name" sources."""
+    out: dict[str, tuple[list[str], list[int]]] = {}
+    for pos, src in enumerate(sources):
+        kind, _, name = src.partition(":")
+        if kind not in allowed:
+            raise BundleError(f"ranking.json: unknown {label} source '{src}'")
+        cols, positions = out.setdefault(kind, ([], []))
+        cols.append(name)
+        positions.append(pos)
+    return out
+
+
+def _item_arrays(items: pd.DataFrame) -> dict[str, Any]:
+    """Per catalogue row: ids, creator codes, category, visibility, quality flag, upload time, and the
+    popularity order of the cold-start path; item_id_idx -> category and -> row lookups."""
+    n = len(items)
+    creator_code, creator_ids = pd.factorize(items["creator_id"].astype(str), sort=False)
+    category = items["category_idx"].to_numpy(np.int64) if "category_idx" in items else np.zeros(n, np.int64)
+    pop = np.zeros(n)
+    for col in ("item_n", "item_quality"):
+        if col in items:
+            v = items[col].to_numpy(np.float64)
+            pop += (v - np.nanmean(v)) / (np.nanstd(v) or 1.0)
+    item_idx = items["item_id_idx"].to_numpy(np.int64)
+    idx_category = np.zeros(int(item_idx.max(initial=0)) + 1, dtype=np.int64)
+    idx_category[item_idx[item_idx > 0]] = category[item_idx > 0]
+    idx_to_row = np.full(len(idx_category), -1, np.int64)
+    idx_to_row[item_idx[item_idx > 0]] = np.flatnonzero(item_idx > 0)
+    item_ids = items["item_id"].astype(str).to_numpy()
+    return dict(
+        item_ids=item_ids, item_row=_id_map(item_ids), creator_ids=np.asarray(creator_ids, dtype=object).astype(str),
+        item_creator=creator_code.astype(np.int64), item_category=category,
+        visible=items["visible"].to_numpy(bool) if "visible" in items else np.ones(n, bool),
+        high_quality=(items["creator_high_quality"].to_numpy(bool) if "creator_high_quality" in items
+                      else np.zeros(n, bool)),
+        upload_ts=items["upload_ts"].to_numpy(np.float64) if "upload_ts" in items else np.full(n, np.nan),
+        popular=np.argsort(-np.nan_to_num(pop, nan=-1e9), kind="stable"), idx_category=idx_category,
+        idx_to_row=idx_to_row,
+    )
+
+
+def _fan_csr(fans: pd.DataFrame, user_ids: np.ndarray, creator_ids: np.ndarray) -> dict[str, Any]:
+    """Fan relations as CSR over user rows, creator codes sorted within each user."""
+    fan_cols = [c for c in ("is_fan", "is_iron_fan", "fan_interactions") if c in fans.columns]
+    fu = pd.Index(user_ids).get_indexer(fans["user_id"].astype(str))
+    fc = pd.Index(creator_ids).get_indexer(fans["creator_id"].astype(str))
+    ok = (fu >= 0) & (fc >= 0)
+    fu, fc = fu[ok], fc[ok]
+    vals = fans.loc[ok, fan_cols].to_numpy(np.float32)
+    order = np.lexsort((fc, fu))
+    fan_ptr = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.add.at(fan_ptr, fu + 1, 1)
+    return dict(fan_ptr=np.cumsum(fan_ptr), fan_creator=fc[order].astype(np.int64), fan_values=vals[order],
+                fan_columns=fan_cols)
+
+
+def _user_arrays(users: pd.DataFrame, spec: dict[str, Any], rspec: RetrievalSpec, kspec: RankingSpec) -> dict[str, Any]:
+    """Per user row: the history the towers read and every user column a model reads."""
+    hist_col = spec["history"]["column"]
+    length = int(spec["history"]["length"])
+    h = users[hist_col].to_numpy() if hist_col in users else np.array([])
+    history = np.stack(h).astype(np.int64) if len(h) else np.zeros((len(users), length), np.int64)
+    if history.shape != (len(users), length):
+        raise BundleError(f"users.parquet '{hist_col}' has shape {history.shape}, expected ({len(users)}, {length})")
+    needed = {c for t in rspec.user_tower.inputs for c in t.columns if c != hist_col}
+    needed |= {s.split(":", 1)[1] for s in kspec.cat.sources + kspec.num.sources if s.startswith("users:")}
+    missing = sorted(c for c in needed if c not in users.columns)
+    if missing:
+        raise BundleError(f"users.parquet lacks columns the models read: {missing}")
+    user_ids = users["user_id"].astype(str).to_numpy()
+    return dict(history_column=hist_col, history=history, user_cols={c: users[c].to_numpy() for c in needed},
+                user_row=_id_map(user_ids))
+
+
+def _ranker_layout(kspec: RankingSpec, items: pd.DataFrame, vocab_raw: dict, fan_cols: list[str]) -> dict[str, Any]:
+    """Which positions of the ranker's cat / num inputs come from the item table, the user, the request
+    context and the fan relations (behaviour sources are looked up by serving/behaviour.py)."""
+    cat = _by_source(kspec.cat.sources, {"items", "users", "request"}, "categorical")
+    num = _by_source(kspec.num.sources, {"items", "users", "fans", *BEHAVIOUR_KINDS}, "numeric")
+    for name in cat.get("request", ([], []))[0]:
+        if name not in vocab_raw:
+            raise BundleError(f"ranking.json source 'request:{name}' names no vocabulary in vocab.json")
+    for name in num.get("fans", ([], []))[0]:
+        if name not in fan_cols:
+            raise BundleError(f"ranking.json source 'fans:{name}': fans.parquet has no column '{name}'")
+    empty: tuple[list[str], list[int]] = ([], [])
+    (item_cat_cols, item_cat_pos), (user_cat_cols, user_cat_pos) = cat.get("items", empty), cat.get("users", empty)
+    (item_num_cols, item_num_pos), (user_num_cols, user_num_pos) = num.get("items", empty), num.get("users", empty)
+    fan_names, fan_pos = num.get("fans", empty)
+    missing = sorted(c for c in item_cat_cols + item_num_cols if c not in items.columns)
+    if missing:
+        raise BundleError(f"items.parquet lacks columns the ranker reads: {missing}")
+    request_cat = list(zip(*reversed(cat.get("request", empty))))  # [(position, name)]
+    return dict(
+        item_cat=np.ascontiguousarray(items[item_cat_cols].to_numpy(np.int64)), item_cat_pos=np.array(item_cat_pos, np.int64),
+        item_num=np.ascontiguousarray(items[item_num_cols].to_numpy(np.float32)), item_num_pos=np.array(item_num_pos, np.int64),
+        user_cat_cols=user_cat_cols, user_cat_pos=np.array(user_cat_pos, np.int64),
+        user_num_cols=user_num_cols, user_num_pos=np.array(user_num_pos, np.int64),
+        fan_num_pos=np.array(fan_pos, np.int64), fan_num_which=np.array([fan_cols.index(n) for n in fan_names], np.int64),
+        request_cat=request_cat,
+        vocab_maps={name: request_lookup(name, vocab_raw[name]) for _, name in request_cat},
+    )
+
+
 def _load(path: Path, manifest: Manifest, registry_version: str | None, onnx_threads: int, faiss) -> Bundle:
     fdir = path / FEATURES
     spec = manifest.feature_spec
-    hist_col = spec["history"]["column"]
     rspec = RetrievalSpec.from_json(_read_json(path / RETRIEVAL / RETRIEVAL_JSON))
     kspec = RankingSpec.from_json(_read_json(path / RANKING / RANKING_JSON))
     if not kspec.scenarios:
@@ -211,105 +315,23 @@ def _load(path: Path, manifest: Manifest, registry_version: str | None, onnx_thr
         raise BundleError(f"{rspec.index.file} holds {index.ntotal} vectors, {ITEMS} {len(items)} rows: rows must match")
     _apply_search_params(index, rspec.index.search_params, faiss)
 
-    item_ids = items["item_id"].astype(str).to_numpy()
-    creator_code, creator_ids = pd.factorize(items["creator_id"].astype(str), sort=False)
-    category = items["category_idx"].to_numpy(np.int64) if "category_idx" in items else np.zeros(len(items), np.int64)
-    visible = items["visible"].to_numpy(bool) if "visible" in items else np.ones(len(items), bool)
-    hq = items["creator_high_quality"].to_numpy(bool) if "creator_high_quality" in items else np.zeros(len(items), bool)
-    upload = items["upload_ts"].to_numpy(np.float64) if "upload_ts" in items else np.full(len(items), np.nan)
-    pop = np.zeros(len(items))
-    for col in ("item_n", "item_quality"):
-        if col in items:
-            v = items[col].to_numpy(np.float64)
-            pop += (v - np.nanmean(v)) / (np.nanstd(v) or 1.0)
-    popular = np.argsort(-np.nan_to_num(pop, nan=-1e9), kind="stable")
-    item_idx = items["item_id_idx"].to_numpy(np.int64)
-    idx_category = np.zeros(int(item_idx.max(initial=0)) + 1, dtype=np.int64)
-    idx_category[item_idx[item_idx > 0]] = category[item_idx > 0]
-
+    item = _item_arrays(items)
+    user = _user_arrays(users, spec, rspec, kspec)
     user_ids = users["user_id"].astype(str).to_numpy()
-    length = int(spec["history"]["length"])
-    h = users[hist_col].to_numpy() if hist_col in users else np.array([])
-    history = np.stack(h).astype(np.int64) if len(h) else np.zeros((len(users), length), np.int64)
-    if history.shape != (len(users), length):
-        raise BundleError(f"users.parquet '{hist_col}' has shape {history.shape}, expected ({len(users)}, {length})")
-    needed_user_cols = {c for t in rspec.user_tower.inputs for c in t.columns if c != hist_col}
-    needed_user_cols |= {s.split(":", 1)[1] for s in kspec.cat.sources + kspec.num.sources if s.startswith("users:")}
-    missing = sorted(c for c in needed_user_cols if c not in users.columns)
-    if missing:
-        raise BundleError(f"users.parquet lacks columns the models read: {missing}")
-    user_cols = {c: users[c].to_numpy() for c in needed_user_cols}
-    user_row = _id_map(user_ids)
+    fan = _fan_csr(fans, user_ids, item["creator_ids"])
+    layout = _ranker_layout(kspec, items, vocab_raw, fan["fan_columns"])
     channels, quotas = _load_channels(path, rspec, len(users), len(items))
-    idx_to_row = np.full(len(idx_category), -1, np.int64)
-    idx_to_row[item_idx[item_idx > 0]] = np.flatnonzero(item_idx > 0)
-
-    # Fans as CSR over user rows, creator codes sorted within each user.
-    fan_cols = [c for c in ("is_fan", "is_iron_fan", "fan_interactions") if c in fans.columns]
-    fu = pd.Index(user_ids).get_indexer(fans["user_id"].astype(str))
-    fc = pd.Index(creator_ids).get_indexer(fans["creator_id"].astype(str))
-    ok = (fu >= 0) & (fc >= 0)
-    fu, fc = fu[ok], fc[ok]
-    vals = fans.loc[ok, fan_cols].to_numpy(np.float32)
-    order = np.lexsort((fc, fu))
-    fan_ptr = np.zeros(len(users) + 1, dtype=np.int64)
-    np.add.at(fan_ptr, fu + 1, 1)
-    fan_ptr = np.cumsum(fan_ptr)
-
-    # Ranker layout: which positions of cat / num come from where.
-    item_cat_cols, item_cat_pos, user_cat_cols, user_cat_pos, request_cat = [], [], [], [], []
-    for pos, src in enumerate(kspec.cat.sources):
-        kind, _, name = src.partition(":")
-        if kind == "items":
-            item_cat_cols.append(name); item_cat_pos.append(pos)
-        elif kind == "users":
-            user_cat_cols.append(name); user_cat_pos.append(pos)
-        elif kind == "request":
-            if name not in vocab_raw:
-                raise BundleError(f"ranking.json source '{src}' names no vocabulary in vocab.json")
-            request_cat.append((pos, name))
-        else:
-            raise BundleError(f"ranking.json: unknown categorical source '{src}'")
-    item_num_cols, item_num_pos, user_num_cols, user_num_pos, fan_pos, fan_which = [], [], [], [], [], []
-    for pos, src in enumerate(kspec.num.sources):
-        kind, _, name = src.partition(":")
-        if kind == "items":
-            item_num_cols.append(name); item_num_pos.append(pos)
-        elif kind == "users":
-            user_num_cols.append(name); user_num_pos.append(pos)
-        elif kind == "fans":
-            if name not in fan_cols:
-                raise BundleError(f"ranking.json source '{src}': fans.parquet has no column '{name}'")
-            fan_pos.append(pos); fan_which.append(fan_cols.index(name))
-        elif kind not in BEHAVIOUR_KINDS:
-            raise BundleError(f"ranking.json: unknown numeric source '{src}'")
-    missing = sorted(c for c in item_cat_cols + item_num_cols if c not in items.columns)
-    if missing:
-        raise BundleError(f"items.parquet lacks columns the ranker reads: {missing}")
     digest = hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()[:12]
     version = f"{registry_version}-{digest}" if registry_version else digest
     behaviour = BehaviourLookup.load(fdir, spec.get("behaviour") or {}, kspec.num.sources, user_ids,
-                                     np.asarray(creator_ids, dtype=object).astype(str), item_ids)
-    vocab_maps = {name: request_lookup(name, raw) for name, raw in vocab_raw.items()
-                  if name in {n for _, n in request_cat}}
+                                     item["creator_ids"], item["item_ids"])
     return Bundle(
         path=path, manifest=manifest, version=version, registry_version=registry_version,
         retrieval=rspec, ranking=kspec, user_tower=user_tower, ranker=ranker, index=index,
-        item_ids=item_ids, item_row=_id_map(item_ids), creator_ids=np.asarray(creator_ids, dtype=object).astype(str),
-        item_creator=creator_code.astype(np.int64), item_category=category, visible=visible, high_quality=hq,
-        upload_ts=upload, popular=popular, idx_category=idx_category,
-        history_column=hist_col, user_row=user_row, user_cols=user_cols, history=history,
-        fan_ptr=fan_ptr, fan_creator=fc[order].astype(np.int64), fan_values=vals[order], fan_columns=fan_cols,
-        vocab_maps=vocab_maps,
-        item_cat=np.ascontiguousarray(items[item_cat_cols].to_numpy(np.int64)), item_cat_pos=np.array(item_cat_pos, np.int64),
-        item_num=np.ascontiguousarray(items[item_num_cols].to_numpy(np.float32)), item_num_pos=np.array(item_num_pos, np.int64),
-        user_cat_cols=user_cat_cols, user_cat_pos=np.array(user_cat_pos, np.int64),
-        user_num_cols=user_num_cols, user_num_pos=np.array(user_num_pos, np.int64),
-        fan_num_pos=np.array(fan_pos, np.int64), fan_num_which=np.array(fan_which, np.int64),
-        request_cat=request_cat,
+        **item, **user, **fan, **layout,
         utc_offset_hours=float((manifest.config.get("data") or {}).get("utc_offset_hours", 0.0)),
         data_end_ms=float(manifest.time_range[1]), ranker_file=ranker_file, behaviour=behaviour,
-        channels=channels, channel_quotas=quotas, idx_to_row=idx_to_row,
+        channels=channels, channel_quotas=quotas,
     )
 
 

@@ -20,7 +20,8 @@ import numpy as np
 from features.bundle import BundleError
 from serving.bundle import Bundle
 from serving.config import ServeSettings
-from serving.recommender import Recommender, RequestError, Result
+from serving.recommender import Recommender
+from serving.results import RequestError, Result
 
 COLD_USER = "__feedstack_probe_cold_user__"
 PROBE_K = 5

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from serving.bundle import Bundle
-from serving.recommender import RequestError
+from serving.results import RequestError
 
 HOURS = range(24)  # the hour's domain is known even where the training log lacked some hours
 _SHOW_VALUES = 32  # list the allowed values in the message up to this many

@@ -176,3 +176,48 @@ class ExposureTracker:
                 self._log_scale, self.pages, self.boost, self.current_gini)
         new.eligible = eligible  # recompute the running sum over the carried counts
         return new
+
+
+# --------------------------------------------------------------------------- the exposure candidate step
+
+
+def creator_groups(servable: np.ndarray, item_creator: np.ndarray, n_creators: int) -> tuple[np.ndarray, np.ndarray]:
+    """Servable catalogue rows sorted by creator, and CSR pointers: creator c's rows are rows[ptr[c]:ptr[c+1]]."""
+    rows = np.flatnonzero(servable)
+    rows = rows[np.argsort(item_creator[rows], kind="stable")]
+    return rows, np.searchsorted(item_creator[rows], np.arange(n_creators + 1))
+
+
+def least_exposed_pool(tracker: ExposureTracker, groups: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Up to ``pool_size`` servable rows (``pool_per_creator`` per creator) of the creators below the mean
+    exposure of eligible creators, least exposed first."""
+    rows, ptr = groups
+    size, per_creator = tracker.control.pool_size, tracker.control.pool_per_creator
+    counts = np.minimum(np.diff(ptr), per_creator)
+    cre = np.flatnonzero(counts > 0)
+    e = tracker.exposure()[cre]
+    mean = tracker.mean_exposure()
+    if mean > 0:
+        cre, e = cre[e < mean], e[e < mean]
+    cre = cre[np.lexsort((cre, e))]
+    cre = cre[: int(np.searchsorted(np.cumsum(counts[cre]), size)) + 1]
+    out = (np.concatenate([rows[ptr[c]:ptr[c] + counts[c]] for c in cre.tolist()])
+           if len(cre) else np.zeros(0, np.int64))
+    return out[:size]
+
+
+def pool_candidates(pool_rows: np.ndarray, pool_vecs: np.ndarray, vec: np.ndarray, exclude: np.ndarray,
+                    item_creator: np.ndarray, servable: np.ndarray, slots: int) -> np.ndarray:
+    """Up to ``slots`` pool rows not in ``exclude``, one per creator, best for the user vector ``vec``."""
+    if not len(pool_rows):
+        return np.zeros(0, np.int64)
+    score = pool_vecs @ vec.reshape(-1)
+    score[np.isin(pool_rows, exclude)] = -np.inf  # already a candidate
+    top = min(int(np.isfinite(score).sum()), 4 * slots)
+    if top <= 0:
+        return np.zeros(0, np.int64)
+    best = np.argpartition(-score, top - 1)[:top] if top < len(score) else np.arange(len(score))
+    cand = pool_rows[best[np.argsort(-score[best], kind="stable")]]
+    _, first = np.unique(item_creator[cand], return_index=True)
+    cand = cand[np.sort(first)][:slots]
+    return cand[servable[cand]].astype(np.int64)

@@ -1,7 +1,7 @@
 """The request path as a plain class: retrieval (ONNX user tower + FAISS), ranking (ONNX), the feed policy,
 governance state (blocks) and bundle reload. The BentoML service only translates HTTP to these calls.
 
-Thread-safety: a request reads ``self._state`` once; admin changes build a new state object and swap
+Thread-safety: a request reads ``self.state`` once; admin changes build a new state object and swap
 the reference, so a request never sees half of a change.
 """
 
@@ -9,53 +9,22 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-from features.bundle import BundleError
 from serving.bundle import DAY_MS, Bundle, load_bundle, resolve_bundle
 from serving.candidates import CHANNEL_REASONS, SeenMemory, channel_quotas, merge_for_user
 from serving.config import ServeSettings
-from serving.exposure import ExposureTracker
+from serving.exposure import ExposureTracker, creator_groups, least_exposed_pool, pool_candidates
 from serving.policy import Candidates, FeedPolicy
-
-
-class RequestError(ValueError):
-    """A request a client got wrong; ``field`` names the offending field."""
-
-    def __init__(self, field_name: str, message: str, status: int = 422):
-        super().__init__(message)
-        self.field = field_name
-        self.status = status
+from serving.results import RequestError, Result, ScoredItem
 
 
 @dataclass
-class ScoredItem:
-    item_id: str
-    creator_id: str
-    score: float
-    predictions: dict[str, float]
-    reasons: list[str]
-    watch_time_ms: float | None = None  # the watch-time head decoded to milliseconds, when the ranker has one
-
-
-@dataclass
-class Result:
-    items: list[ScoredItem]
-    bundle_version: str
-    scenario: str
-    cold_start: bool
-    candidates: int
-    unknown_item_ids: list[str] = field(default_factory=list)
-    filtered_item_ids: list[str] = field(default_factory=list)
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _State:
+class ServingState:
     bundle: Bundle
     policy: FeedPolicy
     servable: np.ndarray  # (N,) bool: visible and not blocked (item or creator)
@@ -84,9 +53,9 @@ class Recommender:
         self.settings = settings
         gov = settings.policy.governance
         self._admin_lock = threading.RLock()  # block() calls set_blocked() under it
-        self._state = self._make_state(bundle, frozenset(gov.blocked_items), frozenset(gov.blocked_creators))
+        self.state = self._make_state(bundle, frozenset(gov.blocked_items), frozenset(gov.blocked_creators))
         self.exposure = ExposureTracker(len(bundle.creator_ids), settings.policy.exposure_control,
-                                        self._eligible_creators(self._state), store=exposure_store)
+                                        self._eligible_creators(self.state), store=exposure_store)
         s = settings.serving
         self.seen_memory = SeenMemory(s.seen_window_s, s.seen_max_users, s.seen_max_items)
         self._configure_threads()
@@ -106,12 +75,12 @@ class Recommender:
 
         faiss.omp_set_num_threads(self.settings.serving.faiss_threads)
 
-    def _make_state(self, bundle: Bundle, items: frozenset[str], creators: frozenset[str]) -> _State:
+    def _make_state(self, bundle: Bundle, items: frozenset[str], creators: frozenset[str]) -> ServingState:
         policy = FeedPolicy(self.settings.policy, bundle.heads, bundle.ranking.scenarios)
-        return _State(bundle, policy, _servable(bundle, items, creators), items, creators)
+        return ServingState(bundle, policy, _servable(bundle, items, creators), items, creators)
 
     @staticmethod
-    def _eligible_creators(st: _State) -> np.ndarray:
+    def _eligible_creators(st: ServingState) -> np.ndarray:
         b = st.bundle
         eligible = np.zeros(len(b.creator_ids), dtype=bool)
         eligible[b.item_creator[st.servable]] = True
@@ -119,15 +88,15 @@ class Recommender:
 
     @property
     def bundle(self) -> Bundle:
-        return self._state.bundle
+        return self.state.bundle
 
     @property
     def scenarios(self) -> list[str]:
-        return self._state.policy.scenarios
+        return self.state.policy.scenarios
 
     def block(self, item_ids: Sequence[str] = (), creator_ids: Sequence[str] = (), unblock: bool = False) -> dict[str, Any]:
         with self._admin_lock:
-            st = self._state
+            st = self.state
             items, creators = set(st.blocked_items), set(st.blocked_creators)
             if unblock:
                 items -= set(item_ids)
@@ -141,10 +110,10 @@ class Recommender:
         """Replace the whole blocklist (what another worker published, or what block() computed)."""
         items, creators = set(items), set(creators)
         with self._admin_lock:
-            st = self._state
-            new = _State(st.bundle, st.policy, _servable(st.bundle, frozenset(items), frozenset(creators)),
+            st = self.state
+            new = ServingState(st.bundle, st.policy, _servable(st.bundle, frozenset(items), frozenset(creators)),
                          frozenset(items), frozenset(creators))
-            self._state = new
+            self.state = new
             self.exposure.eligible = self._eligible_creators(new)
         return {"blocked_items": sorted(new.blocked_items), "blocked_creators": sorted(new.blocked_creators),
                 "servable_items": int(new.servable.sum())}
@@ -163,15 +132,15 @@ class Recommender:
         """Serve ``bundle`` from the next request on, keeping the blocklist and the creator exposure."""
         self._warm_exposure_pool(bundle)
         with self._admin_lock:
-            old = self._state
+            old = self.state
             new = self._make_state(bundle, old.blocked_items, old.blocked_creators)
             self.exposure = self.exposure.remap(old.bundle.creator_ids, bundle.creator_ids, self._eligible_creators(new))
-            self._state = new
+            self.state = new
         return bundle.describe()
 
     # ------------------------------------------------------------------ request path
 
-    def _scenario(self, st: _State, scenario: str | None) -> str:
+    def scenario_name(self, st: ServingState, scenario: str | None) -> str:
         name = scenario or self.settings.serving.default_scenario
         if name not in st.policy.weights:
             if scenario is None:  # the configured default is absent from this bundle: take its first
@@ -179,7 +148,7 @@ class Recommender:
             raise RequestError("scenario", f"scenario: unknown scenario '{name}'; known: {st.policy.scenarios}")
         return name
 
-    def _user(self, b: Bundle, user_id: str) -> tuple[int, np.ndarray]:
+    def user_lookup(self, b: Bundle, user_id: str) -> tuple[int, np.ndarray]:
         row = b.user_row.get(user_id, -1)
         hist = b.history[row] if row >= 0 else np.zeros(b.history.shape[1], np.int64)
         return row, hist
@@ -199,11 +168,11 @@ class Recommender:
 
     def retrieve(self, user_id: str, n: int) -> np.ndarray:
         """Retrieval rows for a user, with no policy and no exposure bookkeeping (health checks)."""
-        st = self._state
-        row, hist = self._user(st.bundle, user_id)
-        return self._search(st, row, hist, n)[0]
+        st = self.state
+        row, hist = self.user_lookup(st.bundle, user_id)
+        return self.search(st, row, hist, n)[0]
 
-    def _search(self, st: _State, row: int, hist: np.ndarray, n: int) -> tuple[np.ndarray, bool, np.ndarray | None]:
+    def search(self, st: ServingState, row: int, hist: np.ndarray, n: int) -> tuple[np.ndarray, bool, np.ndarray | None]:
         """Retrieval top-``n`` rows, cold flag, and the user vector (None for the popular cold-start path)."""
         b = st.bundle
         cold = row < 0
@@ -231,56 +200,30 @@ class Recommender:
         self._vectors = (b, vecs)
         return vecs
 
-    def _exposure_pool(self, st: _State) -> tuple[np.ndarray, np.ndarray]:
-        """Servable items of the currently least-exposed creators, rebuilt every ``update_every`` pages."""
+    def _exposure_pool(self, st: ServingState) -> tuple[np.ndarray, np.ndarray]:
+        """The exposure pool's rows and vectors, rebuilt every ``update_every`` pages of the tracker."""
         tracker = self.exposure
         step = tracker.pages // tracker.control.update_every
         pool = st.pool
         if pool is not None and pool[0] == step:
             return pool[1], pool[2]
         b = st.bundle
-        if st.by_creator is None:  # servable rows grouped by creator, once per state (blocks make a new one)
-            srows = np.flatnonzero(st.servable)
-            o = np.argsort(b.item_creator[srows], kind="stable")
-            srows = srows[o]
-            st.by_creator = (srows, np.searchsorted(b.item_creator[srows], np.arange(len(b.creator_ids) + 1)))
-        srows, ptr = st.by_creator
-        size, per_creator = tracker.control.pool_size, tracker.control.pool_per_creator
-        counts = np.minimum(np.diff(ptr), per_creator)
-        cre = np.flatnonzero(counts > 0)
-        e = tracker.exposure()[cre]
-        mean = tracker.mean_exposure()
-        if mean > 0:  # only creators below the mean exposure of eligible creators
-            cre, e = cre[e < mean], e[e < mean]
-        cre = cre[np.lexsort((cre, e))]  # least exposed creators first
-        cre = cre[: int(np.searchsorted(np.cumsum(counts[cre]), size)) + 1]
-        rows = (np.concatenate([srows[ptr[c]:ptr[c] + counts[c]] for c in cre.tolist()])
-                if len(cre) else np.zeros(0, np.int64))
-        rows = rows[:size]
+        if st.by_creator is None:  # once per state (blocks make a new one)
+            st.by_creator = creator_groups(st.servable, b.item_creator, len(b.creator_ids))
+        rows = least_exposed_pool(tracker, st.by_creator)
         vecs = self._item_vectors(b)[rows]
         # Publish on the state object the request read (a state swap discards it, so blocks apply at once).
         st.pool = (step, rows, vecs)
         return rows, vecs
 
-    def _exposure_candidates(self, st: _State, vec: np.ndarray | None, rows: np.ndarray, scenario: str) -> np.ndarray:
+    def exposure_candidates(self, st: ServingState, vec: np.ndarray | None, rows: np.ndarray, scenario: str) -> np.ndarray:
         """Up to ``exposure.candidate_slots`` pool items (one per creator) not in ``rows``, best for ``vec``."""
         steps = self.settings.policy.for_scenario(scenario)
         slots = steps.exposure.candidate_slots if steps.exposure.enabled else 0
         if slots <= 0 or vec is None:
             return np.zeros(0, np.int64)
         pool_rows, pool_vecs = self._exposure_pool(st)
-        if not len(pool_rows):
-            return np.zeros(0, np.int64)
-        score = pool_vecs @ vec.reshape(-1)
-        score[np.isin(pool_rows, rows)] = -np.inf  # already a candidate
-        top = min(int(np.isfinite(score).sum()), 4 * slots)
-        if top <= 0:
-            return np.zeros(0, np.int64)
-        best = np.argpartition(-score, top - 1)[:top] if top < len(score) else np.arange(len(score))
-        cand = pool_rows[best[np.argsort(-score[best], kind="stable")]]
-        _, first = np.unique(st.bundle.item_creator[cand], return_index=True)
-        cand = cand[np.sort(first)][:slots]
-        return cand[st.servable[cand]].astype(np.int64)
+        return pool_candidates(pool_rows, pool_vecs, vec, rows, st.bundle.item_creator, st.servable, slots)
 
     def _context_codes(self, b: Bundle, context: dict[str, Any] | None) -> list[tuple[int, int]]:
         ctx = context or {}
@@ -336,13 +279,13 @@ class Recommender:
         watch_ms = np.asarray(out[1], dtype=np.float64).reshape(-1) * 1000.0 if k.watch_time else None
         return np.asarray(out[0], dtype=np.float32), watch_ms
 
-    def _score(self, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
+    def score(self, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
                context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
         if not len(rows):
             return np.zeros((0, len(b.heads)), np.float32), None
         return self._rank(b, user_id, row, hist, rows, context)
 
-    def _candidates(self, st: _State, row: int, hist: np.ndarray, rows: np.ndarray, preds: np.ndarray,
+    def candidates(self, st: ServingState, row: int, hist: np.ndarray, rows: np.ndarray, preds: np.ndarray,
                     scenario: str, excluded: np.ndarray | None) -> Candidates:
         b = st.bundle
         allowed = st.servable[rows]
@@ -376,7 +319,7 @@ class Recommender:
                            reasons[j], None if watch_ms is None else round(float(watch_ms[j]), 1))
                 for j in range(len(rows))]
 
-    def _blocked(self, st: _State, user_id: str, row: int, exclude_item_ids: Sequence[str],
+    def _blocked(self, st: ServingState, user_id: str, row: int, exclude_item_ids: Sequence[str],
                  seen_item_ids: Sequence[str]) -> tuple[np.ndarray, int]:
         """(N,) mask of rows never to serve this request (not servable, excluded, seen) and how many of
         them are the user's own (excluded or seen), which the ANN search must reach past."""
@@ -394,7 +337,7 @@ class Recommender:
             blocked[np.asarray(mine, np.int64)] = True
         return blocked, len(mine)
 
-    def _merged(self, st: _State, row: int, hist: np.ndarray, blocked: np.ndarray,
+    def _merged(self, st: ServingState, row: int, hist: np.ndarray, blocked: np.ndarray,
                 n_mine: int) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray | None]:
         """Merged candidate rows, their channel reason index, cold flag and the user vector."""
         b = st.bundle
@@ -402,7 +345,7 @@ class Recommender:
         quotas = channel_quotas(s.channel_quotas, b.channel_quotas, s.candidates, b.channels is not None)
         n = quotas.get("ann", 0) + n_mine
         while True:
-            ann, cold, vec = self._search(st, row, hist, max(n, 1))
+            ann, cold, vec = self.search(st, row, hist, max(n, 1))
             rows, tags = merge_for_user(b.channels, quotas, ann, hist, b.idx_to_row, blocked)
             got = int((tags == 0).sum())
             # Non-servable items in the ANN's top cut its share: search wider once more.
@@ -413,23 +356,23 @@ class Recommender:
     def recommend(self, user_id: str, k: int, scenario: str | None = None,
                   exclude_item_ids: Sequence[str] = (), context: dict[str, Any] | None = None,
                   seen_item_ids: Sequence[str] = ()) -> Result:
-        st = self._state
+        st = self.state
         b = st.bundle
-        name = self._scenario(st, scenario)
+        name = self.scenario_name(st, scenario)
         t0 = time.perf_counter()
-        row, hist = self._user(b, user_id)
+        row, hist = self.user_lookup(b, user_id)
         blocked, n_mine = self._blocked(st, user_id, row, exclude_item_ids, seen_item_ids)
         rows, tags, cold, vec = self._merged(st, row, hist, blocked, n_mine)
-        extra = self._exposure_candidates(st, vec, rows, name)
+        extra = self.exposure_candidates(st, vec, rows, name)
         extra = extra[~blocked[extra]]
         n_retrieved = len(rows)
         if len(extra):
             rows = np.concatenate([rows, extra])
             tags = np.concatenate([tags, np.full(len(extra), CHANNEL_REASONS.index("channel:exposure"), np.int8)])
         t1 = time.perf_counter()
-        preds, watch_ms = self._score(b, user_id, row, hist, rows, context)
+        preds, watch_ms = self.score(b, user_id, row, hist, rows, context)
         t2 = time.perf_counter()
-        cands = self._candidates(st, row, hist, rows, preds, name, None)
+        cands = self.candidates(st, row, hist, rows, preds, name, None)
         if len(extra):
             cands.exposure_pool = np.arange(len(rows)) >= n_retrieved
         page = st.policy.page(cands, k, name, self.exposure)
@@ -444,9 +387,9 @@ class Recommender:
     def rank(self, user_id: str, item_ids: Sequence[str], scenario: str | None = None,
              context: dict[str, Any] | None = None) -> Result:
         """Score given candidates: governance, then fusion (no page policy: every allowed item comes back)."""
-        st = self._state
+        st = self.state
         b = st.bundle
-        name = self._scenario(st, scenario)
+        name = self.scenario_name(st, scenario)
         seen: set[str] = set()
         unknown, filtered, keep = [], [], []
         for i in item_ids:
@@ -461,8 +404,8 @@ class Recommender:
             else:
                 keep.append(r)
         rows = np.array(keep, dtype=np.int64)
-        row, hist = self._user(b, user_id)
-        preds, watch_ms = self._score(b, user_id, row, hist, rows, context)
+        row, hist = self.user_lookup(b, user_id)
+        preds, watch_ms = self.score(b, user_id, row, hist, rows, context)
         from serving.policy import fuse
 
         steps = self.settings.policy.for_scenario(name)

@@ -20,27 +20,25 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
-
-from typing import Annotated
 
 import anyio
 import bentoml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from features.bundle import BundleError
 from serving import guard
 from serving.canary import Health, canary, public, reload_path
 from serving.config import (
-    DEFAULT_BUNDLE, ENV_BUNDLE, ENV_CONFIG, ENV_OVERRIDES, MAX_EXCLUDE, MAX_ID_LENGTH, MAX_ITEM_IDS, MAX_K,
-    ServeSettings, bundle_root, load_settings, state_dir,
+    DEFAULT_BUNDLE, ENV_BUNDLE, ENV_CONFIG, ENV_OVERRIDES, bundle_root, load_settings, state_dir,
 )
 from serving.context import check_context
 from serving.metrics import metrics
 from serving.openapi import Operation, build_openapi
-from serving.recommender import Recommender, RequestError, Result
+from serving.recommender import Recommender
+from serving.results import RequestError, Result
+from serving.schemas import (BlockRequest, BlockResponse, ContextValue, EmptyRequest, RankRequest, RankResponse,
+                             RecommendRequest, RecommendResponse, ReloadRequest, id_strings)
 from serving.state import Blocks, BlockStore
 
 log = logging.getLogger("feedstack.serving")
@@ -61,92 +59,6 @@ def _configure_logging() -> None:
 
 _configure_logging()
 
-
-
-def _whole(v: Any) -> Any:
-    """JSON Schema's integer includes 83.0; strict pydantic would refuse it, so whole floats become ints."""
-    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**63 else v
-
-
-Int = Annotated[int, BeforeValidator(_whole)]
-# KuaiRand ids are integers and clients send them as numbers or strings; both mean the same id.
-Id = (Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
-      | Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(_whole)])
-ContextValue = Annotated[str, Field(max_length=64)] | Annotated[int, Field(ge=-(2**31), le=2**31 - 1), BeforeValidator(_whole)]
-ContextKey = Annotated[str, Field(min_length=1, max_length=64)]
-
-
-def _ids(values: list[str | int]) -> list[str]:
-    return [str(v) for v in values]
-
-
-class _Strict(BaseModel):
-    # Unknown fields and wrong JSON types are errors (a string "20" is not a k).
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class RecommendRequest(_Strict):
-    user_id: Id = Field(description="user id as in the dataset (string or integer)")
-    k: Int = Field(20, ge=1, le=MAX_K, description="page size")
-    scenario: str | None = Field(None, max_length=64, description="fusion scenario; default: serving.default_scenario")
-    exclude_item_ids: list[Id] = Field(default_factory=list, max_length=MAX_EXCLUDE,
-                                       description="items the client already showed")
-    context: dict[ContextKey, ContextValue] | None = Field(None, max_length=16,
-                                                           description="e.g. {\"tab\": 1, \"hour\": 20}")
-    seen_item_ids: list[Id] = Field(default_factory=list, max_length=MAX_EXCLUDE,
-                                    description="items the user has seen: excluded now and remembered for "
-                                                "serving.seen_window_s")
-
-
-class RankRequest(_Strict):
-    user_id: Id
-    item_ids: list[Id] = Field(min_length=1, max_length=MAX_ITEM_IDS)
-    scenario: str | None = Field(None, max_length=64)
-    context: dict[ContextKey, ContextValue] | None = Field(None, max_length=16)
-
-
-class Item(BaseModel):
-    item_id: str
-    creator_id: str
-    score: float = Field(description="final score: fused head predictions plus any exposure boost")
-    predictions: dict[str, float] = Field(description="per-head prediction")
-    reasons: list[str] = Field(description="policy reasons (relevance, fan, quality_support, exposure_boost, "
-                                           "exploration), then the candidate channel (channel:ann, ...)")
-    watch_time_ms: float | None = Field(None, description="expected watch time (ms), decoded from the watch-time head")
-
-
-class RecommendResponse(BaseModel):
-    items: list[Item]
-    bundle_version: str
-    scenario: str
-    cold_start: bool
-    candidates: int
-
-
-class RankResponse(RecommendResponse):
-    unknown_item_ids: list[str]
-    filtered_item_ids: list[str] = Field(description="known items governance keeps out (blocked or not visible)")
-
-
-class BlockRequest(_Strict):
-    item_ids: list[Id] = Field(default_factory=list, max_length=10_000)
-    creator_ids: list[Id] = Field(default_factory=list, max_length=10_000)
-    unblock: bool = False
-
-
-class BlockResponse(BaseModel):
-    blocked_items: list[str]
-    blocked_creators: list[str]
-    servable_items: int
-
-
-class ReloadRequest(_Strict):
-    bundle: str | None = Field(None, min_length=1, max_length=4096,
-                               description="models:/ URI or a directory under the bundle root; default: the startup source")
-
-
-class EmptyRequest(_Strict):
-    pass
 
 
 def _error(status: int, message: str, field: str | None = None, ctx: bentoml.Context | None = None) -> JSONResponse:
@@ -312,8 +224,8 @@ class Feedstack:
         # Async on purpose: the work is ~1-3 ms of ONNX / FAISS / numpy, cheaper to run on the event loop
         # than to hop to a worker thread (measured: p50 3.0 -> 2.2 ms, c=8 throughput +50 %).
         t0 = time.perf_counter()
-        rec, r = self._call("recommend", t0, lambda rec: rec.recommend(str(user_id), k, scenario, _ids(exclude_item_ids),
-                                                                      context, _ids(seen_item_ids)), context)
+        rec, r = self._call("recommend", t0, lambda rec: rec.recommend(str(user_id), k, scenario, id_strings(exclude_item_ids),
+                                                                      context, id_strings(seen_item_ids)), context)
         if rec is None:
             return r  # type: ignore[return-value]
         m = self.metrics
@@ -332,7 +244,7 @@ class Feedstack:
                    context: dict[str, ContextValue] | None) -> RankResponse:
         """Score given items for a user (governance and fusion; unknown and filtered ids are reported)."""
         t0 = time.perf_counter()
-        rec, r = self._call("rank", t0, lambda rec: rec.rank(str(user_id), _ids(item_ids), scenario, context), context)
+        rec, r = self._call("rank", t0, lambda rec: rec.rank(str(user_id), id_strings(item_ids), scenario, context), context)
         if rec is None:
             return r  # type: ignore[return-value]
         self._observe("rank", t0, "ok")
@@ -380,7 +292,7 @@ class Feedstack:
             return denied  # type: ignore[return-value]
         if self.recommender is None:
             return _error(503, f"no bundle loaded: {self.load_error}", ctx=ctx)  # type: ignore[return-value]
-        stored = self._blocks.update(_ids(item_ids), _ids(creator_ids), unblock)  # under the store's lock
+        stored = self._blocks.update(id_strings(item_ids), id_strings(creator_ids), unblock)  # under the store's lock
         return self._apply_blocks(self.recommender, stored)
 
     @bentoml.api(route="/admin/reload", input_spec=ReloadRequest)

@@ -17,7 +17,8 @@ from features.bundle import bundle_files, sha256_file
 from serving.bundle import load_bundle
 from serving.canary import Health, probe, public, reload_path
 from serving.config import load_settings
-from serving.recommender import Recommender, RequestError
+from serving.recommender import Recommender
+from serving.results import RequestError
 
 AUTH = {"Authorization": "Bearer test-admin-token"}
 

@@ -11,10 +11,8 @@ import pytest
 from features.synthetic import World
 from serving.bundle import Bundle, load_bundle
 from serving.config import ServeSettings, ServingConfig
-from serving.offline import (
-    BASELINE, POLICY, condensed, evaluate_policy, gain_names, lorenz, ndcg, period_log, period_view, prepare_cases,
-    serve_arm,
-)
+from serving.offline import BASELINE, POLICY, evaluate_policy, lorenz, ndcg, serve_arm
+from serving.offline_cases import condensed, gain_names, period_log, period_view, prepare_cases
 from serving.policy import fuse
 from serving.policy_config import ExposureControl, ExposureStep, GovernanceConfig, PolicyConfig, QualityStep
 from serving.recommender import Recommender
@@ -80,11 +78,11 @@ def test_candidates_are_retrieval_plus_logged_items_in_time_order(bundle: Bundle
         assert not c.gains[~c.logged].any()
     # Scores are the service's own for the same user and rows.
     c = cases[0]
-    row, hist = rec._user(view, c.user_id)
+    row, hist = rec.user_lookup(view, c.user_id)
     np.testing.assert_array_equal(hist, c.hist)
     ctx = {n: str(test_log.sort_values("ts").loc[lambda d: d["user_id"] == c.user_id, n].iloc[0])
            for _, n in view.request_cat if n != "user_id" and n in test_log}
-    np.testing.assert_allclose(rec._score(view, c.user_id, row, hist, c.rows, ctx)[0], c.preds, rtol=1e-6)
+    np.testing.assert_allclose(rec.score(view, c.user_id, row, hist, c.rows, ctx)[0], c.preds, rtol=1e-6)
 
 
 def test_period_view_uses_time_correct_history(bundle: Bundle, test_log):
@@ -173,8 +171,8 @@ def test_engagement_metrics_against_plain_computations(bundle: Bundle, test_log)
     base = Recommender(view, ServeSettings(policy=PolicyConfig.engagement_only()))
     cases, _ = prepare_cases(base, test_log, max_users=USERS)
     mb, *_ = serve_arm(base, cases, K)
-    st = base._state
-    w = st.policy.weights[base._scenario(st, None)]
+    st = base.state
+    w = st.policy.weights[base.scenario_name(st, None)]
     judged_scores, dm_scores = [], []
     for c in cases:
         fused = fuse(c.preds, w)

@@ -16,7 +16,8 @@ import pytest
 from features.bundle import BundleError
 from serving.bundle import load_bundle
 from serving.config import ServeSettings, settings_from_raw
-from serving.recommender import Recommender, RequestError
+from serving.recommender import Recommender
+from serving.results import RequestError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -186,17 +187,17 @@ def test_exposure_candidates_widen_creator_reach_and_respect_governance(serving_
     b = rec.bundle
     for u in users[:20]:
         rec.recommend(u, 10)
-    pool_rows, _ = rec._exposure_pool(rec._state)
+    pool_rows, _ = rec._exposure_pool(rec.state)
     blocked_creators = sorted({str(c) for c in b.creator_ids[b.item_creator[pool_rows[:40]]]})[:3]
     blocked_items = [str(b.item_ids[r]) for r in pool_rows[40:60]]
     rec.block(item_ids=blocked_items, creator_ids=blocked_creators)
-    bad = ~rec._state.servable
+    bad = ~rec.state.servable
     assert bad.any() and (~b.visible).any()
     n_added = 0
     for u in users:
-        row, hist = rec._user(b, u)
-        rows, _, vec = rec._search(rec._state, row, hist, 20)
-        extra = rec._exposure_candidates(rec._state, vec, rows, "default" if "default" in rec.scenarios else rec.scenarios[0])
+        row, hist = rec.user_lookup(b, u)
+        rows, _, vec = rec.search(rec.state, row, hist, 20)
+        extra = rec.exposure_candidates(rec.state, vec, rows, "default" if "default" in rec.scenarios else rec.scenarios[0])
         assert not bad[extra].any()
         n_added += len(extra)
         r = rec.recommend(u, 10)
@@ -213,7 +214,7 @@ def test_exposure_pool_size_and_per_creator_limit(serving_bundle: Path):
                                                                  "pool_per_creator": per_creator})
         for u in users:
             rec.recommend(u, 10)
-        rows, vecs = rec._exposure_pool(rec._state)
+        rows, vecs = rec._exposure_pool(rec.state)
         b = rec.bundle
         assert 0 < len(rows) <= size and len(vecs) == len(rows)
         assert np.bincount(b.item_creator[rows]).max() <= per_creator
@@ -225,7 +226,7 @@ def test_exposure_pool_size_and_per_creator_limit(serving_bundle: Path):
 def _ranker_feeds(rec: Recommender, user: str, rows: np.ndarray, context: dict) -> dict[str, np.ndarray]:
     """The inputs the request path hands the ONNX ranker for ``user``'s candidates ``rows``."""
     b = rec.bundle
-    row, hist = rec._user(b, user)
+    row, hist = rec.user_lookup(b, user)
     feeds: dict[str, np.ndarray] = {}
     ranker = b.ranker
 
@@ -252,7 +253,7 @@ def test_requests_are_scored_with_the_request_graph_and_match_the_full_ranker(se
     users = sorted(b.user_row)[:5] + ["someone-new"]  # a cold-start user too
     rows = np.arange(min(b.n_items, 300))
     for u in users:
-        row, hist = rec._user(b, u)
+        row, hist = rec.user_lookup(b, u)
         fast, watch = rec._rank(b, u, row, hist, rows, {"hour": 9})
         feeds = _ranker_feeds(rec, u, rows, {"hour": 9})
         ref = full.run(None, feeds)

@@ -207,7 +207,7 @@ def test_mf_dimensions_ride_in_the_served_vectors(synthetic_config: Path, synthe
     user tower carries weight x the ALS user factors by user index (0 for unknown users), the item vectors
     the ALS item factors, and the test table shows the towers alone beside it."""
     from training.retrieval.data import InputLayout
-    from training.retrieval.vectors import mf_fit as _mf_fit
+    from training.retrieval.vectors import mf_fit
 
     cfg = _cfg(synthetic_config, "retrieval.mf_weights=[0.0, 2.0]", "retrieval.max_epochs=2")
     out = tmp_path / "retrieval"
@@ -229,7 +229,7 @@ def test_mf_dimensions_ride_in_the_served_vectors(synthetic_config: Path, synthe
     rows = pd.read_parquet(synthetic_tables.dir / "interactions.parquet")
     from training.retrieval.data import ItemFeatures
 
-    mf = _mf_fit(cfg.retrieval, rows, ItemFeatures(cfg, synthetic_tables, layout, rows), synthetic_tables,
+    mf = mf_fit(cfg.retrieval, rows, ItemFeatures(cfg, synthetic_tables, layout, rows), synthetic_tables,
                  layout.user_cat_sizes[0], meta["baselines"]["mf"], 2.0, cfg.seed)
     np.testing.assert_allclose(vecs[:, d:f], mf.items, atol=1e-5)
     np.testing.assert_allclose(np.load(out / meta["mf"]["user_factors_file"]), mf.table, atol=1e-6)

@@ -36,10 +36,12 @@ def channels_table(ch: dict[str, Any]) -> str:
 def ranking_table(section: dict[str, Any]) -> str:
     """Per head: the ranker beside the GBDT, its own deep part alone (a hybrid ranker), single-task and
     item-rate baselines (when the run has them);
-    rare heads carry their bootstrap interval and whether they beat item-rate distinguishably."""
+    rare heads carry their bootstrap interval and whether they beat item-rate distinguishably; the difference
+    to the GBDT carries its paired user-bootstrap interval."""
     model = section.get("model", {})
     base = section.get("baselines", {})
     extra = [b for b in ("gbdt", "deep", "single_task") if base.get(b)]
+    has_vs = any(isinstance(m, dict) and "vs_gbdt" in m for m in model.values())
     rows = []
     for head, m in model.items():
         if not isinstance(m, dict):
@@ -48,11 +50,14 @@ def ranking_table(section: dict[str, Any]) -> str:
         auc = _fmt(m.get("auc")) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
         if m.get("vs_item_rate") == "not distinguishable":
             auc += " n.d."
+        g = m.get("vs_gbdt")
+        vs = f"{g['auc_diff']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g else None
         rows.append([head, m.get("positives"), auc, *(base[b].get(head, {}).get("auc") for b in extra),
-                     base.get("item_rate", {}).get(head, {}).get("auc"), m.get("gauc"),
+                     *([vs] if has_vs else []), base.get("item_rate", {}).get(head, {}).get("auc"), m.get("gauc"),
                      *(base[b].get(head, {}).get("gauc") for b in extra), m.get("logloss"), m.get("ece")])
     names = {"gbdt": "GBDT", "deep": "deep part", "single_task": "single-task"}
-    header = ["head", "positives", "AUC", *(f"AUC {names[b]}" for b in extra), "AUC item-rate", "GAUC",
+    header = ["head", "positives", "AUC", *(f"AUC {names[b]}" for b in extra),
+              *(["AUC - GBDT [paired 95% CI]"] if has_vs else []), "AUC item-rate", "GAUC",
               *(f"GAUC {names[b]}" for b in extra), "logloss", "ECE"]
     return table(header, rows)
 

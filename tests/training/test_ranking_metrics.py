@@ -128,3 +128,29 @@ def test_user_bootstrap_interval_brackets_the_auc_and_narrows_with_more_users():
         return hi - lo
 
     assert width(2000) < width(100)
+
+
+def test_paired_bootstrap_difference_matches_a_resampling_loop_and_separates_real_gaps():
+    from training.ranking.metrics import auc, bootstrap_auc_difference
+
+    rng = np.random.default_rng(3)
+    users = np.repeat(np.arange(150), 8)
+    y = (rng.random(len(users)) < 0.3).astype(int)
+    good = y + rng.normal(0, 0.8, len(y))
+    worse = y + rng.normal(0, 2.0, len(y))
+    d, lo, hi = bootstrap_auc_difference(y, good, worse, users, 100, seed=0)
+    assert d == pytest.approx(auc(y, good) - auc(y, worse))
+    assert lo > 0 and lo <= d <= hi  # a real gap: the interval excludes 0
+    # The same interval from a plain loop: resample users, score both models on the resampled rows.
+    r = np.random.default_rng(0)
+    uniq = np.unique(users)
+    diffs = []
+    for _ in range(100):
+        pick = r.integers(0, len(uniq), len(uniq))
+        rows = np.concatenate([np.flatnonzero(users == uniq[i]) for i in pick])
+        diffs.append(auc(y[rows], good[rows]) - auc(y[rows], worse[rows]))
+    assert (lo, hi) == pytest.approx((np.quantile(diffs, 0.025), np.quantile(diffs, 0.975)), abs=1e-9)
+    # Two equally good models: the interval holds 0.
+    twin = y + rng.normal(0, 0.8, len(y))
+    _, lo2, hi2 = bootstrap_auc_difference(y, good, twin, users, 100, seed=0)
+    assert lo2 <= 0 <= hi2

@@ -29,3 +29,13 @@ def test_rare_heads_show_their_interval_and_verdict():
     assert "0.6400 [0.450, 0.760] n.d." in hate
     click = ranking_table(_section(True)).splitlines()[2]
     assert "[" not in click and "n.d." not in click
+
+
+def test_difference_to_the_gbdt_with_its_paired_interval():
+    section = _section(True)
+    section["model"]["click"]["vs_gbdt"] = {"auc_diff": -0.02, "ci95": [-0.031, -0.009], "verdict": "below"}
+    lines = ranking_table(section).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    click = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert click[header.index("AUC - GBDT [paired 95% CI]")] == "-0.0200 [-0.0310, -0.0090]"
+    assert "AUC - GBDT" not in ranking_table(_section(True)).splitlines()[0]  # absent when not computed

@@ -25,7 +25,7 @@ from features.contract import RANKING, RANKING_JSON
 from features.tables import FeatureTables
 from training.config import TrainConfig
 from training.ranking.data import DURATION, FeatureLayout
-from training.ranking.metrics import bootstrap_auc_interval, head_report, ndcg_at_k, watch_report
+from training.ranking.metrics import bootstrap_auc_difference, bootstrap_auc_interval, head_report, ndcg_at_k, watch_report
 from training.ranking.watch_time import WatchTimeQuantiles
 
 CHUNK = 16384
@@ -94,7 +94,8 @@ def build_report(
 ) -> dict[str, Any]:
     """``model`` = (scores (N, T), watch ms (N,) or None); ``single_task`` = head -> (scores (N, 1), watch ms);
     ``baselines`` = name (``gbdt``, ``deep``) -> head -> (N,) probabilities. A head with fewer than ``rare_positives`` positives gets a
-    user-bootstrap 95% interval of its AUC and a verdict against the item-rate AUC."""
+    user-bootstrap 95% interval of its AUC and a verdict against the item-rate AUC; every head with a GBDT
+    baseline gets the AUC difference to it with a paired user-bootstrap 95% interval (``vs_gbdt``)."""
     users = rows["user_id"].to_numpy()
     binary = [(t, n) for t, (n, k) in enumerate(heads) if k == "binary"]
     watch = [(t, n) for t, (n, k) in enumerate(heads) if k == "watch_time"]
@@ -117,6 +118,11 @@ def build_report(
             ir = report["baselines"]["item_rate"][name]["auc"]
             m["auc_ci95"] = [lo, hi]
             m["vs_item_rate"] = "not distinguishable" if lo <= ir <= hi else ("above" if lo > ir else "below")
+        gbdt = (baselines or {}).get("gbdt", {})
+        if name in gbdt and 0 < m["positives"] < m["impressions"]:
+            d, lo, hi = bootstrap_auc_difference(y, scores[:, t], gbdt[name], users, bootstrap_samples, seed)
+            m["vs_gbdt"] = {"auc_diff": d, "ci95": [lo, hi],
+                            "verdict": "not distinguishable" if lo <= 0 <= hi else ("above" if lo > 0 else "below")}
     if not report["baselines"]["single_task"]:
         del report["baselines"]["single_task"]
 

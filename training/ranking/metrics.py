@@ -179,21 +179,40 @@ def weighted_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> float:
     return float((wp * (below + 0.5 * wn)).sum() / (total_p * total_n))
 
 
-def bootstrap_auc_interval(y: np.ndarray, p: np.ndarray, users: np.ndarray, samples: int, seed: int,
-                           level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the AUC over user-bootstrap resamples (users drawn with replacement, each
-    bringing all its impressions: impressions of one user are not independent)."""
+def _user_resamples(users: np.ndarray, samples: int, seed: int):
+    """Row weights of ``samples`` user-bootstrap resamples: users drawn with replacement, each bringing all
+    its impressions (impressions of one user are not independent)."""
     code, uniq = pd.factorize(pd.Series(np.asarray(users)))
     rng = np.random.default_rng(seed)
-    y = np.asarray(y).astype(bool)
-    _, group = np.unique(np.asarray(p, np.float64), return_inverse=True)
-    vals = []
     for _ in range(samples):
-        counts = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)).astype(np.float64)
-        a = weighted_auc(y, group, counts[code])
-        if np.isfinite(a):
-            vals.append(a)
+        yield np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)).astype(np.float64)[code]
+
+
+def _interval(vals: list[float], level: float) -> tuple[float, float]:
     if not vals:
         return float("nan"), float("nan")
     alpha = (1 - level) / 2
     return float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))
+
+
+def bootstrap_auc_interval(y: np.ndarray, p: np.ndarray, users: np.ndarray, samples: int, seed: int,
+                           level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the AUC over user-bootstrap resamples."""
+    y = np.asarray(y).astype(bool)
+    _, group = np.unique(np.asarray(p, np.float64), return_inverse=True)
+    vals = [a for w in _user_resamples(users, samples, seed) if np.isfinite(a := weighted_auc(y, group, w))]
+    return _interval(vals, level)
+
+
+def bootstrap_auc_difference(y: np.ndarray, p: np.ndarray, q: np.ndarray, users: np.ndarray, samples: int, seed: int,
+                             level: float = 0.95) -> tuple[float, float, float]:
+    """AUC(p) - AUC(q) on the same impressions, and its paired user-bootstrap percentile interval (both
+    scored on each resample, so the shared noise of the impressions cancels)."""
+    y = np.asarray(y).astype(bool)
+    gp = np.unique(np.asarray(p, np.float64), return_inverse=True)[1]
+    gq = np.unique(np.asarray(q, np.float64), return_inverse=True)[1]
+    ones = np.ones(len(y))
+    diff = weighted_auc(y, gp, ones) - weighted_auc(y, gq, ones)
+    vals = [d for w in _user_resamples(users, samples, seed)
+            if np.isfinite(d := weighted_auc(y, gp, w) - weighted_auc(y, gq, w))]
+    return (float(diff), *_interval(vals, level))

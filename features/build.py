@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from features.behaviour import Behaviour
@@ -82,7 +83,7 @@ def feature_spec(cfg: Config, vocabs: dict[str, Vocab], item_numeric: list[str],
     }
 
 
-def _build_vocabs(cfg: Config, ing: Ingested, train_counts: Callable[[str], pd.Series]) -> dict[str, Vocab]:
+def build_vocabs(cfg: Config, ing: Ingested, train_counts: Callable[[str], pd.Series]) -> dict[str, Vocab]:
     """Id and context vocabularies from ``train_counts(column)`` (occurrences per value in the train rows),
     attribute vocabularies from the item and user tables."""
     mc = cfg.vocab.min_count
@@ -105,14 +106,20 @@ def _build_vocabs(cfg: Config, ing: Ingested, train_counts: Callable[[str], pd.S
     return vocabs
 
 
-def _encode(df: pd.DataFrame, vocabs: dict[str, Vocab], columns: list[str]) -> None:
+def encode_columns(df: pd.DataFrame, vocabs: dict[str, Vocab], columns: list[str]) -> None:
     for c in columns:
         df[f"{c}_idx"] = vocabs[c].encode(df[c].astype(str))
 
 
-def _write(df: pd.DataFrame, path: Path, row_group_size: int | None = None) -> dict[str, Any]:
+def write_table(df: pd.DataFrame, path: Path, row_group_size: int | None = None) -> dict[str, Any]:
     df.to_parquet(path, index=False, row_group_size=row_group_size)
-    return {"file": path.name, "rows": len(df), "sha256": sha256_file(path), "columns": list(df.columns)}
+    return table_entry(path)
+
+
+def table_entry(path: Path) -> dict[str, Any]:
+    """A written table as the manifest lists it."""
+    meta = pq.read_metadata(path)
+    return {"file": path.name, "rows": meta.num_rows, "sha256": sha256_file(path), "columns": meta.schema.to_arrow_schema().names}
 
 
 def build_features(cfg: Config, force: bool = False, progress: bool = True) -> BuildResult:
@@ -149,11 +156,11 @@ def _build_pandas(cfg: Config, out: Path, fingerprint: dict[str, Any], progress:
     log["period"] = pd.Categorical.from_codes(split.period_of(log["ts"].to_numpy()), categories=list(PERIODS))
     log["block"] = split.block_of(log["ts"].to_numpy())
     train = log[log["period"] == "train"]
-    vocabs = _build_vocabs(cfg, ing, lambda c: train[c].astype(str).value_counts())
+    vocabs = build_vocabs(cfg, ing, lambda c: train[c].astype(str).value_counts())
     context = cfg.data.context_columns
     if "hour" in context:
         log["hour"] = log["hour"].astype(str)
-    _encode(log, vocabs, ["user_id", "item_id", "creator_id", *context])
+    encode_columns(log, vocabs, ["user_id", "item_id", "creator_id", *context])
     step("split + vocab")
 
     binary = cfg.data.binary_signals
@@ -198,12 +205,12 @@ def _build_pandas(cfg: Config, out: Path, fingerprint: dict[str, Any], progress:
 
     tables = {
         # ~100k-row groups: a streamed fit shuffles row groups, so smaller ones mix the log better.
-        "interactions": _write(log, out / "interactions.parquet", row_group_size=100_000),
-        "items": _write(items, out / ITEMS),
-        "creators": _write(creators, out / CREATORS),
-        "users": _write(users, out / USERS),
-        "fans": _write(fans, out / FANS),
-        **{name: _write(df, out / f"{name}.parquet") for name, df in beh_tables.items()},
+        "interactions": write_table(log, out / "interactions.parquet", row_group_size=100_000),
+        "items": write_table(items, out / ITEMS),
+        "creators": write_table(creators, out / CREATORS),
+        "users": write_table(users, out / USERS),
+        "fans": write_table(fans, out / FANS),
+        **{name: write_table(df, out / f"{name}.parquet") for name, df in beh_tables.items()},
     }
     periods = log.groupby("period", observed=False)["ts"].agg(["count", "min", "max"])
     behaviour = None if beh is None else {"columns": beh.columns, "tables": {k: k for k in beh_tables},
@@ -223,7 +230,7 @@ def serving_items(cfg: Config, raw_items: pd.DataFrame, vocabs: dict[str, Vocab]
     """The serving item and creator tables (quality as of snapshot ``block``) and the item numeric inputs."""
     items = raw_items.copy()
     items["category"] = items["category"].astype(str)
-    _encode(items, vocabs, ["item_id", "creator_id", "category", *cfg.data.items.categorical])
+    encode_columns(items, vocabs, ["item_id", "creator_id", "category", *cfg.data.items.categorical])
     iq = item_q.gather(items["item_id"], np.full(len(items), block))
     cq = creator_q.gather(items["creator_id"], np.full(len(items), block))
     items = pd.concat([items, iq, cq], axis=1)
@@ -241,7 +248,7 @@ def serving_users(cfg: Config, users: pd.DataFrame, vocabs: dict[str, Vocab], hi
     behaviour on, the user aggregates as of snapshot ``block``."""
     users["user_id_idx"] = vocabs["user_id"].encode(users["user_id"])
     if cfg.data.users is not None:
-        _encode(users, vocabs, list(cfg.data.users.categorical))
+        encode_columns(users, vocabs, list(cfg.data.users.categorical))
     users["history"] = list(history)
     if user_snap is not None:
         users = pd.concat([users, user_snap.gather(users["user_id"], np.full(len(users), block))], axis=1)

@@ -210,7 +210,7 @@ class FeaturesConfig:
     the log in chunks, sorts, dedupes and aggregates it in DuckDB under ``memory_limit`` (spilling to
     ``temp_dir``), and assembles the rows block by block, ``chunk_rows`` at a time."""
 
-    engine: Literal["pandas", "duckdb"] = "pandas"
+    engine: Literal["pandas", "duckdb"] = "duckdb"
     memory_limit: str = "2GB"  # DuckDB's budget (SET memory_limit): "2GB", "500MB"
     threads: int | None = None  # DuckDB threads; None: one per core
     temp_dir: str | None = None  # where DuckDB spills; None: <output_dir>/features/_work

@@ -274,7 +274,7 @@ def copy_keyed(con: duckdb.DuckDBPyConnection, key: str, cols: list[str], values
     v = pa.table({"code": codes, "_rank": rank, **values})
     con.register("v_table", v)
     ids = ", ".join(f'k."{c}"' for c in cols)
-    reader = con.execute(f"""SELECT {ids}, v.* EXCLUDE (code, _rank) FROM k_{key} k JOIN v_table v USING (code)
+    reader = con.sql(f"""SELECT {ids}, v.* EXCLUDE (code, _rank) FROM k_{key} k JOIN v_table v USING (code)
                              WHERE v._rank >= 0 ORDER BY v._rank""").to_arrow_reader(100_000)
     # pandas writes its text columns as large_string: the same Arrow types as the in-memory build's tables
     schema = pa.schema([pa.field(f.name, pa.large_string()) if pa.types.is_string(f.type) else f for f in reader.schema])

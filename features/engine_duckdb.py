@@ -271,6 +271,9 @@ def copy_keyed(con: duckdb.DuckDBPyConnection, key: str, cols: list[str], values
     ``order``, a position per code; codes with a negative one are left out)."""
     codes = np.arange(len(next(iter(values.values()))), dtype=np.int64)
     rank = codes if order is None else order
+    if not (rank >= 0).any():  # no rows: written as pandas writes an empty frame (id columns of type null)
+        empty = {c: np.array([], object) for c in cols} | {k: v[:0] for k, v in values.items()}
+        return write_table(pd.DataFrame(empty), path)
     v = pa.table({"code": codes, "_rank": rank, **values})
     con.register("v_table", v)
     ids = ", ".join(f'k."{c}"' for c in cols)

@@ -142,7 +142,8 @@ def iter_table(path: Path, spec: TableSpec, rows: int) -> Iterator[pd.DataFrame]
     with _read_errors(path, fmt, spec):
         if fmt == "parquet":
             pf = pq.ParquetFile(path)
-            index_cols = set((pf.schema_arrow.pandas_metadata or {}).get("index_columns", [])) - {None}
+            # a stored pandas index is a column of the file, not of the table (a RangeIndex is a dict here)
+            index_cols = {c for c in (pf.schema_arrow.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
             cols = [c for c in pf.schema_arrow.names if c not in index_cols]
             chunks: Iterator[pd.DataFrame] = (pa.Table.from_batches([b]).to_pandas()
                                               for b in pf.iter_batches(batch_size=rows, columns=cols))

@@ -213,7 +213,7 @@ class FeaturesConfig:
     engine: Literal["pandas", "duckdb"] = "duckdb"
     memory_limit: str = "2GB"  # DuckDB's budget (SET memory_limit): "2GB", "500MB"
     threads: int | None = None  # DuckDB threads; None: one per core
-    temp_dir: str | None = None  # where DuckDB spills; None: <output_dir>/features/_work
+    temp_dir: str | None = None  # work files (the log sorted, DuckDB's spill) go in a fresh folder here; None: <output_dir>/features
     chunk_rows: int = 250_000  # rows read, validated and assembled at a time
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -344,9 +345,9 @@ def period_stats(con: duckdb.DuckDBPyConnection, split: TimeSplit) -> pd.DataFra
 
 def build_duckdb(cfg: Config, out: Path, fingerprint: dict[str, Any], progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
-    work = Path(cfg.features.temp_dir) if cfg.features.temp_dir else out / "_work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    base = Path(cfg.features.temp_dir) if cfg.features.temp_dir else out
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="duckdb-build-", dir=base))  # canonical and sorted log, DuckDB's spill
     con = connect(cfg, work)
     try:
         ing = ingest_log(cfg, out, work, con)

@@ -190,6 +190,14 @@ def _ids(col: pd.Series) -> pd.Series:
     return s.str.replace(r"^(-?\d+)\.0+$", r"\1", regex=True)
 
 
+def _known(ids: pd.Series, index: pd.Index) -> np.ndarray:
+    """``ids.isin(index)`` of a unique index by hash lookup: pandas' isin on Arrow-backed strings loops in
+    Python (11 s for 250k rows against 400k ids)."""
+    if not index.is_unique:
+        return ids.isin(index).to_numpy()
+    return index.get_indexer(pd.Index(ids)) >= 0
+
+
 class _Charger:
     """Assigns each bad row to the first rule it breaks."""
 
@@ -398,9 +406,9 @@ def canonicalize_log(
 
     user_id = _ids(raw[cols["user_id"]])
     item_id = _ids(raw[cols["item_id"]])
-    ch.charge("unknown_item", ~item_id.isin(item_creator.index).to_numpy())
+    ch.charge("unknown_item", ~_known(item_id, item_creator.index))
     if known_users is not None:
-        ch.charge("unknown_user", ~user_id.isin(known_users).to_numpy())
+        ch.charge("unknown_user", ~_known(user_id, known_users))
     ts_ms = np.round(ts * _TIME_UNIT_TO_MS[spec.time_unit])
     if cfg.validation.drop_duplicates:
         key = pd.DataFrame({"u": user_id, "i": item_id, "t": ts_ms})

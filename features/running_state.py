@@ -104,6 +104,7 @@ class RunningFans:
         self.follow = np.zeros(n_pairs, bool)
         self.first_event = np.full(n_pairs, -1, np.int64)  # position of the pair's first event in the log
         self.events: list[tuple[np.ndarray, np.ndarray]] = []  # (pair codes, ts) of interactions, by block
+        self._window: tuple[int | None, np.ndarray] = (None, np.zeros(0, np.int32))  # (cutoff, counts per pair)
 
     def flags(self, rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(interaction, follow) per row, as features/fans.py: _events."""
@@ -116,11 +117,12 @@ class RunningFans:
 
     def relations(self, codes: np.ndarray, cutoff: int) -> dict[str, np.ndarray]:
         """is_fan, is_iron_fan, fan_interactions of pairs ``codes`` as of ``cutoff`` (>= every added ts)."""
-        lo = cutoff - self.window_ms
-        recent = [c[t >= lo] for c, t in self.events]
-        recent_codes = np.concatenate(recent) if recent else np.zeros(0, np.int64)
-        counts = np.bincount(recent_codes, minlength=len(self.follow))
-        inter = counts[codes]
+        if self._window[0] != cutoff:  # every chunk of a block asks with the same cutoff: count once
+            lo = cutoff - self.window_ms
+            recent = [c[t >= lo] for c, t in self.events]
+            recent_codes = np.concatenate(recent) if recent else np.zeros(0, np.int64)
+            self._window = (cutoff, np.bincount(recent_codes, minlength=len(self.follow)).astype(np.int32))
+        inter = self._window[1][codes]
         is_fan = self.follow[codes]
         return {"is_fan": is_fan.astype(np.int8),
                 "is_iron_fan": (is_fan & (inter >= self.cfg.iron_fan_min_interactions)).astype(np.int8),
@@ -136,6 +138,7 @@ class RunningFans:
         new = self.first_event[uniq] < 0
         self.first_event[uniq[new]] = first_pos + ev[first[new]]
         self.events.append((codes[inter], rows["ts"][inter]))
+        self._window = (None, np.zeros(0, np.int32))
         lo = next_cutoff - self.window_ms
         self.events = [(c[t >= lo], t[t >= lo]) for c, t in self.events]
 

@@ -8,6 +8,10 @@ Output tables:
 - ``items.parquet``, ``creators.parquet``, ``users.parquet``, ``fans.parquet``: the serving snapshot
   (everything known at the end of the data), what a bundle ships for online lookups.
 - ``vocab.json``, ``validation.json``, ``quarantine_*.csv``, ``manifest.json``.
+
+Two engines write the same tables (``features.engine``): ``duckdb`` (the default, out of core:
+features/engine_duckdb.py) and ``pandas`` (the whole log in memory, below; the reference the tests compare
+the other against). The serving snapshot and the manifest are assembled by the same functions here.
 """
 
 from __future__ import annotations

@@ -14,11 +14,9 @@ with memory set by ``features.memory_limit`` and ``features.chunk_rows`` instead
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from features.behaviour import SEP, behaviour_signals, context_columns
+from features.behaviour import behaviour_signals, context_columns
 from features.build import (build_vocabs, encode_columns, feature_spec, serving_items, serving_users, table_entry,
                             write_manifest, write_table)
 from features.chunked_ingest import first_pass, log_report, write_quarantine
 from features.config import Config
 from features.contract import CREATORS, FANS, ITEMS, USERS
-from features.fans import FAN_COLUMNS
 from features.ingest import Ingested, TableReport, check_bad_share, load_items, load_users
 from features.quality import quality_signals
 from features.running_state import RunningCounts, RunningFans, RunningHistory, RunningQuality, user_activity
@@ -86,7 +83,6 @@ def ingest_log(cfg: Config, out: Path, work: Path, con: duckdb.DuckDBPyConnectio
         notes["zero_duration_watch_ratio_missing"] = int(zero)
     reports: dict[str, TableReport] = {"interactions": log_report(cfg, first, dup_examples, len(dup_rows), notes),
                                        "items": item_report}
-    (out / "validation.json").write_text(json.dumps({k: asdict(v) for k, v in reports.items()}, indent=2))
     check_bad_share(reports, cfg, out)
     return Ingested(pd.DataFrame(), items, users, reports)
 
@@ -209,7 +205,7 @@ def assemble_chunk(rows: pd.DataFrame, block: int, cfg: Config, split: TimeSplit
         out["hour"] = out["hour"].astype(str)
     encode_columns(out, vocabs, ["user_id", "item_id", "creator_id", *context])
     feats = pd.DataFrame(state.features(rows, block, list(split.block_starts)), index=out.index)
-    table = pa.Table.from_pandas(pd.concat([out, feats[[*feats.columns]]], axis=1), preserve_index=False)
+    table = pa.Table.from_pandas(pd.concat([out, feats], axis=1), preserve_index=False)
     hist = state.history.items[rows[CODES + "user"].to_numpy()]
     return table.append_column("history", _history_array(hist))
 

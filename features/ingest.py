@@ -461,13 +461,14 @@ def ingest(cfg: Config, out_dir: Path) -> Ingested:
     _quarantine(raw, ch, out_dir / "quarantine_interactions.csv")
     log_report = _report(path, raw, ch, cfg.validation.examples_per_rule, notes)
     reports = {"interactions": log_report, "items": item_report}
-    (out_dir / "validation.json").write_text(json.dumps({k: asdict(v) for k, v in reports.items()}, indent=2))
     check_bad_share(reports, cfg, out_dir)
     return Ingested(log, items, users, reports)
 
 
 def check_bad_share(reports: dict[str, TableReport], cfg: Config, out_dir: Path) -> None:
-    """Fail the build when a table's bad-row share exceeds ``validation.max_bad_fraction``."""
+    """Write ``validation.json``; fail the build when a table's bad-row share exceeds
+    ``validation.max_bad_fraction``."""
+    (out_dir / "validation.json").write_text(json.dumps({k: asdict(v) for k, v in reports.items()}, indent=2))
     for name, rep in reports.items():
         frac = rep.bad_total / max(rep.rows, 1)
         if frac > cfg.validation.max_bad_fraction:

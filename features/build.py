@@ -178,11 +178,7 @@ def _build_pandas(cfg: Config, out: Path, fingerprint: dict[str, Any], progress:
     step("quality")
 
     starts = np.asarray(split.block_starts, dtype=np.int64)
-    pairs = log[["user_id", "creator_id", "block"]].drop_duplicates().reset_index(drop=True)
-    pairs["cutoff"] = starts[pairs["block"].to_numpy()]
-    rel = pd.concat([pairs, fan_relations(log, pairs, cfg.fans)], axis=1)
-    fans_rows = log[["user_id", "creator_id", "block"]].merge(rel, on=["user_id", "creator_id", "block"], how="left")
-    row_feats.append(fans_rows[list(FAN_COLUMNS)].reset_index(drop=True))
+    row_feats.append(_fan_rows(log, starts, cfg))
     step("fans")
 
     item_idx = log["item_id_idx"].to_numpy()
@@ -227,6 +223,15 @@ def _build_pandas(cfg: Config, out: Path, fingerprint: dict[str, Any], progress:
     step("write")
     bar.close()
     return manifest
+
+
+def _fan_rows(log: pd.DataFrame, starts: np.ndarray, cfg: Config) -> pd.DataFrame:
+    """Fan relation columns of every row, as of its block's start."""
+    pairs = log[["user_id", "creator_id", "block"]].drop_duplicates().reset_index(drop=True)
+    pairs["cutoff"] = starts[pairs["block"].to_numpy()]
+    rel = pd.concat([pairs, fan_relations(log, pairs, cfg.fans)], axis=1)
+    fans_rows = log[["user_id", "creator_id", "block"]].merge(rel, on=["user_id", "creator_id", "block"], how="left")
+    return fans_rows[list(FAN_COLUMNS)].reset_index(drop=True)
 
 
 def serving_items(cfg: Config, raw_items: pd.DataFrame, vocabs: dict[str, Vocab], item_q: Snapshots,

@@ -9,7 +9,8 @@ with vectorised numpy so millions of rows take seconds, and with a realistic ske
 items, items/20 creators (the 185k-row KuaiRand sample has 27k users and 7.5k items).
 
 Each stage runs in its own process (``--stage``), so its peak RSS (getrusage ru_maxrss) is its own:
-``features`` is ``build_features`` with ``split.mode: all`` (what the production refit builds); ``retrieval``
+``features`` is ``build_features`` with ``split.mode: all`` (what the production refit builds), on the
+configured engine (``--set features.engine=pandas`` for the in-memory one); ``retrieval``
 and ``ranking`` are the production refit path for one epoch (train every row, export ONNX, build the
 index; no held-out evaluation, which is a separate cost), baselines off; ``ranking_stream`` is the ranking
 stage with ``training.stream: true`` (train rows streamed from Parquet). Prints a one-line JSON summary last.
@@ -135,6 +136,9 @@ def run_stage(stage: str, config: str, overrides: list[str]) -> dict:
     if stage == "features":
         res = build_features(cfg, force=True, progress=False)
         out["rows"] = res.manifest["rows"]["train"]
+        out["engine"] = cfg.features.engine
+        if cfg.features.engine == "duckdb":
+            out["memory_limit"] = cfg.features.memory_limit
     else:
         from training.__main__ import _quiet_lightning
         from training.refit import RefitPlan

@@ -203,6 +203,21 @@ class BehaviourConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """How the feature build runs (not what it computes: both engines write the same tables).
+
+    ``engine: pandas`` holds the whole log in memory; ``engine: duckdb`` (features/engine_duckdb.py) reads
+    the log in chunks, sorts, dedupes and aggregates it in DuckDB under ``memory_limit`` (spilling to
+    ``temp_dir``), and assembles the rows block by block, ``chunk_rows`` at a time."""
+
+    engine: Literal["pandas", "duckdb"] = "duckdb"
+    memory_limit: str = "2GB"  # DuckDB's budget (SET memory_limit): "2GB", "500MB"
+    threads: int | None = None  # DuckDB threads; None: one per core
+    temp_dir: str | None = None  # work files (the log sorted, DuckDB's spill) go in a fresh folder here; None: <output_dir>/features
+    chunk_rows: int = 250_000  # rows read, validated and assembled at a time
+
+
+@dataclass
 class Config:
     """Root config as the features layer sees it."""
 
@@ -220,6 +235,7 @@ class Config:
     fans: FansConfig = field(default_factory=FansConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     # Raw sections owned by other layers, kept so that a resolved config can be written out whole.
     other: dict[str, Any] = field(default_factory=dict)
 
@@ -292,6 +308,8 @@ class Config:
                 raise ConfigError(f"vocab.hash_buckets.{name}: only {list(VocabConfig.HASHABLE)} can be hashed")
             if buckets < 1:
                 raise ConfigError(f"vocab.hash_buckets.{name} must be >= 1, got {buckets}")
+        if self.features.chunk_rows < 1:
+            raise ConfigError(f"features.chunk_rows must be >= 1, got {self.features.chunk_rows}")
         if self.split.mode == "dates" and (self.split.valid_start is None or self.split.test_start is None):
             raise ConfigError("split.mode = dates needs split.valid_start and split.test_start")
 

@@ -75,19 +75,17 @@ def snapshot_quality(
             raise ConfigError(f"quality.score_weights names '{name}', not an aggregated rate; known: {sorted(allowed)}")
 
     counter = BlockCounter(log[key], log["block"].to_numpy(np.int64), n_blocks)
-    keys, n_keys, per_block = counter.keys, counter.n_keys, counter.before
+    keys, per_block = counter.keys, counter.before
 
     k = cfg.prior_strength
     n = per_block(None)
-    values: dict[str, np.ndarray] = {f"{prefix}_n": np.log1p(n)}
-    prior: dict[str, np.ndarray] = {f"{prefix}_n": np.zeros(n_blocks)}
     rates: dict[str, np.ndarray] = {}
     rate_priors: dict[str, np.ndarray] = {}
 
     def smooth(name: str, pos: np.ndarray, cnt: np.ndarray) -> None:
         cnt_all = cnt.sum(axis=0)
         g = np.divide(pos.sum(axis=0), cnt_all, out=np.zeros(n_blocks), where=cnt_all > 0)
-        rates[name] = (pos + k * g) / (cnt + k)
+        rates[name] = smoothed_rate(pos, cnt, g, k)
         rate_priors[name] = g
 
     for s in signals:
@@ -95,19 +93,43 @@ def snapshot_quality(
     if has_ratio:
         r = log["watch_ratio"].to_numpy(np.float64)
         ok = ~np.isnan(r)
-        smooth("watch_ratio", per_block(np.where(ok, np.minimum(r, WATCH_RATIO_CAP), 0.0)), per_block(ok.astype(np.float64)))
+        smooth("watch_ratio", per_block(capped_ratio(r)), per_block(ok.astype(np.float64)))
+    values, prior = quality_columns(prefix, n, rates, rate_priors, cfg.score_weights if with_score else None)
+    as32 = lambda d: {name: v.astype(np.float32) for name, v in d.items()}  # noqa: E731
+    return Snapshots(pd.Index(keys), as32(values), as32(prior))
+
+
+def smoothed_rate(pos: np.ndarray, cnt: np.ndarray, g: np.ndarray | float, k: float) -> np.ndarray:
+    """A rate smoothed toward the global rate ``g`` of the same past with ``k`` pseudo-impressions."""
+    return (pos + k * g) / (cnt + k)
+
+
+def capped_ratio(r: np.ndarray) -> np.ndarray:
+    """Watch ratios as they enter the sums: capped at :data:`WATCH_RATIO_CAP`, 0 where missing."""
+    return np.where(~np.isnan(r), np.minimum(r, WATCH_RATIO_CAP), 0.0)
+
+
+def quality_columns(
+    prefix: str, n: np.ndarray, rates: dict[str, np.ndarray], rate_priors: dict[str, np.ndarray],
+    score_weights: dict[str, float] | None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Named feature columns (float64) and their priors from impressions ``n`` and smoothed ``rates``:
+    ``<prefix>_n`` (log1p), ``<prefix>_rate_<signal>``, ``<prefix>_watch_ratio`` and, with
+    ``score_weights``, ``<prefix>_quality``. Arrays of any shape (entities x blocks, or rows)."""
+    g_shape = np.shape(next(iter(rate_priors.values()))) if rate_priors else ()
+    values: dict[str, np.ndarray] = {f"{prefix}_n": np.log1p(n)}
+    prior: dict[str, np.ndarray] = {f"{prefix}_n": np.zeros(g_shape)}
     for name in rates:
         col = f"{prefix}_watch_ratio" if name == "watch_ratio" else f"{prefix}_rate_{name}"
         values[col], prior[col] = rates[name], rate_priors[name]
-    if with_score:
-        score = np.zeros((n_keys, n_blocks))
-        score_prior = np.zeros(n_blocks)
-        for name, w in cfg.score_weights.items():
+    if score_weights is not None:
+        score = np.zeros(np.shape(n))
+        score_prior = np.zeros(g_shape)
+        for name, w in score_weights.items():
             score += w * rates[name]
             score_prior += w * rate_priors[name]
         values[f"{prefix}_quality"], prior[f"{prefix}_quality"] = score, score_prior
-    as32 = lambda d: {name: v.astype(np.float32) for name, v in d.items()}  # noqa: E731
-    return Snapshots(pd.Index(keys), as32(values), as32(prior))
+    return values, prior
 
 
 def high_quality_creators(creators: pd.DataFrame, cfg: QualityConfig) -> np.ndarray:

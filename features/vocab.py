@@ -41,9 +41,12 @@ class Vocab:
 
     @classmethod
     def build(cls, name: str, values: pd.Series, min_count: int = 1) -> "Vocab":
-        counts = values.astype(str).value_counts()
-        kept = counts[counts >= min_count].index
-        return cls(name, sorted(kept))
+        return cls.from_counts(name, values.astype(str).value_counts(), min_count)
+
+    @classmethod
+    def from_counts(cls, name: str, counts: pd.Series, min_count: int = 1) -> "Vocab":
+        """From occurrence counts indexed by id text: the ids seen at least ``min_count`` times, sorted."""
+        return cls(name, sorted(counts[counts >= min_count].index))
 
     def __len__(self) -> int:
         """Embedding table size, OOV slot included."""

@@ -34,7 +34,8 @@ from features.config import Config, to_dict
 from features.contract import CREATORS, FANS, ITEMS, MANIFEST, USERS, VOCAB
 from features.fans import FAN_COLUMNS, fan_relations, fan_table
 from features.history import history_before
-from features.ingest import Ingested, ingest, multi_hot_columns
+from features.ingest import Ingested, ingest
+from features.multi_valued import multi_hot_columns
 from features.quality import Snapshots, high_quality_creators, snapshot_quality
 from features.split import PERIODS, TimeSplit, make_split
 from features.vocab import Vocab, save_vocabs

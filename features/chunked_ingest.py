@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.config import Config
-from features.ingest import LOG_RULES, TableReport, canonicalize_log, iter_table
+from features.ingest import LOG_RULES, TableReport, canonicalize_log
+from features.read_tables import iter_table
 
 ROW = "_row"  # source row number of a canonical row (0-based, header excluded), as in the quarantine file
 

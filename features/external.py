@@ -15,7 +15,8 @@ from typing import Any
 import pandas as pd
 
 from features.config import Config
-from features.ingest import canonicalize_log, read_table
+from features.ingest import canonicalize_log
+from features.read_tables import read_table
 from features.tables import FeatureTables
 
 

@@ -7,20 +7,17 @@ quarantine file; nothing is dropped silently. A run whose bad-row share exceeds
 
 from __future__ import annotations
 
-import csv
 import json
-import zlib
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from features.config import Config, ConfigError, ItemsSpec, MultiValuedSpec, TableSpec
+from features.config import Config, ItemsSpec, TableSpec
+from features.multi_valued import multi_hot, value_lists
+from features.read_tables import MISSING_TOKENS, DataValidationError, read_table
 
 # Order matters: a row is charged to the first rule it breaks.
 LOG_RULES = (
@@ -34,15 +31,9 @@ LOG_RULES = (
 )
 ITEM_RULES = ("nan", "duplicate")
 
-_MISSING_TOKENS = {"", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A"}
 _TIME_UNIT_TO_MS = {"ms": 1.0, "s": 1000.0, "us": 0.001}
 _COMPARE = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less, "==": np.equal, "!=": np.not_equal}
-MULTI_OTHER = "__other__"  # the slot of a multi-valued attribute's values beyond its max_values
 ITEM_CREATOR = "item:"  # creator id of an item in a log without creators: the item itself
-
-
-class DataValidationError(ValueError):
-    """Too many bad rows, or a file that cannot be read as declared."""
 
 
 @dataclass
@@ -64,100 +55,6 @@ class TableReport:
         return f"{self.file}: {self.rows} rows, {self.good_rows} good, bad: {bad}" + (f"; kept with notes: {notes}" if notes else "")
 
 
-_TEXT_SEPARATORS = {"csv": ",", "tsv": "\t"}
-
-
-def _text_format(path: Path) -> str:
-    suffixes = [x.lower() for x in path.suffixes]
-    if suffixes and suffixes[-1] in (".gz", ".bz2", ".zip", ".xz"):
-        suffixes = suffixes[:-1]
-    return "tsv" if suffixes and suffixes[-1] in (".tsv", ".tab") else "csv"
-
-
-def _read_options(path: Path, spec: TableSpec) -> tuple[str, dict[str, Any]]:
-    """The format of ``path`` and, for a text file, pandas' read_csv options (every column as text)."""
-    fmt = spec.format
-    if fmt == "auto":
-        fmt = "parquet" if path.suffix == ".parquet" else _text_format(path)
-    if fmt == "parquet":
-        return fmt, {}
-    sep = spec.sep or _TEXT_SEPARATORS[fmt]
-    # Quotes mean nothing in tab- or pipe-separated dumps (MovieLens titles hold stray '"').
-    quoting = csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE
-    return fmt, dict(sep=sep, header=0 if spec.header else None, dtype=str, keep_default_na=False,
-                     na_filter=False, encoding=spec.encoding, quoting=quoting)
-
-
-@contextmanager
-def _read_errors(path: Path, fmt: str, spec: TableSpec) -> Iterator[None]:
-    """Turn a reader's failure into a DataValidationError (or ConfigError) that names the file."""
-    try:
-        yield
-    except pd.errors.EmptyDataError:
-        raise DataValidationError(f"{path} is empty (no header, no rows)") from None
-    except LookupError:
-        raise ConfigError(f"{path}: unknown encoding {spec.encoding!r} (e.g. utf-8, latin-1)") from None
-    # A truncated or damaged .gz ends in EOFError / BadGzipFile (an OSError) / zlib.error deep in the reader.
-    except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error, ValueError) as e:
-        hint = " (set the file's encoding in the config)" if isinstance(e, UnicodeDecodeError) else ""
-        raise DataValidationError(f"{path} cannot be read as {fmt}: {type(e).__name__}: {str(e)[:200]}{hint}") from None
-
-
-def _name_columns(df: pd.DataFrame, spec: TableSpec, path: Path) -> pd.DataFrame:
-    if spec.names:
-        if len(spec.names) != len(df.columns):
-            raise DataValidationError(
-                f"{path}: the config names {len(spec.names)} columns, the file has {len(df.columns)}"
-                + (f" (its header: {list(df.columns)[:30]})" if spec.header else "")
-            )
-        df.columns = list(spec.names)
-    return df
-
-
-def _no_rows(path: Path, columns: list[str]) -> DataValidationError:
-    return DataValidationError(f"{path} has no data rows (columns: {columns[:30]})")
-
-
-def read_table(path: Path, spec: TableSpec | None = None) -> pd.DataFrame:
-    """Raw table with every column as text (CSV) so type errors can be counted per row, not crash the read."""
-    spec = spec or TableSpec(file=path.name)
-    if not path.exists():
-        raise FileNotFoundError(f"input file not found: {path} (set data.dir or the file name in the config)")
-    fmt, options = _read_options(path, spec)
-    with _read_errors(path, fmt, spec):
-        df = pd.read_parquet(path) if fmt == "parquet" else pd.read_csv(path, **options)
-    df = _name_columns(df, spec, path)
-    if df.empty:
-        raise _no_rows(path, list(df.columns))
-    return df
-
-
-def iter_table(path: Path, spec: TableSpec, rows: int) -> Iterator[pd.DataFrame]:
-    """The raw table of :func:`read_table`, ``rows`` at a time (the same text, column names and errors)."""
-    if not path.exists():
-        raise FileNotFoundError(f"input file not found: {path} (set data.dir or the file name in the config)")
-    fmt, options = _read_options(path, spec)
-    seen = 0
-    columns: list[str] = []
-    with _read_errors(path, fmt, spec):
-        if fmt == "parquet":
-            pf = pq.ParquetFile(path)
-            # a stored pandas index is a column of the file, not of the table (a RangeIndex is a dict here)
-            index_cols = {c for c in (pf.schema_arrow.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
-            cols = [c for c in pf.schema_arrow.names if c not in index_cols]
-            chunks: Iterator[pd.DataFrame] = (pa.Table.from_batches([b]).to_pandas()
-                                              for b in pf.iter_batches(batch_size=rows, columns=cols))
-            columns = cols
-        else:
-            chunks = pd.read_csv(path, chunksize=rows, **options)
-        for chunk in chunks:
-            chunk = _name_columns(chunk.reset_index(drop=True), spec, path)
-            columns = list(chunk.columns)
-            if len(chunk):
-                seen += len(chunk)
-                yield chunk
-    if not seen:
-        raise _no_rows(path, columns)
 
 
 def _require_columns(df: pd.DataFrame, spec: TableSpec, path: Path, extra: list[str]) -> None:
@@ -173,7 +70,7 @@ def _require_columns(df: pd.DataFrame, spec: TableSpec, path: Path, extra: list[
 def _is_missing(col: pd.Series) -> np.ndarray:
     if col.dtype == object or pd.api.types.is_string_dtype(col):
         s = col.astype(str).str.strip()
-        return (col.isna() | s.isin(_MISSING_TOKENS)).to_numpy()
+        return (col.isna() | s.isin(MISSING_TOKENS)).to_numpy()
     return col.isna().to_numpy()
 
 
@@ -248,50 +145,6 @@ def _attribute(raw: pd.DataFrame, col: str, good: np.ndarray) -> np.ndarray:
     return np.where(_is_missing(v), "__none__", _ids(v))
 
 
-def _value_lists(raw: pd.DataFrame, name: str, mv: MultiValuedSpec) -> list[list[str]]:
-    """Each row's values of a multi-valued attribute (flag columns set to 1, or the column's items)."""
-    if mv.flags:
-        on = np.column_stack([pd.to_numeric(raw[f], errors="coerce").fillna(0).to_numpy() > 0 for f in mv.flags])
-        return [[mv.flags[j] for j in np.flatnonzero(r)] for r in on]
-    out: list[list[str]] = []
-    for v in raw[mv.column]:  # type: ignore[index]
-        if isinstance(v, (list, tuple, np.ndarray)):
-            vals = [str(x).strip() for x in v]
-        elif v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() in _MISSING_TOKENS:
-            vals = []
-        elif mv.sep is None:
-            raise DataValidationError(
-                f"data.items.multi_valued.{name}: column '{mv.column}' holds text ({str(v)[:40]!r}), not a list: "
-                "set 'sep' to the separator between its values"
-            )
-        else:
-            vals = [x.strip() for x in str(v).split(mv.sep)]
-        out.append([x for x in vals if x and x not in _MISSING_TOKENS])
-    return out
-
-
-def multi_hot(name: str, lists: list[list[str]], max_values: int) -> pd.DataFrame:
-    """Normalised multi-hot columns ``<name>=<value>`` over the ``max_values`` most frequent values (ties by
-    value), plus ``<name>=__other__`` when some values fall outside; a row without values is all zero."""
-    counts = pd.Series([x for row in lists for x in set(row)], dtype=object).value_counts()
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
-    kept = [str(v) for v, _ in ranked[:max_values]]
-    slots = kept + ([MULTI_OTHER] if len(ranked) > max_values else [])
-    pos = {v: j for j, v in enumerate(kept)}
-    mat = np.zeros((len(lists), len(slots)), np.float32)
-    for i, row in enumerate(lists):
-        for x in set(row):
-            mat[i, pos.get(x, len(kept))] = 1.0
-    n = mat.sum(axis=1, keepdims=True)
-    mat = np.divide(mat, n, out=mat, where=n > 0)
-    return pd.DataFrame(mat, columns=[f"{name}={v}" for v in slots])
-
-
-def multi_hot_columns(items: pd.DataFrame, spec: ItemsSpec) -> list[str]:
-    """The item table's multi-hot columns, attribute by attribute in config order."""
-    return [c for name in spec.multi_valued for c in items.columns if c.startswith(f"{name}=")]
-
-
 def _item_columns(spec: ItemsSpec) -> list[str]:
     """Raw columns the item table must have besides the mapped ones."""
     extra = [spec.raw(c) for c in spec.categorical + spec.numeric]
@@ -337,7 +190,7 @@ def load_items(cfg: Config, quarantine_dir: Path) -> tuple[pd.DataFrame, TableRe
         out[c] = pd.to_numeric(raw[spec.raw(c)][good], errors="coerce").to_numpy(np.float64)
     good_raw = raw[good].reset_index(drop=True)
     out = out.reset_index(drop=True)
-    parts = [multi_hot(name, _value_lists(good_raw, name, mv), mv.max_values) for name, mv in spec.multi_valued.items()]
+    parts = [multi_hot(name, value_lists(good_raw, name, mv), mv.max_values) for name, mv in spec.multi_valued.items()]
     return pd.concat([out, *parts], axis=1) if parts else out, report
 
 
@@ -376,24 +229,8 @@ def canonicalize_log(
     ch.charge("nan", missing)
 
     ts, bad_ts = _to_number(raw[cols["ts"]])
-    wrong = bad_ts.copy()
-    values: dict[str, np.ndarray] = {}
-    invalid = np.zeros(n, dtype=bool)
-    negative = np.zeros(n, dtype=bool)
-    for name, s in data.signals.items():
-        v, bad = _to_number(raw[s.column])
-        wrong |= bad
-        if s.derived:
-            with np.errstate(invalid="ignore"):
-                values[name] = np.where(np.isnan(v), np.nan, _COMPARE[s.op](v, s.value).astype(np.float64))
-            continue
-        values[name] = v
-        if s.kind == "binary":
-            invalid |= ~np.isnan(v) & (v != 0) & (v != 1)
-        elif name == spec.watch_time_signal:
-            negative |= v < 0
-        else:
-            invalid |= v < 0
+    values, wrong, invalid, negative = _signal_values(raw, cfg)
+    wrong |= bad_ts
     duration = None
     if spec.duration_column:
         duration, bad = _to_number(raw[spec.duration_column])
@@ -431,6 +268,38 @@ def canonicalize_log(
     for name, s in data.signals.items():
         v = values[name][good]
         out[name] = v.astype(np.int8) if s.kind == "binary" else v.astype(np.float32)
+    return out, ch, _add_context(out, raw, good, duration, cfg)
+
+
+def _signal_values(raw: pd.DataFrame, cfg: Config) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Each signal's values (derived ones compared to their threshold), and per row: a value that is not a
+    number, a binary signal outside {0, 1} or a negative continuous one, a negative watch time."""
+    data, spec = cfg.data, cfg.data.interactions
+    n = len(raw)
+    values: dict[str, np.ndarray] = {}
+    wrong, invalid, negative = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+    for name, s in data.signals.items():
+        v, bad = _to_number(raw[s.column])
+        wrong |= bad
+        if s.derived:
+            with np.errstate(invalid="ignore"):
+                values[name] = np.where(np.isnan(v), np.nan, _COMPARE[s.op](v, s.value).astype(np.float64))
+            continue
+        values[name] = v
+        if s.kind == "binary":
+            invalid |= ~np.isnan(v) & (v != 0) & (v != 1)
+        elif name == spec.watch_time_signal:
+            negative |= v < 0
+        else:
+            invalid |= v < 0
+    return values, wrong, invalid, negative
+
+
+def _add_context(out: pd.DataFrame, raw: pd.DataFrame, good: np.ndarray, duration: np.ndarray | None,
+                 cfg: Config) -> dict[str, int]:
+    """Duration and watch ratio, the mapped context columns and the hour, onto the good rows ``out``;
+    returns the notes on kept rows."""
+    data, spec = cfg.data, cfg.data.interactions
     notes: dict[str, int] = {}
     if duration is not None:
         d = duration[good]
@@ -440,13 +309,13 @@ def canonicalize_log(
                 ratio = np.where(d > 0, out[spec.watch_time_signal].to_numpy(np.float64) / d, np.nan)
             out["watch_ratio"] = ratio.astype(np.float32)
         notes["zero_duration_watch_ratio_missing"] = int((d == 0).sum())
-    for canon, rawcol in cols.items():
+    for canon, rawcol in spec.columns.items():
         if canon not in ("user_id", "item_id", "ts"):
             v = raw[rawcol][good]
             out[canon] = np.where(_is_missing(v), "__none__", _ids(v))
     if spec.hour_context:
         out["hour"] = (((out["ts"] + int(data.utc_offset_hours * 3_600_000)) // 3_600_000) % 24).astype(np.int8)
-    return out, ch, notes
+    return notes
 
 
 def ingest(cfg: Config, out_dir: Path) -> Ingested:

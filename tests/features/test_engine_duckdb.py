@@ -15,7 +15,7 @@ from features.build import build_features
 from features.compare_builds import compare_builds
 from features.config import load_config
 from features.engine_duckdb import connect
-from features.ingest import iter_table, read_table
+from features.read_tables import iter_table, read_table
 from features.running_state import RunningHistory
 from features.synthetic import WorldSpec, make_world
 from tests.conftest import REPO, write_config

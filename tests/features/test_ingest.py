@@ -8,7 +8,7 @@ import pytest
 
 from features.build import build_features
 from features.config import load_config
-from features.ingest import DataValidationError
+from features.read_tables import DataValidationError
 from tests.conftest import write_config
 
 

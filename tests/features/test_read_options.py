@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from features.config import ConfigError, MultiValuedSpec, TableSpec, load_config
-from features.ingest import DataValidationError, _value_lists, multi_hot, read_table
+from features.multi_valued import multi_hot, value_lists
+from features.read_tables import DataValidationError, read_table
 from tests.conftest import write_config
 
 
@@ -60,11 +61,11 @@ def test_multi_hot_keeps_the_most_frequent_values_and_pools_the_rest():
 def test_value_lists_from_flags_strings_and_lists():
     raw = pd.DataFrame({"Action": ["1", "0", "1"], "Drama": ["1", "0", "0"], "tags": ["x; y", "", "z"],
                         "lst": [["p", "q"], [], ["p"]]})
-    assert _value_lists(raw, "g", MultiValuedSpec(flags=["Action", "Drama"])) == [["Action", "Drama"], [], ["Action"]]
-    assert _value_lists(raw, "t", MultiValuedSpec(column="tags", sep=";")) == [["x", "y"], [], ["z"]]
-    assert _value_lists(raw, "l", MultiValuedSpec(column="lst")) == [["p", "q"], [], ["p"]]
+    assert value_lists(raw, "g", MultiValuedSpec(flags=["Action", "Drama"])) == [["Action", "Drama"], [], ["Action"]]
+    assert value_lists(raw, "t", MultiValuedSpec(column="tags", sep=";")) == [["x", "y"], [], ["z"]]
+    assert value_lists(raw, "l", MultiValuedSpec(column="lst")) == [["p", "q"], [], ["p"]]
     with pytest.raises(DataValidationError, match="set 'sep'"):
-        _value_lists(raw, "t", MultiValuedSpec(column="tags"))
+        value_lists(raw, "t", MultiValuedSpec(column="tags"))
 
 
 def test_derived_signal_and_bad_rating_rows(world, tmp_path):

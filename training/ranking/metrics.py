@@ -1,6 +1,6 @@
-"""Ranking metrics, one implementation for fit-time and later-log evaluation (numpy / pandas only).
+"""Ranking metrics, one implementation for fit-time and later-log evaluation.
 
-- AUC: Mann-Whitney with average ranks for ties (equals sklearn's roc_auc_score).
+- AUC and log loss: scikit-learn's (AUC is NaN when a class is missing; predictions clipped to [1e-7, 1 - 1e-7]).
 - GAUC: per-user AUC over users with both classes, weighted by the user's impressions.
 - ECE: sum over probability bins of (bin share) * |observed rate - mean prediction|.
 - XAUC: share of pairs with different true watch time that the prediction orders the same way
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import log_loss, roc_auc_score
 
 from features.metrics import ndcg
 
@@ -20,12 +21,9 @@ EPS = 1e-7
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
     y = np.asarray(y).astype(bool)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    ranks = pd.Series(np.asarray(p, dtype=np.float64)).rank(method="average").to_numpy()
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(p, dtype=np.float64)))
 
 
 def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> tuple[float, int]:
@@ -43,9 +41,8 @@ def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> tuple[float, int]:
 
 
 def logloss(y: np.ndarray, p: np.ndarray) -> float:
-    y = np.asarray(y, np.float64)
     p = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return float(log_loss(np.asarray(y, np.float64), p, labels=[0.0, 1.0]))
 
 
 def calibration_bins(y: np.ndarray, p: np.ndarray, bins: int, strategy: str = "uniform") -> pd.DataFrame:

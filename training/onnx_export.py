@@ -102,3 +102,33 @@ def check_parity(
             worst = max(worst, float(diff.max()))
             per_output[name] = max(per_output[name], float((diff / np.maximum(1.0, np.abs(e.numpy()))).max()))
     return ParityReport(worst, out_names, list(batch_sizes), max(per_output.values(), default=0.0), per_output)
+
+
+class RandomInputs:
+    """Fresh inputs in each column's valid range for the parity checks of both stages (never the export
+    example, so a graph that baked in a shape or a constant fails)."""
+
+    def __init__(self, seed: int):
+        self.gen = np.random.default_rng(seed)
+
+    def codes(self, sizes: list[int], b: int) -> torch.Tensor:
+        """(b, len(sizes)) int64: column j uniform over its vocabulary [0, sizes[j])."""
+        if not sizes:
+            return torch.zeros((b, 0), dtype=torch.int64)
+        return torch.from_numpy(np.stack([self.gen.integers(0, s, b) for s in sizes], axis=1).astype(np.int64))
+
+    def history(self, vocab: int, length: int, b: int) -> torch.Tensor:
+        """(b, length) int64 item ids with a random tail of padding (0), as real short histories have."""
+        h = self.gen.integers(0, vocab, (b, length)).astype(np.int64)
+        h[:, self.gen.integers(0, length + 1):] = 0
+        return torch.from_numpy(h)
+
+    def resampled(self, reference: np.ndarray, b: int, nan_share: float = 0.0) -> torch.Tensor:
+        """(b, n) float32 rows drawn from ``reference`` (e.g. train values), a share of them NaN."""
+        x = reference[self.gen.integers(0, len(reference), b)].astype(np.float32)
+        x[self.gen.random(x.shape) < nan_share] = np.nan
+        return torch.from_numpy(x)
+
+    def gaussian(self, mean: np.ndarray, std: np.ndarray, b: int) -> torch.Tensor:
+        """(b, n) float32 around ``mean`` with spread ``std`` per column."""
+        return torch.from_numpy((mean + self.gen.standard_normal((b, len(mean))) * std).astype(np.float32))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from features.contract import RANKER_ONNX, RANKER_REQUEST_ONNX, CatInput, HistInput, NumInput
-from training.onnx_export import ParityReport, check_parity, export_onnx
+from training.onnx_export import ParityReport, RandomInputs, check_parity, export_onnx
 from training.ranking.data import FeatureLayout
 from training.ranking.gbdt import GbdtResult, WithTrees
 from training.ranking.gbdt_onnx import splice_trees
@@ -52,16 +52,13 @@ def request_shaped(make, const_cat: list[int], const_num: list[int]):
 
 
 def random_inputs(layout: FeatureLayout, num_reference: np.ndarray, seed: int):
-    """Fresh inputs in each column's valid range (numeric: resampled train values, some NaN)."""
-    gen = np.random.default_rng(seed + 1)
+    """Fresh inputs in each column's valid range (numeric: resampled train values, 2% NaN)."""
+    rnd = RandomInputs(seed + 1)
 
     def make(b: int) -> dict[str, torch.Tensor]:
-        cat = np.stack([gen.integers(0, s, b) for s in layout.cat_sizes], axis=1).astype(np.int64)
-        hist = gen.integers(0, layout.cat_sizes[layout.item_position], (b, layout.history_length)).astype(np.int64)
-        hist[:, gen.integers(0, layout.history_length + 1):] = 0
-        num = num_reference[gen.integers(0, len(num_reference), b)].copy()
-        num[gen.random(num.shape) < 0.02] = np.nan
-        return {"cat": torch.from_numpy(cat), "hist": torch.from_numpy(hist), "num": torch.from_numpy(num)}
+        return {"cat": rnd.codes(layout.cat_sizes, b),
+                "hist": rnd.history(layout.cat_sizes[layout.item_position], layout.history_length, b),
+                "num": rnd.resampled(num_reference, b, nan_share=0.02)}
 
     return make
 

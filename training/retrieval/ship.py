@@ -15,7 +15,7 @@ from features.contract import (CHANNELS, FAISS_INDEX, ITEM_TOWER_ONNX, ITEM_VECT
                                RETRIEVAL_FORMAT_VERSION, USER_TOWER_ONNX, Channels, Covisit, IndexSpec, ItemVectors,
                                MatrixFactors, Prior, RetrievalFiles, RetrievalSpec, Tower)
 from features.tables import FeatureTables
-from training.onnx_export import OPSET, check_parity, export_onnx, session
+from training.onnx_export import OPSET, RandomInputs, check_parity, export_onnx, session
 from training.retrieval.channels import build_tables
 from training.retrieval.config import RetrievalConfig
 from training.retrieval.data import InputLayout, ItemFeatures
@@ -27,20 +27,15 @@ PARITY_TOL = 1e-4
 
 
 def random_inputs(layout: InputLayout, num_mean: np.ndarray, num_std: np.ndarray, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-
-    def ints(sizes: list[int], b: int) -> torch.Tensor:
-        return torch.stack([torch.randint(0, s, (b,), generator=gen) for s in sizes], dim=1)
+    """Fresh user-tower and item-tower inputs (item numerics around the train mean and spread)."""
+    rnd = RandomInputs(seed)
 
     def user(b: int) -> dict[str, torch.Tensor]:
-        hist = torch.randint(0, layout.item_cat_sizes[0], (b, layout.history_length), generator=gen)
-        hist[torch.rand(hist.shape, generator=gen) < 0.5] = 0  # padding as in real histories
-        return {"user_cat": ints(layout.user_cat_sizes, b), "history": hist}
+        return {"user_cat": rnd.codes(layout.user_cat_sizes, b),
+                "history": rnd.history(layout.item_cat_sizes[0], layout.history_length, b)}
 
     def item(b: int) -> dict[str, torch.Tensor]:
-        noise = torch.randn(b, len(layout.item_num), generator=gen)
-        num = torch.from_numpy(num_mean) + noise * torch.from_numpy(num_std)
-        return {"item_cat": ints(layout.item_cat_sizes, b), "item_num": num.to(torch.float32)}
+        return {"item_cat": rnd.codes(layout.item_cat_sizes, b), "item_num": rnd.gaussian(num_mean, num_std, b)}
 
     return user, item
 

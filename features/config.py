@@ -8,6 +8,7 @@ another layer is carried as raw YAML here (``OTHER_LAYER_SECTIONS``) and checked
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -299,8 +300,13 @@ class Config:
                 raise ConfigError(f"vocab.hash_buckets.{name}: only {list(VocabConfig.HASHABLE)} can be hashed")
             if buckets < 1:
                 raise ConfigError(f"vocab.hash_buckets.{name} must be >= 1, got {buckets}")
-        if self.features.chunk_rows < 1:
-            raise ConfigError(f"features.chunk_rows must be >= 1, got {self.features.chunk_rows}")
+        f = self.features
+        if f.chunk_rows < 1:
+            raise ConfigError(f"features.chunk_rows must be >= 1, got {f.chunk_rows}")
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", f.memory_limit.strip(), flags=re.IGNORECASE):
+            raise ConfigError(f"features.memory_limit must be a size such as '2GB' or '500MB', got '{f.memory_limit}'")
+        if f.threads is not None and f.threads < 1:
+            raise ConfigError(f"features.threads must be >= 1 (or null: one per core), got {f.threads}")
         if self.split.mode == "dates" and (self.split.valid_start is None or self.split.test_start is None):
             raise ConfigError("split.mode = dates needs split.valid_start and split.test_start")
 

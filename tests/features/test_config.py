@@ -30,6 +30,9 @@ def test_overrides_reach_nested_keys_and_are_typed():
         ("split.mode=weekly", r"split\.mode: 'weekly' is not one of"),
         ("history.signal=watched", r"history\.signal = 'watched' is not a declared binary signal"),
         ("fans.iron_fan_min_interactions=2.5", r"expected an integer"),
+        ("features.memory_limit=lots", r"features\.memory_limit must be a size such as '2GB'"),
+        ("features.threads=0", r"features\.threads must be >= 1"),
+        ("features.chunk_rows=0", r"features\.chunk_rows must be >= 1"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -299,8 +299,6 @@ def main() -> int:
         if summary["synthetic"].get("c1"):
             checks["synthetic_c1_p99_lt_12ms"] = summary["synthetic"]["c1"]["p99_ms"] < 12
         if args.naive:
-            from naive_path import naive_eager_p50
-
             from naive_path import naive_eager_p50, service_in_process_p50
 
             naive = naive_eager_p50(big, bundle, bundle.parent, users, args.naive_requests, args.k, args.candidates,

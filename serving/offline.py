@@ -143,8 +143,8 @@ class ArmRun(NamedTuple):
 class _ArmTally:
     """What one arm served, page by page: NDCG per kind, creator exposure, coverage, policy outcomes."""
 
-    def __init__(self, b: Bundle, k: int, forbidden: np.ndarray, n_gains: int):
-        self.b, self.k, self.forbidden, self.n_gains = b, k, forbidden, n_gains
+    def __init__(self, b: Bundle, k: int, forbidden: np.ndarray):
+        self.b, self.k, self.forbidden = b, k, forbidden
         n_creators = len(b.creator_ids)
         self.exposure = np.zeros(n_creators)
         self.attention = np.zeros(n_creators)  # exposure weighted by the NDCG position discount
@@ -256,7 +256,7 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
     b = st.bundle
     name = rec.scenario_name(st, scenario)
     gains = gain_names(rec)
-    tally = _ArmTally(b, k, _forbidden(b, rec.settings.policy) if forbidden is None else forbidden, len(gains))
+    tally = _ArmTally(b, k, _forbidden(b, rec.settings.policy) if forbidden is None else forbidden)
     steps = st.policy.config.for_scenario(name)
     t0 = time.perf_counter()
     for c in cases:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from features.config import ConfigError, from_dict
+from serving.config import settings_from_raw
 from training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,6 @@ def test_schema_and_loader_refuse_the_same_mistakes(validator, edit) -> None:
     bad = copy.deepcopy(cfg)
     edit(bad)
     assert not validator.is_valid(bad)
-    if "serving" not in bad or bad.get("serving") == cfg.get("serving"):  # the training loader checks its own sections
-        with pytest.raises(ConfigError):
-            from_dict(TrainConfig, bad)
+    with pytest.raises(ConfigError):  # each layer's loader checks its own sections
+        from_dict(TrainConfig, bad)
+        settings_from_raw(bad)

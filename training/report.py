@@ -33,6 +33,11 @@ def channels_table(ch: dict[str, Any]) -> str:
     return table(["candidates", "quotas", f"Recall@{k}"], rows)
 
 
+def vs_gbdt_text(g: dict[str, Any] | None) -> str:
+    """A head's AUC difference to the GBDT with its paired interval: "+0.0017 [+0.0006, +0.0027]"."""
+    return f"{g['auc_diff']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g else ""
+
+
 def ranking_table(section: dict[str, Any]) -> str:
     """Per head: the ranker beside the GBDT, its own deep part alone (a hybrid ranker), single-task and
     item-rate baselines (when the run has them);
@@ -50,8 +55,7 @@ def ranking_table(section: dict[str, Any]) -> str:
         auc = _fmt(m.get("auc")) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
         if m.get("vs_item_rate") == "not distinguishable":
             auc += " n.d."
-        g = m.get("vs_gbdt")
-        vs = f"{g['auc_diff']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g else None
+        vs = vs_gbdt_text(m.get("vs_gbdt")) or None
         rows.append([head, m.get("positives"), auc, *(base[b].get(head, {}).get("auc") for b in extra),
                      *([vs] if has_vs else []), base.get("item_rate", {}).get(head, {}).get("auc"), m.get("gauc"),
                      *(base[b].get(head, {}).get("gauc") for b in extra), m.get("logloss"), m.get("ece")])

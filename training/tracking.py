@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 DEFAULT_STORE = Path("runs")
 RUN_MARKER = ".mlflow_run"  # in a fit's output_dir while its MLflow run is open: "<run id> <pid> <host>"
@@ -166,7 +166,8 @@ def metric_key(*parts: str) -> str:
 
 
 def metric_tree(report: dict[str, Any], prefix: str) -> dict[str, float]:
-    """Every finite number in a nested report, keyed by its '/'-joined path under ``prefix``."""
+    """Every number in a nested report, keyed by its '/'-joined path under ``prefix`` (log_to_run drops
+    the non-finite ones)."""
     flat: dict[str, float] = {}
     for k, v in report.items():
         key = metric_key(prefix, str(k))
@@ -174,10 +175,10 @@ def metric_tree(report: dict[str, Any], prefix: str) -> dict[str, float]:
             flat.update(metric_tree(v, key))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             flat[key] = float(v)
-    return {k: v for k, v in flat.items() if math.isfinite(v)}
+    return flat
 
 
-def log_to_run(metrics: dict[str, float], files: list[Path] = (), artifact_path: str | None = None,
+def log_to_run(metrics: dict[str, float], files: Sequence[Path] = (), artifact_path: str | None = None,
                tags: dict[str, Any] | None = None) -> None:
     """Finite metrics, tags and files into the active MLflow run; nothing without one."""
     import mlflow

@@ -164,9 +164,16 @@ def watch_report(true_ms: np.ndarray, pred_ms: np.ndarray) -> dict[str, float]:
 def weighted_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> float:
     """AUC with row weights (ties count one half): sum over score groups of w_pos * (w_neg below + w_neg
     tied / 2), over W_pos * W_neg. Unit weights give :func:`auc`."""
-    y = np.asarray(y).astype(bool)
+    return _grouped_auc(np.asarray(y).astype(bool), _score_groups(p), w)
+
+
+def _score_groups(p: np.ndarray) -> np.ndarray:
+    """Rank of each row's distinct score (ties share one), what :func:`_grouped_auc` sums over."""
+    return np.unique(np.asarray(p, np.float64), return_inverse=True)[1]
+
+
+def _grouped_auc(y: np.ndarray, group: np.ndarray, w: np.ndarray) -> float:
     w = np.asarray(w, np.float64)
-    _, group = np.unique(np.asarray(p, np.float64), return_inverse=True)
     wp = np.bincount(group, weights=w * y)
     wn = np.bincount(group, weights=w * ~y)
     total_p, total_n = wp.sum(), wn.sum()
@@ -195,9 +202,8 @@ def _interval(vals: list[float], level: float) -> tuple[float, float]:
 def bootstrap_auc_interval(y: np.ndarray, p: np.ndarray, users: np.ndarray, samples: int, seed: int,
                            level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the AUC over user-bootstrap resamples."""
-    y = np.asarray(y).astype(bool)
-    _, group = np.unique(np.asarray(p, np.float64), return_inverse=True)
-    vals = [a for w in _user_resamples(users, samples, seed) if np.isfinite(a := weighted_auc(y, group, w))]
+    y, group = np.asarray(y).astype(bool), _score_groups(p)
+    vals = [a for w in _user_resamples(users, samples, seed) if np.isfinite(a := _grouped_auc(y, group, w))]
     return _interval(vals, level)
 
 
@@ -205,11 +211,9 @@ def bootstrap_auc_difference(y: np.ndarray, p: np.ndarray, q: np.ndarray, users:
                              level: float = 0.95) -> tuple[float, float, float]:
     """AUC(p) - AUC(q) on the same impressions, and its paired user-bootstrap percentile interval (both
     scored on each resample, so the shared noise of the impressions cancels)."""
-    y = np.asarray(y).astype(bool)
-    gp = np.unique(np.asarray(p, np.float64), return_inverse=True)[1]
-    gq = np.unique(np.asarray(q, np.float64), return_inverse=True)[1]
+    y, gp, gq = np.asarray(y).astype(bool), _score_groups(p), _score_groups(q)
     ones = np.ones(len(y))
-    diff = weighted_auc(y, gp, ones) - weighted_auc(y, gq, ones)
+    diff = _grouped_auc(y, gp, ones) - _grouped_auc(y, gq, ones)
     vals = [d for w in _user_resamples(users, samples, seed)
-            if np.isfinite(d := weighted_auc(y, gp, w) - weighted_auc(y, gq, w))]
+            if np.isfinite(d := _grouped_auc(y, gp, w) - _grouped_auc(y, gq, w))]
     return (float(diff), *_interval(vals, level))

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from training.report import vs_gbdt_text
 from training.tracking import log_to_run, metric_tree
 
 
@@ -25,8 +26,7 @@ def per_head_table(report: dict[str, Any]) -> pd.DataFrame:
         row["auc_ci95"] = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
         row["vs_item_rate"] = m.get("vs_item_rate", "")
         g = m.get("vs_gbdt")
-        row["vs_gbdt"] = (f"{g['auc_diff']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}] {g['verdict']}"
-                          if g else "")
+        row["vs_gbdt"] = f"{vs_gbdt_text(g)} {g['verdict']}" if g else ""
         row["ece"], row["ece_quantile"] = m["ece"], m["ece_quantile"]
         rows.append(row)
     return pd.DataFrame(rows)

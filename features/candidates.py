@@ -1,5 +1,6 @@
 """Candidate channels beside the two-tower ANN, as plain arrays both layers share (no torch): the
-co-visitation table, the trending and fresh lists, each user's seen set, and the quota merge.
+co-visitation table, the trending and fresh lists, each user's seen set, the matrix-factorisation
+channel's top items, and the quota merge.
 
 Training builds the tables from the bundle's log and stores them in ``retrieval/channels.npz``; serving
 reads them back and merges the channels per request with the same :func:`merge_channels`, and the offline
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-CHANNELS = ("ann", "covisit", "trending", "fresh")
+CHANNELS = ("ann", "covisit", "trending", "fresh", "mf")
 
 
 def covisit_matrix(user: np.ndarray, item: np.ndarray, ts: np.ndarray, n_items: int, window: int) -> sp.csr_matrix:
@@ -88,6 +89,20 @@ def covisit_top(table: sp.csr_matrix, items: np.ndarray, weights: np.ndarray, n:
     score = np.bincount(inv, weights=v)
     order = np.lexsort((uniq, -score))[:n]
     return uniq[order].astype(np.int64)
+
+
+def mf_top(user_factors: np.ndarray, item_factors: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
+    """The MF channel: top-``n`` rows by ``item_factors @ user_factors`` among rows not ``blocked`` (ties:
+    lower row first). Empty for a user the ALS fit never saw (all-zero factors): every score would tie."""
+    if n <= 0 or not np.any(user_factors):
+        return np.zeros(0, np.int64)
+    score = item_factors @ user_factors
+    free = np.flatnonzero(~blocked)
+    k = min(n, len(free))
+    if k == 0:
+        return np.zeros(0, np.int64)
+    top = free[np.argpartition(-score[free], k - 1)[:k]]
+    return top[np.lexsort((top, -score[top]))].astype(np.int64)
 
 
 def merge_channels(lists: dict[str, np.ndarray], quotas: dict[str, int], blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -135,6 +135,10 @@ class Bundle:
     channels: ChannelTables | None = None  # co-visitation, trending, fresh, seen sets (bundles before: None)
     channel_quotas: dict[str, int] | None = None  # the quotas chosen on validation
     idx_to_row: np.ndarray | None = None  # item_id_idx -> catalogue row (-1 none), for history items
+    # The MF channel: the served vectors' MF dimensions [first, end) and the items' side of them, (N, f)
+    # (None: the vectors carry no MF dimensions, so the channel is off)
+    mf_dims: tuple[int, int] | None = None
+    mf_items: np.ndarray | None = None
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -331,8 +335,24 @@ def _load(path: Path, manifest: Manifest, registry_version: str | None, onnx_thr
         **item, **user, **fan, **layout,
         utc_offset_hours=float((manifest.config.get("data") or {}).get("utc_offset_hours", 0.0)),
         data_end_ms=float(manifest.time_range[1]), ranker_file=ranker_file, behaviour=behaviour,
-        channels=channels, channel_quotas=quotas,
+        channels=channels, channel_quotas=quotas, **_mf_channel(path, rspec, len(items)),
     )
+
+
+def _mf_channel(path: Path, rspec: RetrievalSpec, n_items: int) -> dict[str, Any]:
+    """The MF channel's item factors, sliced once from the served item vectors."""
+    mf = rspec.mf
+    if mf is None or mf.weight <= 0 or mf.dimensions[1] <= mf.dimensions[0]:
+        return {}
+    file = path / RETRIEVAL / rspec.files.item_vectors
+    if not file.is_file():
+        raise BundleError(f"{RetrievalSpec.FILE} has MF dimensions but {RETRIEVAL}/{rspec.files.item_vectors} is missing")
+    vectors = np.load(file, mmap_mode="r")
+    first, end = (int(d) for d in mf.dimensions)
+    if vectors.ndim != 2 or vectors.shape[0] != n_items or vectors.shape[1] < end:
+        raise BundleError(f"{RETRIEVAL}/{rspec.files.item_vectors} is {vectors.shape}; the MF dimensions "
+                          f"[{first}, {end}) of {n_items} items do not fit")
+    return {"mf_dims": (first, end), "mf_items": np.ascontiguousarray(vectors[:, first:end], dtype=np.float32)}
 
 
 def _load_channels(path: Path, rspec: RetrievalSpec, n_users: int, n_items: int):

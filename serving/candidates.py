@@ -1,5 +1,6 @@
 """Multi-channel candidates per request: two-tower ANN, co-visitation from the user's recent positives,
-trending and fresh lists, merged with per-channel quotas (:func:`features.candidates.merge_channels`,
+trending and fresh lists, the MF channel (the ALS factors of the served vectors alone), merged with
+per-channel quotas (:func:`features.candidates.merge_channels`,
 the same code the offline evaluation measured), minus everything the user has already seen.
 
 "Seen" = the items the bundle's data showed the user (``channels.npz``), the request's
@@ -16,9 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
-from features.candidates import ChannelTables, covisit_top, history_weights, merge_channels
+from features.candidates import ChannelTables, covisit_top, history_weights, merge_channels, mf_top
 
-CHANNEL_REASONS = ("channel:ann", "channel:covisit", "channel:trending", "channel:fresh", "channel:exposure")
+CHANNEL_REASONS = ("channel:ann", "channel:covisit", "channel:trending", "channel:fresh", "channel:mf",
+                   "channel:exposure")
 
 
 class SeenMemory:
@@ -58,23 +60,31 @@ class SeenMemory:
 
 
 def channel_quotas(configured: dict[str, int], bundle_quotas: dict[str, int] | None, total: int,
-                   has_tables: bool) -> dict[str, int]:
+                   has_tables: bool, has_mf: bool = False) -> dict[str, int]:
     """Config quotas win; else the bundle's mix (chosen on validation) scaled to ``total`` candidates (the
-    ANN takes the rounding); else the ANN alone for ``total``."""
+    ANN takes the rounding); else the ANN alone for ``total``. Without MF dimensions in the bundle the MF
+    channel's quota goes to the ANN."""
     if configured:
-        return dict(configured)
-    if not bundle_quotas or not has_tables or sum(bundle_quotas.values()) <= 0:
+        out = dict(configured)
+    elif not bundle_quotas or not has_tables or sum(bundle_quotas.values()) <= 0:
         return {"ann": total}
-    scale = total / sum(bundle_quotas.values())
-    out = {name: int(q * scale) for name, q in bundle_quotas.items()}
-    out["ann"] = out.get("ann", 0) + total - sum(out.values())
+    else:
+        scale = total / sum(bundle_quotas.values())
+        out = {name: int(q * scale) for name, q in bundle_quotas.items()}
+        out["ann"] = out.get("ann", 0) + total - sum(out.values())
+    if not has_mf and out.get("mf"):
+        out["ann"] = out.get("ann", 0) + out.pop("mf")
     return out
 
 
 def merge_for_user(tables: ChannelTables | None, quotas: dict[str, int], ann: np.ndarray, history: np.ndarray,
-                   idx_to_row: np.ndarray, blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, reason index into CHANNEL_REASONS) of the merged candidates for one request."""
+                   idx_to_row: np.ndarray, blocked: np.ndarray,
+                   mf: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, reason index into CHANNEL_REASONS) of the merged candidates for one request; ``mf`` is
+    (the user's MF factors, the items' (N, f)) for the MF channel."""
     lists = {"ann": ann}
+    if mf is not None and quotas.get("mf", 0) > 0:
+        lists["mf"] = mf_top(mf[0], mf[1], blocked, sum(quotas.values()))  # past what earlier channels take
     if tables is not None:
         if quotas.get("covisit", 0) > 0:
             items, w = history_weights(history)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from features.candidates import CHANNELS
 from features.config import ConfigError, apply_overrides, from_dict, load_raw
 from serving.policy_config import PolicyConfig, load_policy
 
@@ -43,7 +44,7 @@ class ServingConfig:
     tracking_uri: str | None = None  # MLflow tracking URI for models:/ (default: MLflow's own default)
     fresh_reference: Literal["bundle", "now"] = "bundle"  # "fresh" items are measured from the data's end or now
     hour_from: Literal["now", "bundle"] = "now"  # hour context feature when the request gives none
-    # Candidate channels (ann, covisit, trending, fresh) -> items each adds, merged in this order; empty =
+    # Candidate channels (ann, covisit, trending, fresh, mf) -> items each adds, merged in this order; empty =
     # the quotas the bundle chose on validation (retrieval.json), or the ANN alone for `candidates`.
     channel_quotas: dict[str, int] = field(default_factory=dict)
     exclude_seen: bool = True  # drop items the user was shown (bundle data, request, remembered seen_item_ids)
@@ -57,9 +58,9 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if self.candidates < 1:
             raise ConfigError(f"serving.candidates must be >= 1, got {self.candidates}")
-        unknown = sorted(set(self.channel_quotas) - {"ann", "covisit", "trending", "fresh"})
+        unknown = sorted(set(self.channel_quotas) - set(CHANNELS))
         if unknown:
-            raise ConfigError(f"serving.channel_quotas names unknown channels {unknown}; known: ann, covisit, trending, fresh")
+            raise ConfigError(f"serving.channel_quotas names unknown channels {unknown}; known: {', '.join(CHANNELS)}")
         if any(q < 0 for q in self.channel_quotas.values()):
             raise ConfigError(f"serving.channel_quotas must be >= 0, got {self.channel_quotas}")
         if self.seen_window_s < 0 or self.seen_max_users < 0 or self.seen_max_items < 0:

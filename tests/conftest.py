@@ -68,7 +68,7 @@ def synthetic_bundle(synthetic_config: Path, synthetic_tables: FeatureTables, tm
     cfg = load_config(
         synthetic_config,
         [f"output_dir={root}", "retrieval.max_epochs=2", "ranking.max_epochs=2", "ranking.single_task_baselines=false",
-         "ranking.gbdt_baseline=false"],
+         "ranking.gbdt_baseline=false", "retrieval.mf_weights=[1.0]"],  # MF dimensions: the MF channel serves
         TrainConfig,
     )
     shutil.copytree(synthetic_tables.dir, root / "features")

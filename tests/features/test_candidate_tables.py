@@ -7,7 +7,7 @@ from collections import defaultdict
 import numpy as np
 import scipy.sparse as sp
 
-from features.candidates import (ChannelTables, covisit_matrix, covisit_top, history_weights, merge_channels,
+from features.candidates import (ChannelTables, covisit_matrix, covisit_top, history_weights, merge_channels, mf_top,
                                  row_normalise, top_per_row)
 
 
@@ -74,3 +74,17 @@ def test_channel_tables_round_trip(tmp_path):
     assert back.trending.tolist() == [4, 2, 9] and back.fresh.tolist() == [7, 1]
     assert back.seen_rows(3).tolist() == sorted(set(item[user == 3].tolist()))
     assert back.seen_rows(-1).size == 0 and back.seen_rows(99).size == 0
+
+
+def test_mf_top_matches_a_full_sort_with_ties_to_the_lower_row():
+    rng = np.random.default_rng(3)
+    items = rng.integers(-2, 3, size=(60, 3)).astype(np.float32)  # small integers: many tied scores
+    user = np.array([1.0, -1.0, 0.5], np.float32)
+    blocked = rng.random(60) < 0.3
+    score = items @ user
+    free = [r for r in range(60) if not blocked[r]]
+    expected = sorted(free, key=lambda r: (-score[r], r))
+    for n in (1, 7, len(free), len(free) + 5):
+        assert mf_top(user, items, blocked, n).tolist() == expected[:n]
+    assert mf_top(np.zeros(3, np.float32), items, blocked, 5).size == 0
+    assert mf_top(user, items, np.ones(60, bool), 5).size == 0

@@ -92,3 +92,27 @@ def test_blend_is_used_only_where_the_gbdt_adds_signal():
     noise = fit_blend(deep, rng.normal(size=n), y, users, seed=0)
     assert noise is not None and not noise.used and abs(noise.weight) < 0.1
     assert fit_blend(deep, helpful, np.zeros(n), users, seed=0) is None  # one class: nothing to fit
+
+
+def test_a_rare_head_takes_the_blend_only_when_its_gain_is_distinguishable():
+    rng = np.random.default_rng(1)
+    n = 20000
+    users = rng.integers(0, 2000, n)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    base = -7.0  # ~80 positives in 20k rows: a rare head
+    y = (rng.random(n) < 1 / (1 + np.exp(-(base + a + 1.5 * b)))).astype(np.float64)
+    assert 20 < y.sum() < 150
+    deep = a + 0.3 * rng.normal(size=n)
+    strong = fit_blend(deep, b, y, users, seed=0, interval_samples=200)
+    assert strong is not None and strong.valid_gain_ci95 is not None
+    assert strong.used and strong.valid_gain_ci95[0] > 0
+    # A margin that carries a sliver of signal: its mean gain may be positive, its interval holds zero.
+    sliver = 0.05 * b + rng.normal(size=n)
+    weak = fit_blend(deep, sliver, y, users, seed=0, interval_samples=200)
+    assert weak is not None and weak.valid_gain_ci95 is not None
+    lo, hi = weak.valid_gain_ci95
+    assert lo <= 0 <= hi and not weak.used
+    # Without the interval (a head with enough positives) the same margin passes on its mean gain alone.
+    plain = fit_blend(deep, sliver, y, users, seed=0)
+    assert plain is not None and plain.valid_gain_ci95 is None
+    assert plain.valid_auc_blend > plain.valid_auc_deep and plain.used

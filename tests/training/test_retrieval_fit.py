@@ -220,6 +220,10 @@ def test_mf_dimensions_ride_in_the_served_vectors(synthetic_config: Path, synthe
     cfg = _cfg(synthetic_config, "retrieval.mf_weights=[2.0]", "retrieval.max_epochs=2")
     metrics = fit_retrieval(cfg, synthetic_tables, out, progress=False)
     assert metrics["protocol"]["mf_weight"] == 2.0 and "two_tower_alone" in metrics["baselines"]
+    # With MF dimensions the MF channel is measured alone and tried in the validation quota mixes.
+    sweep = metrics["valid"]["channel_sweep"]
+    assert 0 < sweep["single"]["mf"] <= 1 and "mf" in metrics["channels"]["single"]
+    assert {m["quotas"].get("mf", 0) for m in sweep["merged"]} == set(cfg.retrieval.channel_mf)
     meta = json.loads((out / "retrieval.json").read_text())
     d, f = meta["mf"]["dimensions"]
     assert (d, f) == (16, 20) and meta["prior"]["dimension"] == 20 and meta["embedding_dim"] == 21

@@ -66,8 +66,9 @@ class RankingConfig:
     # where that wins out of sample on validation (training/ranking/hybrid.py); false = deep model only.
     hybrid: bool = True
     hybrid_min_gain: float = 0.0  # cross-fitted validation AUC a head's blend must add over the deep model
-    # Heads with fewer validation positives keep the deep model: on a few dozen positives the cross-fitted
-    # comparison is noise, and every blended head's trees cost serving time.
+    # Heads with fewer validation positives take the blend only if its cross-fitted gain is distinguishable
+    # (paired user-bootstrap 95% interval above zero): on a few dozen positives the mean gain is mostly noise,
+    # and every blended head's trees cost serving time.
     hybrid_min_positives: int = 300
     # Heads with fewer test positives get a user-bootstrap 95% interval of their AUC.
     rare_head_positives: int = 300

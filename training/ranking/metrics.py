@@ -164,15 +164,15 @@ def watch_report(true_ms: np.ndarray, pred_ms: np.ndarray) -> dict[str, float]:
 def weighted_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> float:
     """AUC with row weights (ties count one half): sum over score groups of w_pos * (w_neg below + w_neg
     tied / 2), over W_pos * W_neg. Unit weights give :func:`auc`."""
-    return _grouped_auc(np.asarray(y).astype(bool), _score_groups(p), w)
+    return grouped_auc(np.asarray(y).astype(bool), score_groups(p), w)
 
 
-def _score_groups(p: np.ndarray) -> np.ndarray:
-    """Rank of each row's distinct score (ties share one), what :func:`_grouped_auc` sums over."""
+def score_groups(p: np.ndarray) -> np.ndarray:
+    """Rank of each row's distinct score (ties share one), what :func:`grouped_auc` sums over."""
     return np.unique(np.asarray(p, np.float64), return_inverse=True)[1]
 
 
-def _grouped_auc(y: np.ndarray, group: np.ndarray, w: np.ndarray) -> float:
+def grouped_auc(y: np.ndarray, group: np.ndarray, w: np.ndarray) -> float:
     w = np.asarray(w, np.float64)
     wp = np.bincount(group, weights=w * y)
     wn = np.bincount(group, weights=w * ~y)
@@ -183,7 +183,7 @@ def _grouped_auc(y: np.ndarray, group: np.ndarray, w: np.ndarray) -> float:
     return float((wp * (below + 0.5 * wn)).sum() / (total_p * total_n))
 
 
-def _user_resamples(users: np.ndarray, samples: int, seed: int):
+def user_resamples(users: np.ndarray, samples: int, seed: int):
     """Row weights of ``samples`` user-bootstrap resamples: users drawn with replacement, each bringing all
     its impressions (impressions of one user are not independent)."""
     code, uniq = pd.factorize(pd.Series(np.asarray(users)))
@@ -192,7 +192,7 @@ def _user_resamples(users: np.ndarray, samples: int, seed: int):
         yield np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)).astype(np.float64)[code]
 
 
-def _interval(vals: list[float], level: float) -> tuple[float, float]:
+def percentile_interval(vals: list[float], level: float) -> tuple[float, float]:
     if not vals:
         return float("nan"), float("nan")
     alpha = (1 - level) / 2
@@ -202,18 +202,18 @@ def _interval(vals: list[float], level: float) -> tuple[float, float]:
 def bootstrap_auc_interval(y: np.ndarray, p: np.ndarray, users: np.ndarray, samples: int, seed: int,
                            level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the AUC over user-bootstrap resamples."""
-    y, group = np.asarray(y).astype(bool), _score_groups(p)
-    vals = [a for w in _user_resamples(users, samples, seed) if np.isfinite(a := _grouped_auc(y, group, w))]
-    return _interval(vals, level)
+    y, group = np.asarray(y).astype(bool), score_groups(p)
+    vals = [a for w in user_resamples(users, samples, seed) if np.isfinite(a := grouped_auc(y, group, w))]
+    return percentile_interval(vals, level)
 
 
 def bootstrap_auc_difference(y: np.ndarray, p: np.ndarray, q: np.ndarray, users: np.ndarray, samples: int, seed: int,
                              level: float = 0.95) -> tuple[float, float, float]:
     """AUC(p) - AUC(q) on the same impressions, and its paired user-bootstrap percentile interval (both
     scored on each resample, so the shared noise of the impressions cancels)."""
-    y, gp, gq = np.asarray(y).astype(bool), _score_groups(p), _score_groups(q)
+    y, gp, gq = np.asarray(y).astype(bool), score_groups(p), score_groups(q)
     ones = np.ones(len(y))
-    diff = _grouped_auc(y, gp, ones) - _grouped_auc(y, gq, ones)
-    vals = [d for w in _user_resamples(users, samples, seed)
-            if np.isfinite(d := _grouped_auc(y, gp, w) - _grouped_auc(y, gq, w))]
-    return (float(diff), *_interval(vals, level))
+    diff = grouped_auc(y, gp, ones) - grouped_auc(y, gq, ones)
+    vals = [d for w in user_resamples(users, samples, seed)
+            if np.isfinite(d := grouped_auc(y, gp, w) - grouped_auc(y, gq, w))]
+    return (float(diff), *percentile_interval(vals, level))

@@ -106,12 +106,12 @@ def _valid_aucs(heads: list[tuple[str, str]], y: np.ndarray, scores: dict[str, n
 
 def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: RankingData, columns: list[int],
             calibration: dict[str, list[float]] | None = None, gbdt: GbdtResult | None = None,
-            seed: int = 0, min_gain: float = 0.0,
-            min_positives: int = 0) -> tuple[RankerScorer, np.ndarray, dict[str, HeadBlend]]:
+            seed: int = 0, min_gain: float = 0.0, min_positives: int = 0,
+            interval_samples: int = 200) -> tuple[RankerScorer, np.ndarray, dict[str, HeadBlend]]:
     """The export wrapper, with binary heads calibrated on the validation period (the watch head predicts a
     quantile and is left as is): Platt scaling of the deep logit or, given ``gbdt`` (the hybrid ranker),
-    the head's blend with its GBDT margin where that wins out of sample (heads with ``min_positives``
-    validation positives or more). Also returns the validation
+    the head's blend with its GBDT margin where that wins out of sample (on heads with fewer than
+    ``min_positives`` validation positives, distinguishably: see :func:`fit_blend`). Also returns the validation
     logits (N_valid, T) and the blends fitted. With a held-out fit's ``calibration`` (the refit, which has
     no validation period) that calibration is used and the logits are empty."""
     w = [t for t, (_, k) in enumerate(heads) if k == "watch_time"]
@@ -131,9 +131,10 @@ def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: RankingData, 
         for t, (name, kind) in enumerate(heads):
             if kind != "binary":
                 continue
-            enough = np.nansum(y[:, t]) >= min_positives
-            blend = (fit_blend(logits[:, t], gbdt.margins["valid"][name], y[:, t], users, seed, min_gain)
-                     if gbdt is not None and enough and name in gbdt.margins.get("valid", {}) else None)
+            rare = np.nansum(y[:, t]) < min_positives
+            blend = (fit_blend(logits[:, t], gbdt.margins["valid"][name], y[:, t], users, seed, min_gain,
+                               interval_samples if rare else 0)
+                     if gbdt is not None and name in gbdt.margins.get("valid", {}) else None)
             if blend is not None:
                 blends[name] = blend
             if blend is not None and blend.used:
@@ -371,7 +372,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         gbdt = _fit_gbdt(cfg, data, heads, rounds=refit.gbdt_rounds)
     scorer, logits_valid, blends = _scorer(task, heads, data, list(range(len(heads))),
                                            refit.calibration if refit else None, gbdt if rc.hybrid else None, cfg.seed,
-                                           rc.hybrid_min_gain, rc.hybrid_min_positives)
+                                           rc.hybrid_min_gain, rc.hybrid_min_positives, rc.bootstrap_samples)
     trees = blended_trees(scorer, gbdt) if rc.hybrid else None
     graphs = export_graphs(scorer, data, out_dir, cfg.seed, trees, rc.parity_tolerance)
     # Single-task baselines exist to be compared on the test period: not in the refit.

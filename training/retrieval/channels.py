@@ -47,42 +47,52 @@ def build_tables(rows: pd.DataFrame, items: pd.DataFrame, user_ids: np.ndarray, 
 
 
 def channel_lists(es: EvalSet, scores: np.ndarray, histories: np.ndarray, idx_to_row: np.ndarray,
-                  tables: ChannelTables, user: int, n: int) -> dict[str, np.ndarray]:
-    """One evaluated user's ranked catalogue rows per channel (``scores`` (N,) over es.candidates)."""
-    ann = es.candidates[np.argsort(-scores, kind="stable")[: n + es.exclude[user].nnz]]
+                  tables: ChannelTables, user: int, n: int, mf: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """One evaluated user's ranked catalogue rows per channel (``scores`` and the MF channel's ``mf`` (N,)
+    over es.candidates; no MF channel without them or for a user the ALS fit never saw: all scores 0)."""
+    reach = n + es.exclude[user].nnz
+    ann = es.candidates[np.argsort(-scores, kind="stable")[:reach]]
     items, w = history_weights(histories[user])
     rows = idx_to_row[np.minimum(items, len(idx_to_row) - 1)]
     keep = (items < len(idx_to_row)) & (rows >= 0)
-    return {"ann": ann, "covisit": covisit_top(tables.covisit, rows[keep], w[keep], n),
-            "trending": tables.trending[: n + 300], "fresh": tables.fresh[: n + 300]}
+    lists = {"ann": ann, "covisit": covisit_top(tables.covisit, rows[keep], w[keep], n),
+             "trending": tables.trending[: n + 300], "fresh": tables.fresh[: n + 300]}
+    if mf is not None and np.any(mf):
+        lists["mf"] = es.candidates[np.argsort(-mf, kind="stable")[:reach]]
+    return lists
 
 
-def quota_grid(total: int, covisit: list[int], trending: list[int], fresh: list[int]) -> list[dict[str, int]]:
+def quota_grid(total: int, covisit: list[int], trending: list[int], fresh: list[int],
+               mf: list[int] = (0,)) -> list[dict[str, int]]:
     out = []
-    for c, t, f in itertools.product(covisit, trending, fresh):
-        if c + t + f <= total:
-            out.append({"ann": total - c - t - f, "covisit": c, "trending": t, "fresh": f})
+    for c, t, f, m in itertools.product(covisit, trending, fresh, mf):
+        if c + t + f + m <= total:
+            mix = {"ann": total - c - t - f - m, "covisit": c, "trending": t, "fresh": f}
+            if m:
+                mix["mf"] = m
+            out.append(mix)
     return out
 
 
 def merged_recall(es: EvalSet, score_chunk, histories: np.ndarray, idx_to_row: np.ndarray,
-                  tables: ChannelTables, n_items: int, grid: list[dict[str, int]]) -> dict:
-    """Recall@total of each channel alone (its top ``total``) and of every quota mix in ``grid``.
+                  tables: ChannelTables, n_items: int, grid: list[dict[str, int]], mf_chunk=None) -> dict:
+    """Recall@total of each channel alone (its top ``total``) and of every quota mix in ``grid``;
+    ``mf_chunk(users)`` gives the MF channel's scores (None: no MF channel).
 
     Excluded (seen) items are removed from every channel, as serving removes them."""
     total = sum(grid[0].values())
-    cand_pos = np.full(n_items, -1, np.int64)
-    cand_pos[es.candidates] = np.arange(len(es.candidates))
-    single = {c: 0.0 for c in ("ann", "covisit", "trending", "fresh")}
+    single = {c: 0.0 for c in ("ann", "covisit", "trending", "fresh") + (("mf",) if mf_chunk else ())}
     mixes = np.zeros(len(grid))
     for lo in range(0, es.n_users, 512):
         users = np.arange(lo, min(lo + 512, es.n_users))
         chunk = score_chunk(users)
+        mf = mf_chunk(users) if mf_chunk else None
         for j, u in enumerate(users):
             blocked = np.zeros(n_items, bool)
             blocked[es.candidates[es.exclude[u].indices]] = True
             targets = es.candidates[es.targets[u].indices]
-            lists = channel_lists(es, chunk[j], histories, idx_to_row, tables, u, total)
+            lists = channel_lists(es, chunk[j], histories, idx_to_row, tables, u, total,
+                                  None if mf is None else mf[j])
             for name in single:
                 got, _ = merge_channels(lists, {name: total}, blocked)
                 single[name] += np.isin(targets, got).sum() / len(targets)
@@ -96,13 +106,15 @@ def merged_recall(es: EvalSet, score_chunk, histories: np.ndarray, idx_to_row: n
 
 def channel_recall(rc: RetrievalConfig, seen: pd.DataFrame, period: pd.DataFrame, es: EvalSet, layout: InputLayout,
               feats: ItemFeatures, tables: FeatureTables, window: int, start: int, score_chunk,
-              grid: list[dict[str, int]] | None) -> dict:
-    """Recall@channel_total of each channel and of the quota mixes, tables built from ``seen`` only."""
+              grid: list[dict[str, int]] | None, mf_chunk=None) -> dict:
+    """Recall@channel_total of each channel and of the quota mixes, tables built from ``seen`` only. The MF
+    channel (``mf_chunk``) is tried only where the served vectors carry MF dimensions."""
     ch = build_tables(seen, tables.items, np.zeros(0, str), rc.positive_signal, window, rc.covisit_top,
                       rc.recent_days, start)
     hist = layout.user_arrays(period.iloc[es.first_row])["history"]
-    grid = grid or quota_grid(rc.channel_total, rc.channel_covisit, rc.channel_trending, rc.channel_fresh)
-    return merged_recall(es, score_chunk, hist, idx_to_row(tables), ch, len(feats.item_ids), grid)
+    grid = grid or quota_grid(rc.channel_total, rc.channel_covisit, rc.channel_trending, rc.channel_fresh,
+                              rc.channel_mf if mf_chunk else [0])
+    return merged_recall(es, score_chunk, hist, idx_to_row(tables), ch, len(feats.item_ids), grid, mf_chunk)
 
 
 def idx_to_row(tables: FeatureTables) -> np.ndarray:

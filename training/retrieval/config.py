@@ -60,6 +60,9 @@ class RetrievalConfig:
     channel_covisit: list[int] = field(default_factory=lambda: [0, 50, 150])
     channel_trending: list[int] = field(default_factory=lambda: [0, 50])
     channel_fresh: list[int] = field(default_factory=lambda: [0, 20])
+    # The MF channel (top items by the ALS factors alone; only where mf_weights folds them into the served
+    # vectors): it finds what the fused score ranks just past the ANN's cut.
+    channel_mf: list[int] = field(default_factory=lambda: [0, 50, 100])
     covisit_top: int = 50  # neighbours kept per item in the served co-visitation table
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
@@ -105,5 +108,8 @@ class RetrievalConfig:
         if max(self.mf_weights) > 0 and not self.baselines.als:
             raise ConfigError("retrieval.mf_weights folds the MF baseline into the vectors: it needs "
                               "retrieval.baselines.als: true")
+        for name in ("channel_covisit", "channel_trending", "channel_fresh", "channel_mf"):
+            if not getattr(self, name) or min(getattr(self, name)) < 0:
+                raise ConfigError(f"retrieval.{name} must list quotas >= 0, got {getattr(self, name)}")
         if self.recent_days <= 0:
             raise ConfigError(f"retrieval.recent_days must be > 0, got {self.recent_days}")

@@ -248,16 +248,25 @@ def _evaluate(rc: RetrievalConfig, tables: FeatureTables, p: _Periods, model: Tw
         test_base["two_tower_alone"] = lambda u: uv0[u] @ iv0.T
     metrics, curves = evaluate_all(test_es, uv, iv, test_base, **kw)
     window = int(tuning.get("covisit", {}).get("params", {}).get("window", 10))
+    mf_dims = slice(rc.embedding_dim, rc.embedding_dim + mf_val.items.shape[1]) if mf_val is not None else None
     val_ch = channel_recall(rc, p.train, p.valid, val_es, layout, feats, tables, window, int(split["valid_start"]),
-                       lambda u: val_vectors[0][u] @ val_vectors[1].T, None)
+                            lambda u: val_vectors[0][u] @ val_vectors[1].T, None, _mf_scores(val_vectors, mf_dims))
     quotas = max(val_ch["merged"], key=lambda r: r[f"recall@{rc.channel_total}"])["quotas"]
     test_ch = channel_recall(rc, seen, p.test, test_es, layout, feats, tables, window, int(split["test_start"]),
-                        lambda u: uv[u] @ iv.T, [quotas])
+                             lambda u: uv[u] @ iv.T, [quotas], _mf_scores((uv, iv), mf_dims))
     metrics["channels"] = {"quotas": quotas, "k": rc.channel_total, "single": test_ch["single"],
                            "merged": test_ch["merged"][0][f"recall@{rc.channel_total}"]}
     val_metrics["channel_sweep"] = val_ch
     plot_curves(curves, out_dir / "recall_vs_k.png", f"test period: Recall@K ({metrics['test_users']} users)")
     return _Evaluated(metrics, val_metrics, uv, beta, mf_weight, quotas, window, tuning)
+
+
+def _mf_scores(vectors: tuple[np.ndarray, np.ndarray], dims: slice | None):
+    """The MF channel's scores from the served vectors' MF dimensions (None without them)."""
+    if dims is None:
+        return None
+    u, i = vectors[0][:, dims], np.ascontiguousarray(vectors[1][:, dims])
+    return lambda users: u[users] @ i.T
 
 
 def fit_retrieval(

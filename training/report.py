@@ -30,7 +30,12 @@ def channels_table(ch: dict[str, Any]) -> str:
     rows = [[name, "", v] for name, v in ch.get("single", {}).items()]
     quotas = ", ".join(f"{n} {q}" for n, q in ch.get("quotas", {}).items())
     rows.append(["merged", quotas, ch.get("merged")])
-    return table(["candidates", "quotas", f"Recall@{k}"], rows)
+    out = table(["candidates", "quotas", f"Recall@{k}"], rows)
+    vs = ch.get("merged_vs_best_single")
+    if vs:
+        out += (f"\nmerged - {vs['channel']} (the best single channel): {vs['difference']:+.4f} "
+                f"[{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}] (paired user bootstrap, 95%)")
+    return out
 
 
 def vs_gbdt_text(g: dict[str, Any] | None) -> str:

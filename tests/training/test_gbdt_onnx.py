@@ -116,3 +116,16 @@ def test_a_rare_head_takes_the_blend_only_when_its_gain_is_distinguishable():
     plain = fit_blend(deep, sliver, y, users, seed=0)
     assert plain is not None and plain.valid_gain_ci95 is None
     assert plain.valid_auc_blend > plain.valid_auc_deep and plain.used
+
+
+def test_a_head_whose_deep_logit_would_enter_reversed_serves_its_gbdt_alone():
+    rng = np.random.default_rng(2)
+    n = 20000
+    users = rng.integers(0, 2000, n)
+    b = rng.normal(size=n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(b - 1)))).astype(np.float64)
+    deep = -0.5 * b + rng.normal(size=n)  # ranks the head backwards
+    blend = fit_blend(deep, b, y, users, seed=0)
+    assert blend is not None and blend.used
+    assert blend.scale == 0 and blend.weight > 0.5
+    assert blend.valid_auc_blend == blend.valid_auc_gbdt > blend.valid_auc_deep

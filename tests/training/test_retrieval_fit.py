@@ -224,6 +224,11 @@ def test_mf_dimensions_ride_in_the_served_vectors(synthetic_config: Path, synthe
     sweep = metrics["valid"]["channel_sweep"]
     assert 0 < sweep["single"]["mf"] <= 1 and "mf" in metrics["channels"]["single"]
     assert {m["quotas"].get("mf", 0) for m in sweep["merged"]} == set(cfg.retrieval.channel_mf)
+    ch = metrics["channels"]
+    vs = ch["merged_vs_best_single"]
+    assert ch["single"][vs["channel"]] == max(ch["single"].values())
+    assert vs["difference"] == pytest.approx(ch["merged"] - ch["single"][vs["channel"]], abs=1e-9)
+    assert vs["ci95"][0] <= vs["difference"] <= vs["ci95"][1]
     meta = json.loads((out / "retrieval.json").read_text())
     d, f = meta["mf"]["dimensions"]
     assert (d, f) == (16, 20) and meta["prior"]["dimension"] == 20 and meta["embedding_dim"] == 21

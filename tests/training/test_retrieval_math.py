@@ -130,3 +130,16 @@ def test_top_k_stable_equals_a_stable_full_sort():
         s[rng.random(s.shape) < 0.2] = -np.inf
         k = int(rng.integers(1, 31))
         np.testing.assert_array_equal(top_k_stable(s, k), np.argsort(-s, axis=1, kind="stable")[:, :k])
+
+
+def test_paired_difference_interval_follows_the_per_user_differences():
+    from training.retrieval.channels import paired_difference
+
+    rng = np.random.default_rng(0)
+    a = rng.random(2000)
+    shifted = paired_difference(a + 0.01 + rng.normal(0, 0.05, 2000), a, seed=0)
+    assert shifted["ci95"][0] > 0 and shifted["ci95"][0] < shifted["difference"] < shifted["ci95"][1]
+    noise = paired_difference(a + rng.normal(0, 0.05, 2000), a, seed=0)
+    assert noise["ci95"][0] < 0 < noise["ci95"][1]
+    # Pairing: a large shared per-user spread cancels, so the interval is as narrow as the differences'.
+    assert shifted["ci95"][1] - shifted["ci95"][0] < 4 * 1.96 * 0.05 / np.sqrt(2000)

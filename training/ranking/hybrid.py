@@ -7,9 +7,11 @@ blend is fitted on each and scored on the other, and its AUC there, averaged ove
 the deep model's on the same halves (the GBDT is early-stopped on the same period, so an in-sample
 comparison would flatter it; pooling the two halves' scores would mix two fits' intercepts).
 
-On a rare head (a few dozen validation positives) that mean gain is mostly noise, so such a head must also
-show it is real: the paired user-bootstrap 95% interval of the cross-fitted gain (blend AUC - deep AUC,
-each resample scoring both halves, averaged like the gain) must lie above zero.
+Where the full fit would weigh the deep logit <= 0, the head serves its GBDT alone (``scale = 0``), judged
+by the GBDT's cross-fitted AUC. On a rare head (a few dozen validation positives) that mean gain is mostly
+noise, so such a head must also show it is real: the paired user-bootstrap 95% interval of the
+cross-fitted gain (served AUC - deep AUC, each resample scoring both halves, averaged like the gain) must
+lie above zero.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from training.ranking.metrics import auc, grouped_auc, percentile_interval, scor
 
 @dataclass
 class HeadBlend:
-    scale: float  # on the deep logit
+    scale: float  # on the deep logit (0: the GBDT alone)
     weight: float  # on the GBDT margin (0: deep only)
     bias: float
     # validation AUCs, each the mean over two halves of the validation users (the blend fitted on the other half)
     valid_auc_deep: float
     valid_auc_gbdt: float
-    valid_auc_blend: float
+    valid_auc_blend: float  # of what is served: the blend, or the GBDT alone where scale = 0
     used: bool
     # paired user-bootstrap 95% interval of valid_auc_blend - valid_auc_deep (computed for rare heads only)
     valid_gain_ci95: tuple[float, float] | None = None
@@ -68,10 +70,16 @@ def fit_blend(logit: np.ndarray, margin: np.ndarray, y: np.ndarray, users: np.nd
         per_half.append((auc(y[out], logit[out]), auc(y[out], margin[out]), auc(y[out], crossed[out])))
     coef, b = logistic(x, y)
     deep, gbdt, blend = (float(v) for v in np.mean(per_half, axis=0))
-    used = bool(np.isfinite(blend) and blend > deep + min_gain and coef[0] > 0 and np.isfinite(coef).all())
+    served = crossed
+    if not coef[0] > 0:
+        # The deep logit would enter reversed: serve the head's GBDT alone (calibrated), whose cross-fitted
+        # AUC needs no fit (a monotone calibration keeps the order).
+        w, b = logistic(margin.reshape(-1, 1).astype(np.float64), y)
+        coef, blend, served = np.array([0.0, w[0]]), gbdt, margin
+    used = bool(np.isfinite(blend) and blend > deep + min_gain and coef[1] > 0 and np.isfinite(coef).all())
     ci = None
     if interval_samples > 0:
-        ci = cross_fitted_gain_interval(y, logit, crossed, half, users, interval_samples, seed)
+        ci = cross_fitted_gain_interval(y, logit, served, half, users, interval_samples, seed)
         used = used and ci[0] > 0
     return HeadBlend(float(coef[0]), float(coef[1]), b, deep, gbdt, blend, used, ci)
 

@@ -75,14 +75,17 @@ def quota_grid(total: int, covisit: list[int], trending: list[int], fresh: list[
 
 
 def merged_recall(es: EvalSet, score_chunk, histories: np.ndarray, idx_to_row: np.ndarray,
-                  tables: ChannelTables, n_items: int, grid: list[dict[str, int]], mf_chunk=None) -> dict:
+                  tables: ChannelTables, n_items: int, grid: list[dict[str, int]], mf_chunk=None,
+                  seed: int = 0) -> dict:
     """Recall@total of each channel alone (its top ``total``) and of every quota mix in ``grid``;
-    ``mf_chunk(users)`` gives the MF channel's scores (None: no MF channel).
+    ``mf_chunk(users)`` gives the MF channel's scores (None: no MF channel). With one mix, also its
+    difference to the best single channel with a paired user-bootstrap interval (``vs_best_single``).
 
     Excluded (seen) items are removed from every channel, as serving removes them."""
     total = sum(grid[0].values())
-    single = {c: 0.0 for c in ("ann", "covisit", "trending", "fresh") + (("mf",) if mf_chunk else ())}
-    mixes = np.zeros(len(grid))
+    names = ("ann", "covisit", "trending", "fresh") + (("mf",) if mf_chunk else ())
+    single = {c: np.zeros(es.n_users) for c in names}  # per-user recall, for the paired interval
+    mixes = np.zeros((len(grid), es.n_users))
     for lo in range(0, es.n_users, 512):
         users = np.arange(lo, min(lo + 512, es.n_users))
         chunk = score_chunk(users)
@@ -95,13 +98,27 @@ def merged_recall(es: EvalSet, score_chunk, histories: np.ndarray, idx_to_row: n
                                   None if mf is None else mf[j])
             for name in single:
                 got, _ = merge_channels(lists, {name: total}, blocked)
-                single[name] += np.isin(targets, got).sum() / len(targets)
+                single[name][u] = np.isin(targets, got).sum() / len(targets)
             for g, quotas in enumerate(grid):
                 got, _ = merge_channels(lists, quotas, blocked)
-                mixes[g] += np.isin(targets, got).sum() / len(targets)
-    m = max(es.n_users, 1)
-    return {"k": total, "single": {k: v / m for k, v in single.items()},
-            "merged": [{"quotas": q, f"recall@{total}": float(r / m)} for q, r in zip(grid, mixes)]}
+                mixes[g, u] = np.isin(targets, got).sum() / len(targets)
+    mean = (lambda v: float(v.mean())) if es.n_users else (lambda v: 0.0)
+    out = {"k": total, "single": {k: mean(v) for k, v in single.items()},
+           "merged": [{"quotas": q, f"recall@{total}": mean(r)} for q, r in zip(grid, mixes)]}
+    if len(grid) == 1 and es.n_users:  # one mix measured (the test period): how it compares, with an interval
+        best = max(single, key=lambda c: out["single"][c])
+        out["vs_best_single"] = {"channel": best, **paired_difference(mixes[0], single[best], seed)}
+    return out
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, seed: int, samples: int = 1000,
+                      level: float = 0.95) -> dict[str, float | list[float]]:
+    """mean(a - b) over users and its user-bootstrap percentile interval (a and b: per-user values)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(samples)])
+    alpha = (1 - level) / 2
+    return {"difference": float(d.mean()), "ci95": [float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))]}
 
 
 def channel_recall(rc: RetrievalConfig, seen: pd.DataFrame, period: pd.DataFrame, es: EvalSet, layout: InputLayout,

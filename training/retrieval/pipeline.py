@@ -255,7 +255,8 @@ def _evaluate(rc: RetrievalConfig, tables: FeatureTables, p: _Periods, model: Tw
     test_ch = channel_recall(rc, seen, p.test, test_es, layout, feats, tables, window, int(split["test_start"]),
                              lambda u: uv[u] @ iv.T, [quotas], _mf_scores((uv, iv), mf_dims))
     metrics["channels"] = {"quotas": quotas, "k": rc.channel_total, "single": test_ch["single"],
-                           "merged": test_ch["merged"][0][f"recall@{rc.channel_total}"]}
+                           "merged": test_ch["merged"][0][f"recall@{rc.channel_total}"],
+                           "merged_vs_best_single": test_ch.get("vs_best_single")}
     val_metrics["channel_sweep"] = val_ch
     plot_curves(curves, out_dir / "recall_vs_k.png", f"test period: Recall@K ({metrics['test_users']} users)")
     return _Evaluated(metrics, val_metrics, uv, beta, mf_weight, quotas, window, tuning)
@@ -388,6 +389,8 @@ def _log_mlflow(out_dir: Path, metrics: dict, index, parity: dict) -> None:
         for name, v in ch["single"].items():
             flat[f"retrieval/test/channel_{name}/recall_at_{ch['k']}"] = v
         flat[f"retrieval/test/channels_merged/recall_at_{ch['k']}"] = ch["merged"]
+        if ch.get("merged_vs_best_single"):
+            flat["retrieval/test/channels_merged/minus_best_single"] = ch["merged_vs_best_single"]["difference"]
     flat["retrieval/test_users"] = metrics["test_users"]
     flat["retrieval/index_recall_vs_exact"] = index.recall_vs_exact
     flat["retrieval/parity_max_abs_diff"] = max(parity.values())

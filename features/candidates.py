@@ -97,11 +97,11 @@ def mf_top(user_factors: np.ndarray, item_factors: np.ndarray, blocked: np.ndarr
     if n <= 0 or not np.any(user_factors):
         return np.zeros(0, np.int64)
     score = item_factors @ user_factors
-    free = np.flatnonzero(~blocked)
-    k = min(n, len(free))
-    if k == 0:
+    score[blocked] = -np.inf
+    k = min(n, len(score) - int(blocked.sum()))
+    if k <= 0:
         return np.zeros(0, np.int64)
-    top = free[np.argpartition(-score[free], k - 1)[:k]]
+    top = np.argpartition(-score, k - 1)[:k]
     return top[np.lexsort((top, -score[top]))].astype(np.int64)
 
 

@@ -342,12 +342,12 @@ class Recommender:
         """Merged candidate rows, their channel reason index, cold flag and the user vector."""
         b = st.bundle
         s = self.settings.serving
-        quotas = channel_quotas(s.channel_quotas, b.channel_quotas, s.candidates, b.channels is not None,
-                                b.mf_items is not None)
+        has_mf = b.mf_items is not None and b.n_items <= s.mf_channel_max_items
+        quotas = channel_quotas(s.channel_quotas, b.channel_quotas, s.candidates, b.channels is not None, has_mf)
         n = quotas.get("ann", 0) + n_mine
         while True:
             ann, cold, vec = self.search(st, row, hist, max(n, 1))
-            mf = (vec[0, b.mf_dims[0]:b.mf_dims[1]], b.mf_items) if vec is not None and b.mf_dims else None
+            mf = (vec[0, b.mf_dims[0]:b.mf_dims[1]], b.mf_items) if vec is not None and has_mf else None
             rows, tags = merge_for_user(b.channels, quotas, ann, hist, b.idx_to_row, blocked, mf)
             got = int((tags == 0).sum())
             # Non-servable items in the ANN's top cut its share: search wider once more.

@@ -356,3 +356,8 @@ def test_the_mf_channel_serves_unseen_items_ranked_by_the_mf_factors(serving_bun
     score = b.mf_items @ vec[0, b.mf_dims[0]:b.mf_dims[1]]
     ranked = [x for x in np.argsort(-score, kind="stable") if x not in seen]
     assert set(mf_rows) <= set(ranked[:60])
+    # Above serving.mf_channel_max_items the channel is off and its quota goes to the ANN.
+    off = Recommender(b, settings_from_raw({"serving": {"candidates": 60, "mf_channel_max_items": b.n_items - 1,
+                                                        "channel_quotas": {"ann": 30, "mf": 30}}}))
+    r = off.recommend(user, 60)
+    assert r.items and not any("channel:mf" in i.reasons for i in r.items)

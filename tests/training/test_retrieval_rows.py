@@ -12,8 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from features.build import build_features
 from features.config import load_config
 from features.tables import FeatureTables
+from tests.conftest import write_config
 from training.config import TrainConfig
 from training.retrieval import rows as R
 from training.retrieval.data import InputLayout, ItemFeatures, train_tensors
@@ -28,22 +30,43 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def small_groups(synthetic_tables: FeatureTables, tmp_path_factory) -> FeatureTables:
-    """The synthetic tables with interactions.parquet in row groups of 997 rows (a batch and a row group
-    then never line up, and a period spans many groups)."""
-    d = tmp_path_factory.mktemp("rows") / "features"
-    shutil.copytree(synthetic_tables.dir, d)
+def _small_groups(features: Path, tmp: Path) -> FeatureTables:
+    """A copy of the feature tables with interactions.parquet in row groups of 997 rows (a batch and a row
+    group then never line up, and a period spans many groups)."""
+    d = tmp / "features"
+    shutil.copytree(features, d)
     path = d / "interactions.parquet"
     pq.write_table(pq.read_table(path), path, row_group_size=997)
     return FeatureTables.load(d)
 
 
-@pytest.mark.parametrize("weights", [[], ["retrieval.impression_weight=0.5", "retrieval.signal_weights={click: 0.5}"]])
-def test_projected_reads_equal_the_whole_table(synthetic_config: Path, small_groups: FeatureTables,
-                                               weights: list[str]):
-    cfg = load_config(synthetic_config, weights, TrainConfig)
-    tables, rc = small_groups, cfg.retrieval
+@pytest.fixture(scope="module")
+def small_groups(synthetic_tables: FeatureTables, tmp_path_factory) -> FeatureTables:
+    return _small_groups(synthetic_tables.dir, tmp_path_factory.mktemp("rows"))
+
+
+@pytest.fixture(scope="module")
+def ratings(world, tmp_path_factory) -> tuple[Path, FeatureTables]:
+    """The ratings layout: static item numerics (genre flags) that the rows lack and join_static adds."""
+    root = tmp_path_factory.mktemp("ratings")
+    path = write_config(world, root, layout="ratings")
+    out = build_features(load_config(path), progress=False).out_dir
+    return path, _small_groups(out, root)
+
+
+@pytest.mark.parametrize("world_layout, weights", [
+    ("kuairand", []),
+    ("kuairand", ["retrieval.impression_weight=0.5", "retrieval.signal_weights={click: 0.5}"]),
+    ("ratings", []),
+])
+def test_projected_reads_equal_the_whole_table(synthetic_config: Path, small_groups: FeatureTables, ratings,
+                                               world_layout: str, weights: list[str]):
+    config, tables = (synthetic_config, small_groups) if world_layout == "kuairand" else ratings
+    cfg = load_config(config, weights, TrainConfig)
+    rc = cfg.retrieval
+    static = [c for c in tables.spec["item_numeric"]
+              if c not in pq.read_schema(tables.dir / "interactions.parquet").names]
+    assert bool(static) == (world_layout == "ratings")  # the ratings layout's genre flags: item_num_stats' static branch
     layout = InputLayout.from_tables(tables)
     whole, log = load_interactions(tables), R.load_log(cfg, tables)
     assert "history" not in log.columns and not set(layout.item_num) & set(log.columns)

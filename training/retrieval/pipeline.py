@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,10 @@ from training.refit import RefitPlan
 from training.retrieval.baselines import baseline_scorers
 from training.retrieval.channels import channel_recall
 from training.retrieval.config import RetrievalConfig
-from training.retrieval.data import InputLayout, ItemFeatures, train_tensors
+from training.retrieval.data import InputLayout, ItemFeatures
 from training.retrieval.metrics import EvalSet, evaluate_all, make_eval_set, plot_curves
 from training.retrieval.model import ItemEmbeddings, ItemTower, TwoTower, UserTower
+from training.retrieval.rows import item_num_stats, load_log, period_rows, positive_tensors, user_rows
 from training.retrieval.ship import onnx_vectors, retrieval_meta, ship
 from training.retrieval.task import RetrievalTask, Throughput, ValInputs, tower_vectors
 from training.retrieval.vectors import choose_mf_weight, log_prior, mf_fit, with_mf, with_prior
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 
 def load_interactions(tables: FeatureTables) -> pd.DataFrame:
+    """The whole interaction table with the static columns joined (tests and tools; the stage reads only
+    what each step needs, :mod:`training.retrieval.rows`)."""
     rows = pd.read_parquet(tables.dir / tables.manifest["tables"]["interactions"]["file"])
     rows["period"] = rows["period"].astype(str)
     return tables.join_static(rows)
@@ -67,9 +70,14 @@ def build_model(
     return TwoTower(user, item)
 
 
-def _val_inputs(es: EvalSet, rows: pd.DataFrame, layout: InputLayout, feats: ItemFeatures, block: int,
+def _eval_users(tables: FeatureTables, layout: InputLayout, es: EvalSet, period: pd.DataFrame) -> pd.DataFrame:
+    """The user-tower columns of each evaluated user's first row of ``period`` (EvalSet user order)."""
+    return user_rows(tables, layout, period.index.to_numpy()[es.first_row])
+
+
+def _val_inputs(es: EvalSet, users: pd.DataFrame, layout: InputLayout, feats: ItemFeatures, block: int,
                 prior: np.ndarray | None = None) -> ValInputs:
-    ua = layout.user_arrays(rows.iloc[es.first_row])
+    ua = layout.user_arrays(users)
     return ValInputs(
         es,
         torch.from_numpy(ua["user_cat"]),
@@ -78,6 +86,11 @@ def _val_inputs(es: EvalSet, rows: pd.DataFrame, layout: InputLayout, feats: Ite
         torch.from_numpy(np.ascontiguousarray(feats.num[block, es.candidates])),
         None if prior is None else prior[es.candidates],
     )
+
+
+def _by_user(es: EvalSet) -> EvalSet:
+    """``es`` with ``first_row`` = the user's position: for a frame of one row per user (:func:`_eval_users`)."""
+    return replace(es, first_row=np.arange(es.n_users))
 
 
 def _history_callback():
@@ -92,16 +105,18 @@ def _history_callback():
     return History()
 
 
-def _refit_queries(rows: pd.DataFrame, layout: InputLayout, n: int, seed: int) -> dict[str, np.ndarray]:
+def _refit_queries(tables: FeatureTables, rows: pd.DataFrame, layout: InputLayout, n: int,
+                   seed: int) -> dict[str, np.ndarray]:
     """User-tower inputs of up to ``n`` users at their latest row: the refit's index-recall queries."""
-    last = rows.drop_duplicates("user_id", keep="last")
+    last = pd.Series(rows.index[~rows["user_id"].duplicated(keep="last").to_numpy()])
     last = last.sample(min(n, len(last)), random_state=seed)
-    return layout.user_arrays(last)
+    return layout.user_arrays(user_rows(tables, layout, last.to_numpy()))
 
 
 @dataclass
 class _Periods:
-    """The interactions split by period, with the tower inputs' layout and the catalogue's features."""
+    """The interactions split by period (the compact log of :func:`load_log`), with the tower inputs' layout
+    and the catalogue's features."""
 
     layout: InputLayout
     rows: pd.DataFrame
@@ -116,11 +131,11 @@ class _Periods:
     @classmethod
     def load(cls, cfg: TrainConfig, tables: FeatureTables) -> "_Periods":
         layout = InputLayout.from_tables(tables)
-        rows = load_interactions(tables)
+        rows = load_log(cfg, tables)
         feats = ItemFeatures(cfg, tables, layout, rows)
         split = tables.manifest["split"]
         starts = list(split["block_starts"])
-        train, valid, test = (rows[rows["period"] == p] for p in ("train", "valid", "test"))
+        train, valid, test = (period_rows(rows, p) for p in ("train", "valid", "test"))
         return cls(layout, rows, feats, split, train, valid, test, starts.index(split["valid_start"]),
                    starts.index(split["test_start"]))
 
@@ -138,36 +153,33 @@ class _Trained:
     num_std: np.ndarray
     val: ValInputs | None
     val_es: EvalSet | None
+    val_users: pd.DataFrame | None
     resumed_from: int | None
     seconds: float
 
 
-def _train(cfg: TrainConfig, p: _Periods, out_dir: Path, resume: bool, progress: bool, refit: RefitPlan | None,
-           seed: int) -> _Trained:
+def _train(cfg: TrainConfig, tables: FeatureTables, p: _Periods, out_dir: Path, resume: bool, progress: bool,
+           refit: RefitPlan | None, seed: int) -> _Trained:
     """Sampled softmax on the train period's positives; early stopping on validation Recall@K (none in a refit)."""
     rc = cfg.retrieval
     ckpt_dir, last = checkpoint_dir(out_dir, resume, cfg.trainer)
     t_start = time.perf_counter()
     signal, layout, feats = rc.positive_signal, p.layout, p.feats
-    weight = rc.row_weights(p.train)
-    positives = p.train[weight > 0]
-    if positives.empty:
+    tt = positive_tensors(cfg, tables, layout, feats, "train")
+    if len(tt) == 0:
         raise ValueError(f"no training positives: no train-period row has {signal} > 0")
-    tt = train_tensors(positives, layout, feats, weight[weight > 0])
     freq = np.bincount(tt.item_row.numpy(), minlength=len(feats.item_ids)) / len(tt)
-    num = p.train[layout.item_num].to_numpy(np.float64)
-    num_mean = np.nan_to_num(np.nanmean(num, axis=0)).astype(np.float32)
-    num_std = np.nan_to_num(np.nanstd(num, axis=0)).astype(np.float32)
-    num_std[num_std < 1e-6] = 1.0
+    num_mean, num_std = item_num_stats(tables, layout, p.train)
 
     val_es = make_eval_set(p.train, p.valid, feats.item_ids, signal) if refit is None else None
     if val_es is not None and val_es.n_users == 0:
         raise ValueError(f"the validation period has no user with a {signal} positive on a train item: "
                          "early stopping needs one; widen split.valid_* ")
-    val = None
+    val, val_users = None, None
     if val_es is not None:
         val_prior = log_prior(rc, p.train, feats.item_ids, int(p.split["valid_start"]))
-        val = _val_inputs(val_es, p.valid, layout, feats, p.valid_block, val_prior)
+        val_users = _eval_users(tables, layout, val_es, p.valid)
+        val = _val_inputs(val_es, val_users, layout, feats, p.valid_block, val_prior)
     model = build_model(layout, feats, rc, num_mean, num_std)
     task = RetrievalTask(
         model, rc, torch.tensor(feats.cat), torch.from_numpy(feats.num), torch.from_numpy(freq),
@@ -199,7 +211,7 @@ def _train(cfg: TrainConfig, p: _Periods, out_dir: Path, resume: bool, progress:
         trainer.fit(task, train_dataloaders=train_dl, val_dataloaders=None if refit else val_dl, ckpt_path=ckpt_path)
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else ckpt_dir / "best.ckpt"
     return _Trained(task, trainer, best_path, throughput, history, len(tt), float(tt.weight.sum()), num_mean,
-                    num_std, val, val_es, resumed_from, time.perf_counter() - t_start)
+                    num_std, val, val_es, val_users, resumed_from, time.perf_counter() - t_start)
 
 
 @dataclass
@@ -237,7 +249,8 @@ def _evaluate(rc: RetrievalConfig, tables: FeatureTables, p: _Periods, model: Tw
     if mf_sweep:
         val_metrics["mf_weight_sweep"] = mf_sweep
     test_prior = log_prior(rc, seen, feats.item_ids, int(split["test_start"]))
-    test_in = _val_inputs(test_es, p.test, layout, feats, p.test_block, test_prior)
+    test_users = _eval_users(tables, layout, test_es, p.test)
+    test_in = _val_inputs(test_es, test_users, layout, feats, p.test_block, test_prior)
     uv_tt, iv_tt = tower_vectors(model, test_in)
     mf_test = (mf_fit(rc, seen, feats, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], mf_weight, seed)
                if mf_weight > 0 else None)
@@ -249,11 +262,13 @@ def _evaluate(rc: RetrievalConfig, tables: FeatureTables, p: _Periods, model: Tw
     metrics, curves = evaluate_all(test_es, uv, iv, test_base, **kw)
     window = int(tuning.get("covisit", {}).get("params", {}).get("window", 10))
     mf_dims = slice(rc.embedding_dim, rc.embedding_dim + mf_val.items.shape[1]) if mf_val is not None else None
-    val_ch = channel_recall(rc, p.train, p.valid, val_es, layout, feats, tables, window, int(split["valid_start"]),
-                            lambda u: val_vectors[0][u] @ val_vectors[1].T, None, _mf_scores(val_vectors, mf_dims))
+    # channel_recall reads each user's history at period.iloc[es.first_row]: hand it the users' rows.
+    val_ch = channel_recall(rc, p.train, t.val_users, _by_user(val_es), layout, feats, tables, window,
+                            int(split["valid_start"]), lambda u: val_vectors[0][u] @ val_vectors[1].T, None,
+                            _mf_scores(val_vectors, mf_dims))
     quotas = max(val_ch["merged"], key=lambda r: r[f"recall@{rc.channel_total}"])["quotas"]
-    test_ch = channel_recall(rc, seen, p.test, test_es, layout, feats, tables, window, int(split["test_start"]),
-                             lambda u: uv[u] @ iv.T, [quotas], _mf_scores((uv, iv), mf_dims))
+    test_ch = channel_recall(rc, seen, test_users, _by_user(test_es), layout, feats, tables, window,
+                             int(split["test_start"]), lambda u: uv[u] @ iv.T, [quotas], _mf_scores((uv, iv), mf_dims))
     metrics["channels"] = {"quotas": quotas, "k": rc.channel_total, "single": test_ch["single"],
                            "merged": test_ch["merged"][0][f"recall@{rc.channel_total}"],
                            "merged_vs_best_single": test_ch.get("vs_best_single")}
@@ -286,7 +301,7 @@ def fit_retrieval(
     if rc.num_threads > 0:
         torch.set_num_threads(rc.num_threads)
     p = _Periods.load(cfg, tables)
-    t = _train(cfg, p, out_dir, resume, progress, refit, seed)
+    t = _train(cfg, tables, p, out_dir, resume, progress, refit, seed)
     trainer = t.trainer
     if not trainer.is_global_zero:  # another rank of a distributed fit: rank 0 evaluates, exports, indexes
         return {}
@@ -349,7 +364,7 @@ def _refit_outputs(rc: RetrievalConfig, tables: FeatureTables, out_dir: Path, mo
           if mf_weight > 0 else None)
     # The index's recall is measured on the exported user tower's vectors of users' latest rows.
     shipped = ship(rc, out_dir, model, beta, layout, feats, tables, rows, num_mean, num_std, seed, window,
-                    lambda: onnx_vectors(out_dir / USER_TOWER_ONNX, _refit_queries(rows, layout, 2000, seed)),
+                    lambda: onnx_vectors(out_dir / USER_TOWER_ONNX, _refit_queries(tables, rows, layout, 2000, seed)),
                     "refit: users' latest training rows", mf)
     training = {"epochs": refit.epochs, "train_positives": positives,
                 "samples_per_s": round(throughput.samples_per_s, 1), "wall_seconds": round(train_seconds, 1)}

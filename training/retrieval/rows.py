@@ -1,0 +1,139 @@
+"""What the retrieval stage reads of ``interactions.parquet``, and only that.
+
+The whole table (every feature column, each row's ``history`` array, the static user and item columns
+joined on) is ~1.5 kB per impression in pandas. The stage needs far less per impression:
+
+- the log frame (:func:`load_log`): ids, time, block, period and the signals, for the seen sets, the
+  baselines, co-visitation, popularity, the prior, the evaluation sets and the per-block item quality;
+- the train period's item numeric inputs, one column at a time, for the item tower's normalisation
+  (:func:`item_num_stats`);
+- the user columns and ``history`` of the training positives only (:func:`positive_tensors`, one record
+  batch at a time) and of a few chosen rows (:func:`user_rows`: one row per evaluated user, the refit's
+  index-recall queries).
+
+Every value is what the whole-table path computed (same rows, same order, same arithmetic), so the
+metrics do not move.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from features.quality import quality_signals
+from features.tables import FeatureTables
+from training.config import TrainConfig
+from training.retrieval.data import InputLayout, ItemFeatures, TrainTensors, train_tensors
+
+LOG_KEYS = ["user_id", "item_id", "creator_id", "ts", "block", "period"]
+BATCH_ROWS = 65_536
+
+
+def interactions_path(tables: FeatureTables) -> Path:
+    return tables.dir / tables.manifest["tables"]["interactions"]["file"]
+
+
+def signal_columns(cfg: TrainConfig, schema: pa.Schema) -> list[str]:
+    """The signal columns the stage reads: binary signals (training weights, positives, quality rates) and
+    ``watch_ratio`` where the table has it (the quality snapshots aggregate it then)."""
+    rc = cfg.retrieval
+    names = [*cfg.data.binary_signals, *quality_signals(cfg.quality, cfg.data.binary_signals),
+             rc.positive_signal, *rc.signal_weights, "watch_ratio"]
+    return [c for c in dict.fromkeys(names) if c in schema.names]
+
+
+def load_log(cfg: TrainConfig, tables: FeatureTables) -> pd.DataFrame:
+    """Every row's ids, ``ts``, ``block``, ``period`` (categorical) and signals, in file order (index = row
+    number in the file)."""
+    path = interactions_path(tables)
+    columns = LOG_KEYS + signal_columns(cfg, pq.read_schema(path))
+    return pd.read_parquet(path, columns=columns)
+
+
+def period_rows(rows: pd.DataFrame, period: str) -> pd.DataFrame:
+    """The rows of one period; ``rows`` itself (no copy) when every row is in it, as in a refit."""
+    mask = (rows["period"] == period).to_numpy()
+    return rows if mask.all() else rows[mask]
+
+
+def _static_item_column(tables: FeatureTables, column: str, item_pos: np.ndarray) -> np.ndarray:
+    """A static item numeric per row, as :meth:`FeatureTables.join_static` fills it (unknown item -> NaN)."""
+    vals = tables.items[column].to_numpy()[np.maximum(item_pos, 0)]
+    return np.where(item_pos >= 0, vals, np.nan)
+
+
+def item_num_stats(tables: FeatureTables, layout: InputLayout, train: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float32 of each item numeric input over the ``train`` rows (NaN ignored, std < 1e-6 -> 1),
+    read one column at a time: row features from the file, static ones from items.parquet."""
+    path = interactions_path(tables)
+    names = set(pq.read_schema(path).names)
+    rows = train.index.to_numpy()
+    item_pos = None
+    mean = np.zeros(len(layout.item_num), np.float64)
+    std = np.zeros(len(layout.item_num), np.float64)
+    for j, c in enumerate(layout.item_num):
+        if c in names:
+            col = pd.read_parquet(path, columns=[c])[c].to_numpy(np.float64)[rows]
+        else:
+            if item_pos is None:
+                item_pos = pd.Index(tables.items["item_id"]).get_indexer(train["item_id"].astype(str))
+            col = _static_item_column(tables, c, item_pos).astype(np.float64)
+        mean[j], std[j] = np.nanmean(col), np.nanstd(col)
+    mean, std = np.nan_to_num(mean).astype(np.float32), np.nan_to_num(std).astype(np.float32)
+    std[std < 1e-6] = 1.0
+    return mean, std
+
+
+def _user_read_columns(layout: InputLayout, schema: pa.Schema) -> list[str]:
+    """File columns a user-tower input needs; :meth:`FeatureTables.join_static` adds the user attributes."""
+    wanted = ["user_id", "item_id", layout.history, *layout.user_cat]
+    return [c for c in dict.fromkeys(wanted) if c in schema.names]
+
+
+def positive_tensors(cfg: TrainConfig, tables: FeatureTables, layout: InputLayout, feats: ItemFeatures,
+                     period: str) -> TrainTensors:
+    """The training examples of ``period`` (rows with ``retrieval.row_weights`` > 0) in file order, read one
+    record batch at a time: only positive rows get their user columns joined and ``history`` materialised."""
+    path = interactions_path(tables)
+    pf = pq.ParquetFile(path)
+    signals = signal_columns(cfg, pf.schema_arrow)
+    columns = list(dict.fromkeys([*_user_read_columns(layout, pf.schema_arrow), "block", "period", *signals]))
+    parts: list[TrainTensors] = []
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        frame = batch.select(["period", *signals]).to_pandas()
+        weight = cfg.retrieval.row_weights(frame)
+        keep = (frame["period"] == period).to_numpy() & (weight > 0)
+        if keep.any():
+            pos = tables.join_static(batch.filter(pa.array(keep)).to_pandas())
+            parts.append(train_tensors(pos, layout, feats, weight[keep]))
+    if not parts:
+        return TrainTensors(torch.zeros((0, len(layout.user_cat)), dtype=torch.int64),
+                            torch.zeros((0, layout.history_length), dtype=torch.int64),
+                            torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                            torch.zeros(0, dtype=torch.float32))
+    return TrainTensors(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                          ("user_cat", "history", "item_row", "block", "weight")))
+
+
+def user_rows(tables: FeatureTables, layout: InputLayout, row_numbers: np.ndarray) -> pd.DataFrame:
+    """The user-tower columns (user categoricals, ``history``) of the file's rows ``row_numbers``, in that
+    order (RangeIndex), reading only the row groups that hold them."""
+    path = interactions_path(tables)
+    pf = pq.ParquetFile(path)
+    columns = _user_read_columns(layout, pf.schema_arrow)
+    row_numbers = np.asarray(row_numbers, np.int64)
+    wanted = np.unique(row_numbers)
+    bounds = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    parts = []
+    for g in range(pf.num_row_groups):
+        local = wanted[(wanted >= bounds[g]) & (wanted < bounds[g + 1])] - bounds[g]
+        if len(local):
+            parts.append(pf.read_row_group(g, columns=columns).take(pa.array(local)))
+    table = pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(columns)
+    frame = tables.join_static(table.to_pandas())
+    return frame.iloc[np.searchsorted(wanted, row_numbers)].reset_index(drop=True)

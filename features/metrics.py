@@ -1,4 +1,5 @@
-"""List metrics shared by training's offline evaluation and serving's offline policy evaluation.
+"""List metrics shared by training's offline evaluation and serving's offline policy evaluation, and the
+percentile interval of the bootstrap resamples both training stages report.
 
 One NDCG for the whole stack: DCG = sum of gain / log2(position + 2) over the first k positions
 (position 0-based), divided by the DCG of the same list's gains in their best order.
@@ -27,3 +28,11 @@ def ndcg(ordered_gains: np.ndarray, ideal_gains: np.ndarray, k: int) -> np.ndarr
     idcg = ideal @ position_discount(ideal.shape[1])
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), np.nan)
+
+
+def percentile_interval(vals, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap values (NaN, NaN without any)."""
+    if len(vals) == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))

@@ -60,20 +60,20 @@ class SeenMemory:
 
 
 def channel_quotas(configured: dict[str, int], bundle_quotas: dict[str, int] | None, total: int,
-                   has_tables: bool, has_mf: bool = False) -> dict[str, int]:
+                   available: set[str]) -> dict[str, int]:
     """Config quotas win; else the bundle's mix (chosen on validation) scaled to ``total`` candidates (the
-    ANN takes the rounding); else the ANN alone for ``total``. Without MF dimensions in the bundle the MF
-    channel's quota goes to the ANN."""
+    ANN takes the rounding). The quota of a channel the bundle cannot serve (not in ``available``: no
+    channel tables, no MF dimensions) goes to the ANN."""
     if configured:
         out = dict(configured)
-    elif not bundle_quotas or not has_tables or sum(bundle_quotas.values()) <= 0:
-        return {"ann": total}
-    else:
+    elif bundle_quotas and sum(bundle_quotas.values()) > 0:
         scale = total / sum(bundle_quotas.values())
         out = {name: int(q * scale) for name, q in bundle_quotas.items()}
         out["ann"] = out.get("ann", 0) + total - sum(out.values())
-    if not has_mf and out.get("mf"):
-        out["ann"] = out.get("ann", 0) + out.pop("mf")
+    else:
+        return {"ann": total}
+    for name in [n for n in out if n != "ann" and n not in available]:
+        out["ann"] = out.get("ann", 0) + out.pop(name)
     return out
 
 

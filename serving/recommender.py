@@ -343,7 +343,8 @@ class Recommender:
         b = st.bundle
         s = self.settings.serving
         has_mf = b.mf_items is not None and b.n_items <= s.mf_channel_max_items
-        quotas = channel_quotas(s.channel_quotas, b.channel_quotas, s.candidates, b.channels is not None, has_mf)
+        available = ({"covisit", "trending", "fresh"} if b.channels is not None else set()) | ({"mf"} if has_mf else set())
+        quotas = channel_quotas(s.channel_quotas, b.channel_quotas, s.candidates, available)
         n = quotas.get("ann", 0) + n_mine
         while True:
             ann, cold, vec = self.search(st, row, hist, max(n, 1))

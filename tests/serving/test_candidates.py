@@ -35,17 +35,17 @@ def test_seen_memory_window_and_bounds():
 
 
 def test_quotas_come_from_config_then_bundle():
-    assert channel_quotas({"ann": 5}, {"ann": 1, "covisit": 2}, 500, True) == {"ann": 5}
+    assert channel_quotas({"ann": 5}, {"ann": 1, "covisit": 2}, 500, {"covisit", "trending", "fresh"}) == {"ann": 5}
     # The bundle's validated mix, scaled to serving.candidates; the ANN takes the rounding.
-    assert channel_quotas({}, {"ann": 400, "covisit": 100}, 500, True) == {"ann": 400, "covisit": 100}
-    assert channel_quotas({}, {"ann": 400, "covisit": 70, "fresh": 30}, 20, True) == {"ann": 17, "covisit": 2, "fresh": 1}
-    assert channel_quotas({}, {"ann": 1, "covisit": 2}, 500, False) == {"ann": 500}
+    assert channel_quotas({}, {"ann": 400, "covisit": 100}, 500, {"covisit", "trending", "fresh"}) == {"ann": 400, "covisit": 100}
+    assert channel_quotas({}, {"ann": 400, "covisit": 70, "fresh": 30}, 20, {"covisit", "trending", "fresh"}) == {"ann": 17, "covisit": 2, "fresh": 1}
+    assert channel_quotas({}, {"ann": 1, "covisit": 2}, 500, set()) == {"ann": 500}
     with pytest.raises(ConfigError, match="unknown channels \\['nope'\\]"):
         ServingConfig(channel_quotas={"nope": 3})
     # The MF channel's quota goes to the ANN where the bundle's vectors carry no MF dimensions.
-    assert channel_quotas({"ann": 5, "mf": 3}, None, 500, True) == {"ann": 8}
-    assert channel_quotas({}, {"ann": 400, "mf": 100}, 500, True, has_mf=True) == {"ann": 400, "mf": 100}
-    assert channel_quotas({}, {"ann": 400, "mf": 100}, 500, True, has_mf=False) == {"ann": 500}
+    assert channel_quotas({"ann": 5, "mf": 3}, None, 500, {"covisit", "trending", "fresh"}) == {"ann": 8}
+    assert channel_quotas({}, {"ann": 400, "mf": 100}, 500, {"mf"}) == {"ann": 400, "mf": 100}
+    assert channel_quotas({}, {"ann": 400, "mf": 100}, 500, {"covisit", "trending", "fresh"}) == {"ann": 500}
 
 
 def test_mf_channel_adds_the_best_mf_items_the_ann_did_not_take():

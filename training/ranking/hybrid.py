@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from training.ranking.metrics import auc, grouped_auc, percentile_interval, score_groups, user_resamples
+from features.metrics import percentile_interval
+from training.ranking.metrics import auc, grouped_auc, score_groups, user_resamples
 
 
 @dataclass

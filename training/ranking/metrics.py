@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import log_loss, roc_auc_score
 
-from features.metrics import ndcg
+from features.metrics import ndcg, percentile_interval
 
 EPS = 1e-7
 
@@ -190,13 +190,6 @@ def user_resamples(users: np.ndarray, samples: int, seed: int):
     rng = np.random.default_rng(seed)
     for _ in range(samples):
         yield np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)).astype(np.float64)[code]
-
-
-def percentile_interval(vals: list[float], level: float) -> tuple[float, float]:
-    if not vals:
-        return float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    return float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))
 
 
 def bootstrap_auc_interval(y: np.ndarray, p: np.ndarray, users: np.ndarray, samples: int, seed: int,

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from features.candidates import (ChannelTables, covisit_matrix, covisit_top, history_weights, merge_channels,
                                  row_normalise, top_per_row)
+from features.metrics import percentile_interval
 from features.split import DAY_MS
 from features.tables import FeatureTables
 from training.retrieval.config import RetrievalConfig
@@ -117,8 +118,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray, seed: int, samples: int = 10
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     rng = np.random.default_rng(seed)
     means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(samples)])
-    alpha = (1 - level) / 2
-    return {"difference": float(d.mean()), "ci95": [float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))]}
+    return {"difference": float(d.mean()), "ci95": list(percentile_interval(means, level))}
 
 
 def channel_recall(rc: RetrievalConfig, seen: pd.DataFrame, period: pd.DataFrame, es: EvalSet, layout: InputLayout,

@@ -299,6 +299,8 @@ def test_the_bundle_loads_through_the_typed_contract(serving_bundle: Path):
     ("retrieval/retrieval.json", lambda m: m.update(search_params={}), "unknown bundle key 'search_params'"),
     ("ranking/ranking.json", lambda m: m["inputs"][0].update(name="categorical"),
      r"ranker_request\.onnx takes inputs \['cat', 'hist', 'num'\]; ranking/ranking\.json names \['categorical'"),
+    ("retrieval/retrieval.json", lambda m: m["mf"].update(dimensions=[m["mf"]["dimensions"][0], 999]),
+     r"the MF dimensions \[\d+, 999\) of \d+ items do not fit"),
 ])
 def test_a_bundle_off_the_contract_is_refused(serving_bundle: Path, tmp_path: Path, rel, edit, message):
     bad = _rewritten(serving_bundle, tmp_path / "bad", rel, edit)

@@ -1,6 +1,7 @@
 """feedstack offline evaluation CLI.
 
     python -m evaluation policy --bundle runs/full/heldout-bundle [--period valid|test | --log LATER.csv] --out policy.json
+    python -m evaluation channels --bundle runs/full/heldout-bundle [--period valid|test | --log LATER.csv] --out channels.json
 
 (`python -m training evaluate-policy ...` forwards here, so existing scripts keep working.)
 """
@@ -9,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 
-from evaluation.policy import add_arguments, run
+from evaluation import channels, policy
 from features.cli_common import run_cli
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m evaluation", description="feedstack offline evaluation")
     sub = ap.add_subparsers(dest="command", required=True)
-    add_arguments(sub.add_parser("policy", help="feed policy vs engagement-only, offline (serving.offline protocol)"))
-    return run(ap.parse_args())
+    policy.add_arguments(sub.add_parser("policy", help="feed policy vs engagement-only, offline (serving.offline protocol)"))
+    channels.add_arguments(sub.add_parser(
+        "channels", help="served feed from the merged candidates vs each channel alone (serving.offline_channels)"))
+    args = ap.parse_args()
+    return (policy.run if args.command == "policy" else channels.run)(args)
 
 
 if __name__ == "__main__":

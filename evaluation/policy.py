@@ -13,35 +13,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from features.config import ConfigError, apply_overrides, from_dict, load_config, load_raw, to_dict
+from evaluation.common import add_common_arguments, read_log
+from features.config import ConfigError, apply_overrides, load_raw, to_dict
 from serving.offline import BASELINE, POLICY, evaluate_policy
 from serving.policy_config import PolicyConfig, load_policy
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--bundle", required=True, help="bundle directory")
-    ap.add_argument("--log", default=None, help="later log in the dataset's raw layout (default: the bundle's own period)")
-    ap.add_argument("--period", choices=("valid", "test"), default="test", help="bundle period when --log is omitted")
-    ap.add_argument("--out", default="policy_eval.json", help="where to write the metrics JSON")
+    add_common_arguments(ap, "policy_eval.json")
     ap.add_argument("--plot", default=None, help="Lorenz curve PNG (default: beside --out)")
-    ap.add_argument("--policy-config", default=None,
-                    help="YAML whose policy: / serving: sections are evaluated (default: the bundle's recipe)")
-    ap.add_argument("--config", default=None, help="dataset config for --log (default: the bundle's own)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--k", type=int, default=20)
-    ap.add_argument("--scenario", default=None)
-    ap.add_argument("--max-users", type=int, default=None)
     ap.add_argument("--strengths", default=None,
                     help="extra arms: the policy with exposure.strength scaled by each value (comma-separated)")
     ap.add_argument("--arm", dest="arms", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                     help="extra arm: the evaluated policy with these policy.* overrides, e.g. "
                          "'slots5:exposure.candidate_slots=5' (repeatable; arms share retrieval and ranking)")
-    ap.add_argument("--no-mlflow", action="store_true")
 
 
 def strength_arms(policy: PolicyConfig, strengths: list[float]) -> dict[str, PolicyConfig]:
@@ -153,7 +142,6 @@ def table(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from serving.bundle import load_bundle
     from serving.config import load_settings, settings_from_raw
-    from training.config import TrainConfig
 
     bundle_dir = Path(args.bundle)
     bundle = load_bundle(bundle_dir, onnx_threads=2)
@@ -163,17 +151,7 @@ def run(args: argparse.Namespace) -> int:
     extra.update(override_arms(settings.policy, args.arms))
     log, source = None, None
     if args.log:
-        from features.external import read_later_log
-        from features.tables import FeatureTables
-
-        if args.config:
-            cfg = load_config(args.config, args.overrides, TrainConfig)
-        else:  # parse the log with the dataset config the bundle was trained on
-            cfg = from_dict(TrainConfig, apply_overrides(bundle.manifest.config, args.overrides))
-            cfg.validate()
-        log, report = read_later_log(cfg, args.log, FeatureTables.load(bundle_dir / "features"))
-        if report.get("warning"):
-            print(f"warning: {report['warning']}", file=sys.stderr)
+        log, report = read_log(args, bundle)
         source = args.log
     result = evaluate_policy(bundle, settings, args.k, log=log, period=args.period, scenario=args.scenario,
                              max_users=args.max_users, extra=extra, source=source)

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+
+from features.split import DAY_MS
 
 CHANNELS = ("ann", "covisit", "trending", "fresh", "mf")
 
@@ -160,3 +163,31 @@ class ChannelTables:
         if user_row < 0 or user_row >= self.seen.shape[0]:
             return np.zeros(0, np.int64)
         return self.seen.indices[self.seen.indptr[user_row]:self.seen.indptr[user_row + 1]].astype(np.int64)
+
+
+def build_channel_tables(rows: pd.DataFrame, items: pd.DataFrame, user_ids: np.ndarray, signal: str,
+                         window: int, top: int, recent_days: float, end_ts: int) -> ChannelTables:
+    """Tables from ``rows`` (user_id, item_id, ts, signal) over catalogue rows and ``user_ids`` rows, as of
+    ``end_ts`` (trending counts the ``recent_days`` before it); training ships them, the offline evaluation
+    rebuilds them from the rows before a period."""
+    cat = pd.Index(items["item_id"].astype(str))
+    n = len(cat)
+    item = cat.get_indexer(rows["item_id"].astype(str))
+    pos = (rows[signal].to_numpy() > 0) & (item >= 0)
+    users = pd.Index(rows["user_id"].astype(str)).factorize()[0] if len(rows) else np.zeros(0, np.int64)
+    ts = rows["ts"].to_numpy()
+    cov = top_per_row(row_normalise(covisit_matrix(users[pos], item[pos], ts[pos], n, window)), top)
+    recent = pos & (ts >= end_ts - recent_days * DAY_MS)
+    pop = np.bincount(item[pos], minlength=n).astype(np.float64)
+    trend_score = np.bincount(item[recent], minlength=n) + pop / (pop.max(initial=0) + 1.0)
+    trending = np.lexsort((np.arange(n), -trend_score))
+    trending = trending[trend_score[trending] > 0]
+    up = items["upload_ts"].to_numpy(np.float64) if "upload_ts" in items else np.full(n, np.nan)
+    fresh = np.lexsort((np.arange(n), -np.nan_to_num(up, nan=-np.inf)))
+    fresh = fresh[np.isfinite(up[fresh])]
+    u = pd.Index(np.asarray(user_ids).astype(str)).get_indexer(rows["user_id"].astype(str))
+    ok = (u >= 0) & (item >= 0)
+    seen = sp.csr_matrix((np.ones(int(ok.sum()), np.int8), (u[ok], item[ok])), shape=(len(user_ids), n))
+    seen.sum_duplicates()
+    seen.data[:] = 1
+    return ChannelTables(cov, trending.astype(np.int64), fresh.astype(np.int64), seen)

@@ -36,3 +36,12 @@ def percentile_interval(vals, level: float = 0.95) -> tuple[float, float]:
         return float("nan"), float("nan")
     alpha = (1 - level) / 2
     return float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, seed: int, samples: int = 1000,
+                      level: float = 0.95) -> dict[str, float | list[float]]:
+    """mean(a - b) over users and its user-bootstrap percentile interval (a and b: per-user values)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(samples)])
+    return {"difference": float(d.mean()), "ci95": list(percentile_interval(means, level))}

@@ -14,17 +14,31 @@ export BENTOML_DO_NOT_TRACK=true
 mkdir -p runs
 
 "$PY" -m training fit "$@"
-# The registered model and alias the config names (configs/movielens-100k.yaml registers its own).
-MODEL_URI=$("$PY" - "$@" <<'PY'
+# The registered model and alias the config names (configs/movielens-100k.yaml registers its own), and the
+# bundle of the held-out fit (the served one without a refit).
+FIT_OUT=$("$PY" - "$@" <<'PY'
 import argparse
+from pathlib import Path
 from features.cli_common import add_config_args, config_from_args
+from features.contract import BUNDLE_DIR, HELDOUT_BUNDLE_DIR
 from training.config import TrainConfig
 ap = argparse.ArgumentParser()
 add_config_args(ap)
-t = config_from_args(ap.parse_known_args()[0], TrainConfig).tracking
+cfg = config_from_args(ap.parse_known_args()[0], TrainConfig)
+t = cfg.tracking
 print(f"models:/{t.registered_model}@{t.alias}")
+print(Path(cfg.output_dir) / (HELDOUT_BUNDLE_DIR if cfg.training.refit else BUNDLE_DIR))
 PY
 )
+MODEL_URI=$(sed -n 1p <<< "$FIT_OUT")
+HELDOUT=$(sed -n 2p <<< "$FIT_OUT")
+
+# What the user gets from the merged candidates against each channel alone: the served page on the test
+# days, through the service's request path (python -m evaluation channels; MLflow run "evaluate-channels").
+echo
+echo "served feed by candidate source (test period, $HELDOUT):"
+"$PY" -m evaluation channels --bundle "$HELDOUT" --period test --max-users "${MAIN_CHANNEL_USERS:-1000}" \
+  --out "$(dirname "$HELDOUT")/channels_eval.json"
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }

@@ -139,6 +139,8 @@ class Bundle:
     # (None: the vectors carry no MF dimensions, so the channel is off)
     mf_dims: tuple[int, int] | None = None
     mf_items: np.ndarray | None = None
+    # The served item vectors held in memory (an offline as-of view); None: read from the bundle's file on use.
+    item_vectors: np.ndarray | None = None
     loaded_at: float = field(default_factory=time.time)
 
     @property

@@ -195,7 +195,10 @@ class Recommender:
         if cached is not None and cached[0] is b:
             return cached[1]
         path = b.path / "retrieval" / "item_vectors.npy"
-        vecs = np.load(path) if path.exists() else b.index.reconstruct_n(0, b.n_items)
+        if b.item_vectors is not None:
+            vecs = b.item_vectors
+        else:
+            vecs = np.load(path) if path.exists() else b.index.reconstruct_n(0, b.n_items)
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
         self._vectors = (b, vecs)
         return vecs

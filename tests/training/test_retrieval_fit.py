@@ -238,7 +238,7 @@ def test_mf_dimensions_ride_in_the_served_vectors(synthetic_config: Path, synthe
     rows = pd.read_parquet(synthetic_tables.dir / "interactions.parquet")
     from training.retrieval.data import ItemFeatures
 
-    mf = mf_fit(cfg.retrieval, rows, ItemFeatures(cfg, synthetic_tables, layout, rows), synthetic_tables,
+    mf = mf_fit(cfg.retrieval, rows, ItemFeatures(cfg, synthetic_tables, layout, rows).item_ids, synthetic_tables,
                  layout.user_cat_sizes[0], meta["baselines"]["mf"], 2.0, cfg.seed)
     np.testing.assert_allclose(vecs[:, d:f], mf.items, atol=1e-5)
     np.testing.assert_allclose(np.load(out / meta["mf"]["user_factors_file"]), mf.table, atol=1e-6)

@@ -133,7 +133,7 @@ def test_top_k_stable_equals_a_stable_full_sort():
 
 
 def test_paired_difference_interval_follows_the_per_user_differences():
-    from training.retrieval.channels import paired_difference
+    from features.metrics import paired_difference
 
     rng = np.random.default_rng(0)
     a = rng.random(2000)

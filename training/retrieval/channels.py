@@ -9,42 +9,13 @@ import itertools
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
-from features.candidates import (ChannelTables, covisit_matrix, covisit_top, history_weights, merge_channels,
-                                 row_normalise, top_per_row)
-from features.metrics import percentile_interval
-from features.split import DAY_MS
+from features.candidates import ChannelTables, build_channel_tables, covisit_top, history_weights, merge_channels
+from features.metrics import paired_difference
 from features.tables import FeatureTables
 from training.retrieval.config import RetrievalConfig
 from training.retrieval.data import InputLayout, ItemFeatures
 from training.retrieval.metrics import EvalSet
-
-
-def build_tables(rows: pd.DataFrame, items: pd.DataFrame, user_ids: np.ndarray, signal: str, window: int,
-                 top: int, recent_days: float, end_ts: int) -> ChannelTables:
-    """Tables from ``rows`` (user_id, item_id, ts, signal) over catalogue rows and ``user_ids`` rows."""
-    cat = pd.Index(items["item_id"].astype(str))
-    n = len(cat)
-    item = cat.get_indexer(rows["item_id"].astype(str))
-    pos = (rows[signal].to_numpy() > 0) & (item >= 0)
-    users = pd.Index(rows["user_id"].astype(str)).factorize()[0] if len(rows) else np.zeros(0, np.int64)
-    ts = rows["ts"].to_numpy()
-    cov = top_per_row(row_normalise(covisit_matrix(users[pos], item[pos], ts[pos], n, window)), top)
-    recent = pos & (ts >= end_ts - recent_days * DAY_MS)
-    pop = np.bincount(item[pos], minlength=n).astype(np.float64)
-    trend_score = np.bincount(item[recent], minlength=n) + pop / (pop.max(initial=0) + 1.0)
-    trending = np.lexsort((np.arange(n), -trend_score))
-    trending = trending[trend_score[trending] > 0]
-    up = items["upload_ts"].to_numpy(np.float64) if "upload_ts" in items else np.full(n, np.nan)
-    fresh = np.lexsort((np.arange(n), -np.nan_to_num(up, nan=-np.inf)))
-    fresh = fresh[np.isfinite(up[fresh])]
-    u = pd.Index(np.asarray(user_ids).astype(str)).get_indexer(rows["user_id"].astype(str))
-    ok = (u >= 0) & (item >= 0)
-    seen = sp.csr_matrix((np.ones(int(ok.sum()), np.int8), (u[ok], item[ok])), shape=(len(user_ids), n))
-    seen.sum_duplicates()
-    seen.data[:] = 1
-    return ChannelTables(cov, trending.astype(np.int64), fresh.astype(np.int64), seen)
 
 
 def channel_lists(es: EvalSet, scores: np.ndarray, histories: np.ndarray, idx_to_row: np.ndarray,
@@ -112,21 +83,12 @@ def merged_recall(es: EvalSet, score_chunk, histories: np.ndarray, idx_to_row: n
     return out
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, seed: int, samples: int = 1000,
-                      level: float = 0.95) -> dict[str, float | list[float]]:
-    """mean(a - b) over users and its user-bootstrap percentile interval (a and b: per-user values)."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    rng = np.random.default_rng(seed)
-    means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(samples)])
-    return {"difference": float(d.mean()), "ci95": list(percentile_interval(means, level))}
-
-
 def channel_recall(rc: RetrievalConfig, seen: pd.DataFrame, period: pd.DataFrame, es: EvalSet, layout: InputLayout,
               feats: ItemFeatures, tables: FeatureTables, window: int, start: int, score_chunk,
               grid: list[dict[str, int]] | None, mf_chunk=None) -> dict:
     """Recall@channel_total of each channel and of the quota mixes, tables built from ``seen`` only. The MF
     channel (``mf_chunk``) is tried only where the served vectors carry MF dimensions."""
-    ch = build_tables(seen, tables.items, np.zeros(0, str), rc.positive_signal, window, rc.covisit_top,
+    ch = build_channel_tables(seen, tables.items, np.zeros(0, str), rc.positive_signal, window, rc.covisit_top,
                       rc.recent_days, start)
     hist = layout.user_arrays(period.iloc[es.first_row])["history"]
     grid = grid or quota_grid(rc.channel_total, rc.channel_covisit, rc.channel_trending, rc.channel_fresh,

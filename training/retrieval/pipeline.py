@@ -252,7 +252,7 @@ def _evaluate(rc: RetrievalConfig, tables: FeatureTables, p: _Periods, model: Tw
     test_users = _eval_users(tables, layout, test_es, p.test)
     test_in = _val_inputs(test_es, test_users, layout, feats, p.test_block, test_prior)
     uv_tt, iv_tt = tower_vectors(model, test_in)
-    mf_test = (mf_fit(rc, seen, feats, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], mf_weight, seed)
+    mf_test = (mf_fit(rc, seen, feats.item_ids, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], mf_weight, seed)
                if mf_weight > 0 else None)
     uv, iv = with_prior(*with_mf(uv_tt, iv_tt, mf_test, test_in.user_cat, test_es.candidates), beta, test_in.prior)
     if mf_test is not None:  # what the MF dimensions add: the towers alone, with their own best beta
@@ -315,7 +315,7 @@ def fit_retrieval(
 
     # ---- export, catalogue vectors, channels, index
     tuning = ev.tuning
-    mf_ship = (mf_fit(rc, p.rows, p.feats, tables, p.layout.user_cat_sizes[0], tuning["mf"]["params"], ev.mf_weight,
+    mf_ship = (mf_fit(rc, p.rows, p.feats.item_ids, tables, p.layout.user_cat_sizes[0], tuning["mf"]["params"], ev.mf_weight,
                       seed) if ev.mf_weight > 0 else None)
     shipped = ship(rc, out_dir, model, ev.beta, p.layout, p.feats, tables, p.rows, t.num_mean, t.num_std, seed,
                    ev.window, lambda: ev.test_queries, "test-period users' query vectors", mf_ship)
@@ -360,7 +360,7 @@ def _refit_outputs(rc: RetrievalConfig, tables: FeatureTables, out_dir: Path, mo
     window = int(baselines.get("covisit", {}).get("window", 10))
     quotas = held.get("channels", {}).get("quotas", {"ann": rc.channel_total})
     mf_weight = float(protocol.get("mf_weight", 0.0))
-    mf = (mf_fit(rc, rows, feats, tables, layout.user_cat_sizes[0], baselines["mf"], mf_weight, seed)
+    mf = (mf_fit(rc, rows, feats.item_ids, tables, layout.user_cat_sizes[0], baselines["mf"], mf_weight, seed)
           if mf_weight > 0 else None)
     # The index's recall is measured on the exported user tower's vectors of users' latest rows.
     shipped = ship(rc, out_dir, model, beta, layout, feats, tables, rows, num_mean, num_std, seed, window,

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from features.candidates import build_channel_tables
 from features.contract import (CHANNELS, FAISS_INDEX, ITEM_TOWER_ONNX, ITEM_VECTORS, MF_USER_FACTORS,
                                RETRIEVAL_FORMAT_VERSION, USER_TOWER_ONNX, Channels, Covisit, IndexSpec, ItemVectors,
                                MatrixFactors, Prior, RetrievalFiles, RetrievalSpec, Tower)
 from features.tables import FeatureTables
 from training.onnx_export import OPSET, RandomInputs, check_parity, export_onnx, session
-from training.retrieval.channels import build_tables
 from training.retrieval.config import RetrievalConfig
 from training.retrieval.data import InputLayout, ItemFeatures
 from training.retrieval.index import build_and_measure
@@ -85,7 +85,7 @@ def ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, beta: float, layou
                               mf.items if mf else np.zeros((len(tables.items), 0), np.float32),
                               serve_prior.reshape(-1, 1)]).astype(np.float32)
     np.save(out_dir / ITEM_VECTORS, item_vectors)
-    build_tables(rows, tables.items, tables.users["user_id"].astype(str).to_numpy(), rc.positive_signal, window,
+    build_channel_tables(rows, tables.items, tables.users["user_id"].astype(str).to_numpy(), rc.positive_signal, window,
                  rc.covisit_top, rc.recent_days, int(rows["ts"].max()) + 1).save(out_dir / CHANNELS)
     index = build_and_measure(
         item_vectors, queries(), rc.index_factory, out_dir / FAISS_INDEX, rc.index_recall_k, rc.hnsw_ef_search,

@@ -45,9 +45,9 @@ class MFDims:
     items: np.ndarray
 
 
-def mf_fit(rc: RetrievalConfig, seen: pd.DataFrame, feats: ItemFeatures, tables: FeatureTables, vocab_size: int,
+def mf_fit(rc: RetrievalConfig, seen: pd.DataFrame, item_ids: np.ndarray, tables: FeatureTables, vocab_size: int,
             params: dict, weight: float, seed: int) -> MFDims:
-    users, uf, itf = als_factors(seen, feats.item_ids, rc.positive_signal, int(params["factors"]),
+    users, uf, itf = als_factors(seen, item_ids, rc.positive_signal, int(params["factors"]),
                                  params["regularization"], params["alpha"], params["impression_weight"],
                                  rc.baselines.als_iterations, seed)
     pos = users.get_indexer(tables.users["user_id"].astype(str))
@@ -78,7 +78,7 @@ def choose_mf_weight(rc: RetrievalConfig, tuning: dict, train: pd.DataFrame, fea
     if weights == [0.0]:
         beta, sweep = prior_sweep(es, uv, iv, val.prior, list(rc.prior_betas), ks, [])
         return None, beta, sweep, {}
-    unit = mf_fit(rc, train, feats, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], 1.0, seed)
+    unit = mf_fit(rc, train, feats.item_ids, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], 1.0, seed)
     best, by_weight = None, {}
     for w in weights:
         mf = MFDims(w, unit.table * np.float32(w), unit.items) if w > 0 else None

@@ -1,0 +1,218 @@
+"""``python -m evaluation channels``: the served feed by candidate source (:mod:`serving.offline_channels`),
+the merged candidates against each channel alone, on a bundle's own held-out period or a later log.
+
+    python -m evaluation channels --bundle runs/full/heldout-bundle [--period valid|test | --log LATER.csv]
+        [--max-users N] --out channels.json [--plot channels.png]
+
+For the bundle's own period the bundle is served *as of the period's start*: the period view of
+:func:`serving.offline_cases.period_view` (histories, item aggregates, fan relations), plus what retrieval
+knows rebuilt from the rows before the period with the training code that built it (channel tables and seen
+sets, the MF factors refitted with the bundle's chosen ALS settings, the popularity prior) and an exact
+index over the resulting vectors. The towers themselves are the held-out fit's (trained before the
+validation period). A later log is served from the bundle as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.common import add_common_arguments, read_log
+from features.config import ConfigError, from_dict, load_raw
+from serving.bundle import Bundle
+from serving.offline_channels import SERVED, feed_by_channel
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    add_common_arguments(ap, "channels_eval.json")
+    ap.add_argument("--plot", default=None, help="bar chart PNG (default: beside --out)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--mix", dest="mixes", action="append", default=[], metavar="NAME:CHANNEL=N[,CHANNEL=N]",
+                    help="extra arm with these channel quotas, e.g. 'cov100:ann=300,mf=100,covisit=100' (repeatable)")
+
+
+def parse_mixes(specs: list[str]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for spec in specs:
+        name, sep, body = spec.partition(":")
+        pairs = [p.strip().partition("=") for p in body.split(",") if p.strip()]
+        if not sep or not name or not pairs or any(not eq or not v.strip().isdigit() for _, eq, v in pairs):
+            raise ConfigError(f"--mix {spec!r}: expected NAME:CHANNEL=N[,CHANNEL=N...], e.g. cov100:ann=400,covisit=100")
+        out[name] = {c.strip(): int(v) for c, _, v in pairs}
+    return out
+
+
+class _AsOfUserTower:
+    """The bundle's user-tower session with the MF user factors of its output replaced by ``factors``
+    (refitted on earlier rows); the tower and the prior's weight are the graph's own."""
+
+    def __init__(self, session: Any, user_input: str, factors: np.ndarray, dims: tuple[int, int]):
+        self.session, self.user_input, self.factors, self.dims = session, user_input, factors, dims
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = np.array(self.session.run(outputs, feeds)[0], dtype=np.float32)
+        idx = np.asarray(feeds[self.user_input])[:, 0]
+        ok = (idx >= 0) & (idx < len(self.factors))
+        out[:, self.dims[0]:self.dims[1]] = np.where(ok[:, None], self.factors[np.where(ok, idx, 0)], 0.0)
+        return [out]
+
+
+def as_of(bundle: Bundle, view: Bundle, start: int) -> tuple[Bundle, dict[str, Any]]:
+    """``view`` with channel tables, seen sets, MF factors, prior and index rebuilt from the rows before
+    ``start`` (ms)."""
+    import faiss
+
+    from features.candidates import build_channel_tables
+    from features.contract import RETRIEVAL
+    from features.tables import FeatureTables
+    from training.config import TrainConfig
+    from training.retrieval.rows import load_log
+    from training.retrieval.vectors import log_prior, mf_fit
+
+    cfg = from_dict(TrainConfig, bundle.manifest.config)
+    rc = cfg.retrieval
+    tables = FeatureTables.load(bundle.path / "features")
+    rows = load_log(cfg, tables)
+    before = rows[rows["ts"].to_numpy() < start]
+    spec = bundle.retrieval
+    note: dict[str, Any] = {"rows_before": int(len(before)), "as_of_ms": int(start)}
+    changes: dict[str, Any] = {}
+    if spec.channels is not None:
+        cov = spec.channels.covisit
+        changes["channels"] = build_channel_tables(before, tables.items, tables.users["user_id"].astype(str).to_numpy(),
+                                                   cov.signal, cov.window, cov.top, spec.channels.trending_days, start)
+        note["channels"] = "rebuilt"
+    vectors = np.array(np.load(bundle.path / RETRIEVAL / spec.files.item_vectors), dtype=np.float32)
+    item_ids = tables.items["item_id"].astype(str).to_numpy()
+    if spec.prior is not None and spec.prior.dimension < vectors.shape[1]:
+        vectors[:, spec.prior.dimension] = log_prior(rc, before, item_ids, start)
+        note["prior"] = "rebuilt"
+    mf = spec.mf
+    if mf is not None and mf.weight > 0 and mf.dimensions[1] > mf.dimensions[0]:
+        params = spec.other["baselines"]["mf"]
+        vocab = int(tables.users["user_id_idx"].max()) + 1
+        seed = cfg.seed if rc.seed is None else rc.seed
+        fit = mf_fit(rc, before, item_ids, tables, vocab, params, mf.weight, seed)
+        lo, hi = (int(d) for d in mf.dimensions)
+        vectors[:, lo:hi] = fit.items
+        user_input = spec.user_tower.inputs[0].name  # user_cat: column 0 is the user id the factors are keyed by
+        changes.update(user_tower=_AsOfUserTower(view.user_tower, user_input, fit.table, (lo, hi)),
+                       mf_items=np.ascontiguousarray(vectors[:, lo:hi]))
+        note["mf"] = f"refitted: {params}"
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    note["index"] = "exact inner product over the rebuilt vectors"
+    return dataclasses.replace(view, index=index, item_vectors=vectors, **changes), note
+
+
+def table(result: dict[str, Any]) -> str:
+    k, gains = result["k"], result["gains"]
+    cols = [f"{m}@{k}_{g}" for g in gains for m in ("ndcg", "recall")]
+    lines = ["| candidates | quotas | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for a, m in result["arms"].items():
+        quotas = ", ".join(f"{c} {q}" for c, q in m["quotas"].items() if q)
+        lines.append(f"| {a} | {quotas} | " + " | ".join("" if m[c] is None else f"{m[c]:.4f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def verdict(result: dict[str, Any]) -> str:
+    v = result.get("served_vs_best_single")
+    if not v:
+        return "served vs best single channel: no user with a positive"
+    lo, hi = v["ci95"]
+    word = "above" if lo > 0 else "below" if hi < 0 else "not distinguishable from"
+    return (f"served feed {v['metric']} minus the best single channel ({v['channel']}): {v['difference']:+.4f} "
+            f"[{lo:+.4f}, {hi:+.4f}] (paired user bootstrap): {word} it")
+
+
+def bar_plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k, gains = result["k"], result["gains"]
+    arms = list(result["arms"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    width = 0.8 / len(gains)
+    for j, g in enumerate(gains):
+        vals = [result["arms"][a][f"ndcg@{k}_{g}"] or 0.0 for a in arms]
+        ax.bar(np.arange(len(arms)) + (j - (len(gains) - 1) / 2) * width, vals, width, label=f"NDCG@{k} {g}",
+               color=[("tab:blue", "tab:orange", "tab:green")[j % 3]] * len(arms),
+               edgecolor=["black" if a == SERVED else "none" for a in arms])
+    ax.set_xticks(np.arange(len(arms)), [a.replace("_", " ") for a in arms])
+    ax.set_ylabel(f"NDCG@{k} of the served page")
+    period = result["data"].get("period") or "later log"
+    ax.set_title(f"Served feed by candidate source, {period}: {result['users']} users", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from serving.bundle import load_bundle
+    from serving.config import load_settings, settings_from_raw
+    from serving.offline_cases import period_log, period_view
+
+    mixes = parse_mixes(args.mixes)
+    bundle_dir = Path(args.bundle)
+    bundle = load_bundle(bundle_dir, onnx_threads=2)
+    settings = (settings_from_raw(load_raw(args.policy_config)) if args.policy_config
+                else load_settings(None, bundle.manifest.config))
+    if args.log:
+        log, report = read_log(args, bundle)
+        view, data = bundle, {"source": args.log, "period": None, "later_log_report": report}
+    else:
+        log = period_log(bundle, args.period)
+        view, note = period_view(bundle, log)
+        view, as_of_note = as_of(bundle, view, int(log["ts"].min()))
+        data = {"source": f"{bundle_dir}/features/interactions.parquet", "period": args.period,
+                "period_view": note, "as_of": as_of_note}
+    result = feed_by_channel(view, settings, log, args.k, args.scenario, args.max_users,
+                             progress=not args.no_progress, mixes=mixes)
+    result["data"].update(data)
+    result["bundle"] = {"path": str(bundle_dir), "version": bundle.version, "git_revision": bundle.manifest.git_revision}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot = bar_plot(result, Path(args.plot) if args.plot else out.with_suffix(".png"))
+    print(table(result))
+    print(verdict(result))
+    if not args.no_mlflow:
+        _log_mlflow(result, out, plot)
+    print(f"wrote {out} and {plot}")
+    return 0
+
+
+def _log_mlflow(result: dict[str, Any], out: Path, plot: Path) -> None:
+    import mlflow
+
+    from training.tracking import mlflow_run
+
+    params = {"k": result["k"], "period": result["data"]["period"], "source": result["data"]["source"],
+              "bundle": result["bundle"], "candidates": result["candidates"]}
+    with mlflow_run("evaluate-channels", params, tags={"kind": "channel-eval"}):
+        for arm, m in result["arms"].items():
+            mlflow.log_metrics({f"{arm}.{key.replace('@', '_at_')}": float(v) for key, v in m.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        v = result.get("served_vs_best_single")
+        if v:
+            mlflow.log_metrics({"served_vs_best_single.difference": v["difference"],
+                                "served_vs_best_single.ci95_low": v["ci95"][0],
+                                "served_vs_best_single.ci95_high": v["ci95"][1]})
+        mlflow.log_artifact(str(out))
+        mlflow.log_artifact(str(plot))
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "channels_table.md"
+            p.write_text(table(result) + "\n\n" + verdict(result) + "\n")
+            mlflow.log_artifact(str(p))

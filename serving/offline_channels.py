@@ -1,0 +1,158 @@
+"""The served feed by candidate source, offline: is the page built from the merged candidates worth more
+than a page built from any one channel's, once the ranker and the feed policy have chosen it?
+
+Recall@500 of the candidate set (training's channel table) says what the ranker *could* pick; this says
+what the user *gets*. Each arm is a :class:`Recommender` whose only difference is
+``serving.channel_quotas``: ``served`` (the configured mix, else the bundle's, chosen on validation) and one
+arm per channel the bundle can serve, that channel alone filling all ``serving.candidates``. Every arm
+serves every evaluated user (those with a positive of some gain signal in the period) once, in the order
+of their first period impression, through
+:meth:`Recommender.recommend` (seen-item exclusion, exposure candidates, ranking, policy: the request path
+of the service), with the context of that first impression.
+
+The page is judged against everything the user did in the period (not only candidates): NDCG@k and
+Recall@k of each gain signal, the ideal being the user's best k period outcomes. Items the user was not
+shown in the period gain 0, which favours what the logging system showed (the usual bias of offline
+retrieval metrics), alike in every arm. ``served_vs_best_single`` is the served arm minus the best single
+channel (by mean NDCG of the primary gain) with a paired user-bootstrap 95% interval.
+
+The bundle must be served *as of the period's start* (``evaluation.channels`` builds that view: period
+history, channel tables, seen sets, MF factors and the popularity prior from the rows before the period),
+or the seen sets would hide the period's own items and the MF factors would know them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.candidates import CHANNELS
+from features.metrics import ndcg, paired_difference
+from serving.bundle import Bundle
+from serving.candidates import channel_quotas
+from serving.config import ServeSettings
+from serving.offline_cases import gain_names
+from serving.recommender import Recommender
+
+SERVED = "served"
+
+
+def available_channels(b: Bundle, settings: ServeSettings) -> set[str]:
+    """The channels ``b`` can serve under ``settings`` (the ANN always)."""
+    out = {"ann"}
+    if b.channels is not None:
+        out |= {"covisit", "trending", "fresh"}
+    if b.mf_items is not None and b.n_items <= settings.serving.mf_channel_max_items:
+        out.add("mf")
+    return out
+
+
+def channel_arms(b: Bundle, settings: ServeSettings,
+                 mixes: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
+    """Arm name -> the quotas it serves with: the served mix, each available channel alone, then ``mixes``
+    (named quota mixes to compare, e.g. when choosing quotas on the validation period)."""
+    total = settings.serving.candidates
+    available = available_channels(b, settings)
+    arms = {SERVED: channel_quotas(settings.serving.channel_quotas, b.channel_quotas, total, available)}
+    arms.update({c: {c: total} for c in CHANNELS if c in available})
+    for name, quotas in (mixes or {}).items():
+        if name in arms:
+            raise ValueError(f"mix name '{name}' is taken (arms: {sorted(arms)})")
+        unknown = sorted(set(quotas) - set(CHANNELS))
+        if unknown:
+            raise ValueError(f"mix '{name}' names unknown channels {unknown}; known: {', '.join(CHANNELS)}")
+        arms[name] = channel_quotas(quotas, None, total, available)
+    return arms
+
+
+def _truth(b: Bundle, log: pd.DataFrame, signals: list[str]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Known users' and items' period rows in time order, one row per (user, item) with its best outcome per
+    signal, plus the counts of what was left out."""
+    log = log.sort_values("ts", kind="stable")
+    urow = log["user_id"].astype(str).map(b.user_row).fillna(-1).astype(np.int64).to_numpy()
+    irow = log["item_id"].astype(str).map(b.item_row).fillna(-1).astype(np.int64).to_numpy()
+    keep = (urow >= 0) & (irow >= 0)
+    report = {"impressions": int(len(log)), "unknown_user_impressions": int((urow < 0).sum()),
+              "unknown_item_impressions": int(((irow < 0) & (urow >= 0)).sum())}
+    df = pd.DataFrame({"user_id": log["user_id"].astype(str).to_numpy()[keep], "row": irow[keep]})
+    for s in signals:
+        df[s] = (log[s].to_numpy()[keep] > 0).astype(np.float32)
+    return df, report
+
+
+def feed_by_channel(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int = 20,
+                    scenario: str | None = None, max_users: int | None = None, seed: int = 0,
+                    progress: bool = False, mixes: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+    """Every arm's page for each known user of ``log`` (see the module docstring); ``view`` is the bundle as
+    of ``log``'s start."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    arms = channel_arms(view, settings, mixes)
+    recs = {a: Recommender(view, ServeSettings(dataclasses.replace(settings.serving, channel_quotas=q), settings.policy))
+            for a, q in arms.items()}
+    signals = list(gain_names(recs[SERVED])[:-1])
+    missing = [s for s in signals if s not in log]
+    if missing:
+        raise ValueError(f"the log has no {missing} column(s); its columns: {sorted(log.columns)}")
+    truth, report = _truth(view, log, signals)
+    ctx_names = [n for _, n in view.request_cat if n != "user_id" and n in log]
+    first = log.sort_values("ts", kind="stable").drop_duplicates("user_id")
+    first = first.set_index(first["user_id"].astype(str))
+    # Only users with a positive of some gain signal: a page without anything to find scores nothing.
+    any_positive = truth.groupby("user_id", sort=False)[signals].max().max(axis=1) > 0
+    users = pd.unique(truth["user_id"])
+    report["users"] = int(len(users))
+    users = users[any_positive.reindex(users).to_numpy()]
+    report["users_without_positive"] = report["users"] - int(len(users))
+    if max_users is not None:
+        users = users[:max_users]
+    by_user = {u: g for u, g in truth[truth["user_id"].isin(set(users))].groupby("user_id", sort=False)}
+    G = len(signals)
+    scores = {a: {"ndcg": np.full((len(users), G), np.nan), "recall": np.full((len(users), G), np.nan)} for a in arms}
+    reasons: dict[str, dict[str, int]] = {a: {} for a in arms}
+    for j, user in enumerate(tqdm(users, desc=f"channels: {len(arms)} arms", unit="user", disable=not progress)):
+        g = by_user[user].groupby("row", sort=False)[signals].max()
+        gains = {int(r): v for r, v in zip(g.index, g.to_numpy(np.float32))}
+        ideal = g.to_numpy(np.float32)  # (m, G)
+        positives = (ideal > 0).sum(axis=0)
+        ctx = {n: str(first.at[user, n]) for n in ctx_names}
+        for a, rec in recs.items():
+            res = rec.recommend(user, k, scenario, context=ctx)
+            page = np.array([gains.get(view.item_row[i.item_id], np.zeros(G, np.float32)) for i in res.items],
+                            np.float32).reshape(-1, G)
+            for gi in range(G):
+                if positives[gi] == 0:
+                    continue
+                scores[a]["ndcg"][j, gi] = ndcg(page[None, :, gi], ideal[None, :, gi], k)[0]
+                scores[a]["recall"][j, gi] = (page[:, gi] > 0).sum() / positives[gi]
+            for item in res.items:
+                tag = item.reasons[-1]
+                reasons[a][tag] = reasons[a].get(tag, 0) + 1
+    out: dict[str, Any] = {"protocol": "serving.offline_channels (see its docstring)", "k": k, "gains": signals,
+                           "candidates": settings.serving.candidates, "users": int(len(users)), "data": report,
+                           "arms": {}}
+    for a in arms:
+        m: dict[str, Any] = {"quotas": arms[a]}
+        for gi, s in enumerate(signals):
+            defined = np.isfinite(scores[a]["ndcg"][:, gi])
+            m[f"ndcg@{k}_{s}"] = round(float(scores[a]["ndcg"][defined, gi].mean()), 5) if defined.any() else None
+            m[f"recall@{k}_{s}"] = round(float(scores[a]["recall"][defined, gi].mean()), 5) if defined.any() else None
+            m[f"users_{s}"] = int(defined.sum())
+        slots = max(1, sum(reasons[a].values()))
+        m["channel_share"] = {t: round(n / slots, 4) for t, n in sorted(reasons[a].items())}
+        out["arms"][a] = m
+    primary = signals[0]
+    singles = [a for a in arms if a in CHANNELS]
+    defined = np.isfinite(scores[SERVED]["ndcg"][:, 0])
+    if singles and defined.any():
+        best = max(singles, key=lambda a: out["arms"][a][f"ndcg@{k}_{primary}"] or 0.0)
+        diff = paired_difference(scores[SERVED]["ndcg"][defined, 0], scores[best]["ndcg"][defined, 0], seed)
+        out["served_vs_best_single"] = {"channel": best, "metric": f"ndcg@{k}_{primary}", **diff,
+                                        "at_least_as_good": bool(diff["difference"] >= 0)}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out

@@ -1,0 +1,158 @@
+"""The served feed by candidate source: the bundle as of the period start knows nothing of the period, every
+arm serves through the service's own request path, the page metrics are what a plain loop computes, and
+the CLI writes its JSON, plot and MLflow run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from evaluation.channels import as_of
+from features.candidates import build_channel_tables
+from features.metrics import ndcg
+from serving.bundle import Bundle, load_bundle
+from serving.config import ServeSettings, ServingConfig
+from serving.offline_cases import period_log, period_view
+from serving.offline_channels import SERVED, channel_arms, feed_by_channel
+from serving.recommender import Recommender
+
+K = 10
+USERS = 25
+
+
+@pytest.fixture(scope="module")
+def bundle(synthetic_bundle: Path) -> Bundle:
+    return load_bundle(synthetic_bundle)
+
+
+@pytest.fixture(scope="module")
+def test_log(bundle: Bundle) -> pd.DataFrame:
+    return period_log(bundle, "test")
+
+
+@pytest.fixture(scope="module")
+def view(bundle: Bundle, test_log: pd.DataFrame) -> Bundle:
+    v, _ = period_view(bundle, test_log)
+    return as_of(bundle, v, int(test_log["ts"].min()))[0]
+
+
+def _all_rows(bundle: Bundle) -> pd.DataFrame:
+    return pd.read_parquet(bundle.path / "features" / "interactions.parquet", columns=["user_id", "item_id", "ts"])
+
+
+def test_as_of_view_knows_nothing_of_the_period(bundle: Bundle, view: Bundle, test_log: pd.DataFrame, tmp_path: Path):
+    start = int(test_log["ts"].min())
+    rows = _all_rows(bundle)
+    before = rows[rows["ts"] < start]
+    # Seen sets: exactly the items each user was shown before the period (a plain loop over the log).
+    for user in test_log["user_id"].astype(str).unique()[:40]:
+        want = {bundle.item_row[i] for i in before.loc[before["user_id"].astype(str) == user, "item_id"].astype(str)}
+        got = set(view.channels.seen_rows(bundle.user_row[user]).tolist())
+        assert got == want
+    # The future-row test: flip every outcome of the period; the as-of view must not change at all.
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle.path, copy)
+    path = copy / "features" / "interactions.parquet"
+    log = pd.read_parquet(path)
+    period = (log["ts"] >= start).to_numpy()
+    signals = [s for s in ("click", "long_view", "like", "follow", "comment", "forward", "hate") if s in log]
+    for s in signals:
+        log.loc[period, s] = 1 - log.loc[period, s]
+    log.to_parquet(path)
+    flipped, _ = as_of(dataclasses.replace(bundle, path=copy), period_view(bundle, test_log)[0], start)
+    np.testing.assert_array_equal(flipped.item_vectors, view.item_vectors)
+    for name in ("trending", "fresh"):
+        np.testing.assert_array_equal(getattr(flipped.channels, name), getattr(view.channels, name))
+    assert (flipped.channels.covisit != view.channels.covisit).nnz == 0
+    assert (flipped.channels.seen != view.channels.seen).nnz == 0
+    # ... while what the shipped bundle holds, built from every row, does change with those outcomes.
+    built = [build_channel_tables(pd.read_parquet(p), pd.read_parquet(copy / "features" / "items.parquet"),
+                                  np.zeros(0, str), "long_view", 10, 50, 1.0, int(rows["ts"].max()) + 1).trending
+             for p in (bundle.path / "features" / "interactions.parquet", path)]
+    assert not np.array_equal(*built)
+    # The user vector's MF part comes from the refitted factors, the rest from the graph as shipped.
+    lo, hi = view.mf_dims
+    user = test_log["user_id"].astype(str).iloc[0]
+    row, hist = Recommender(view, ServeSettings()).user_lookup(view, user)
+    shipped_vec = Recommender(bundle, ServeSettings())._user_vector(bundle, row, hist)
+    as_of_vec = Recommender(view, ServeSettings())._user_vector(view, row, hist)
+    np.testing.assert_allclose(np.delete(as_of_vec, np.s_[lo:hi], axis=1), np.delete(shipped_vec, np.s_[lo:hi], axis=1))
+    assert not np.allclose(as_of_vec[:, lo:hi], shipped_vec[:, lo:hi])
+    assert np.allclose(as_of_vec[:, lo:hi], flipped.user_tower.factors[view.user_cols["user_id_idx"][row]])
+
+
+def test_every_arm_serves_through_the_request_path_and_is_scored_like_a_plain_loop(view: Bundle, test_log: pd.DataFrame):
+    settings = ServeSettings(ServingConfig(candidates=60, evaluation_gains=["long_view", "click"]))
+    arms = channel_arms(view, settings)
+    assert SERVED in arms and {"ann", "mf", "covisit", "trending"} <= set(arms)
+    assert all(sum(q.values()) == 60 for q in arms.values())
+    out = feed_by_channel(view, settings, test_log, k=K, max_users=USERS)
+    assert out["users"] == USERS and set(out["arms"]) == set(arms)
+    for name, m in out["arms"].items():
+        for g in ("long_view", "click"):
+            assert 0.0 <= m[f"ndcg@{K}_{g}"] <= 1.0 and 0.0 <= m[f"recall@{K}_{g}"] <= 1.0
+        if name not in (SERVED, "ann"):  # a channel alone: its own items, plus the policy's exposure candidates
+            assert set(m["channel_share"]) <= {f"channel:{name}", "channel:exposure"}
+    # The trending arm by hand: the same recommend call, NDCG against the user's whole period.
+    rec = Recommender(view, ServeSettings(ServingConfig(candidates=60, evaluation_gains=["long_view", "click"],
+                                                        channel_quotas={"trending": 60}), settings.policy))
+    log = test_log.sort_values("ts", kind="stable")
+    known = log[log["item_id"].astype(str).isin(set(view.item_row))]
+    hits = known.groupby(known["user_id"].astype(str), sort=False)[["long_view", "click"]].max().max(axis=1)
+    users = [u for u in dict.fromkeys(known["user_id"].astype(str)) if hits[u] > 0][:USERS]
+    scores = []
+    for user in users:
+        mine = known[known["user_id"].astype(str) == user]
+        best = mine.groupby(mine["item_id"].astype(str))["long_view"].max()
+        if best.max() <= 0:
+            continue
+        first = mine.iloc[0]
+        ctx = {n: str(first[n]) for _, n in view.request_cat if n != "user_id" and n in log}
+        page = rec.recommend(user, K, context=ctx).items
+        gains = np.array([[float(best.get(i.item_id, 0.0) > 0) for i in page]])
+        scores.append(ndcg(gains, (best.to_numpy()[None] > 0).astype(float), K)[0])
+    assert out["arms"]["trending"][f"ndcg@{K}_long_view"] == pytest.approx(float(np.mean(scores)), abs=1e-5)
+    v = out["served_vs_best_single"]
+    assert v["channel"] in set(arms) - {SERVED}
+    assert v["ci95"][0] <= v["difference"] <= v["ci95"][1]
+    best = out["arms"][v["channel"]][f"ndcg@{K}_long_view"]
+    assert v["difference"] == pytest.approx(out["arms"][SERVED][f"ndcg@{K}_long_view"] - best, abs=1e-4)
+
+
+def test_channels_cli_writes_json_plot_and_an_mlflow_run(synthetic_bundle: Path, tmp_path: Path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # explicit: an earlier in-process set_tracking_uri leaks into the env
+    r = subprocess.run([sys.executable, "-m", "evaluation", "channels", "--bundle", str(synthetic_bundle),
+                        "--out", "out/channels.json", "--k", "10", "--max-users", "15", "--no-progress",
+                        "--mix", "half:ann=250,covisit=250"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "MLFLOW_TRACKING_URI": store})
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "channels.json").read_text())
+    assert result["users"] == 15 and result["data"]["period"] == "test"
+    assert result["arms"]["half"]["quotas"] == {"ann": 250, "covisit": 250}
+    assert result["data"]["as_of"]["rows_before"] > 0 and "mf" in result["data"]["as_of"]
+    assert (tmp_path / "out" / "channels.png").stat().st_size > 1000
+    assert "minus the best single channel" in r.stdout
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(experiment_names=["feedstack"], filter_string="tags.kind = 'channel-eval'")
+    assert len(runs) == 1
+    assert runs.iloc[0]["metrics.served.ndcg_at_10_long_view"] == pytest.approx(
+        result["arms"]["served"]["ndcg@10_long_view"])
+
+
+@pytest.mark.parametrize("mix", ["half", "half:ann=x", "half:ann"])
+def test_channels_cli_names_a_malformed_mix(mix: str, tmp_path: Path):
+    r = subprocess.run([sys.executable, "-m", "evaluation", "channels", "--bundle", str(tmp_path / "none"),
+                        "--mix", mix, "--out", "c.json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "NAME:CHANNEL=N" in r.stderr
+    assert not (tmp_path / "c.json").exists()

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from evaluation.as_of import as_of
 from evaluation.common import add_common_arguments, read_log
 from features.config import ConfigError, apply_overrides, load_raw, to_dict
 from serving.offline import BASELINE, POLICY, evaluate_policy
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         log, report = read_log(args, bundle)
         source = args.log
     result = evaluate_policy(bundle, settings, args.k, log=log, period=args.period, scenario=args.scenario,
-                             max_users=args.max_users, extra=extra, source=source)
+                             max_users=args.max_users, extra=extra, source=source, retrieval_as_of=as_of)
     if args.log:
         result["data"]["later_log_report"] = report
     result["bundle"] = {"path": str(bundle_dir), "version": bundle.version, "git_revision": bundle.manifest.git_revision}

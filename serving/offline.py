@@ -16,7 +16,11 @@ Protocol (every number of one run comes from this; keep it so runs compare):
   time-correct values stored on the user's first period row (computed from data before the period).
   Residual look-ahead, the same in every arm: items with no impression in the period keep their snapshot
   aggregates, the high-quality creator flag and fan relations of pairs absent from the period keep their
-  snapshot values. With ``--log`` the snapshot is exactly what serving would have used: no view.
+  snapshot values. Retrieval's own inputs (the MF factors and popularity prior in the item vectors, the
+  channel tables) are also built from every row of the bundle; ``python -m evaluation policy`` rebuilds
+  them from the rows before the period (``evaluation.as_of``, reported under ``data.as_of``), this
+  module's own CLI serves them as shipped. With ``--log`` the snapshot is exactly what serving would have
+  used: no view.
 * **Candidates as production sees them.** For each user: the FAISS top-``serving.candidates`` (500) of the
   bundle's user tower, united with the items the user was shown in the period (so that items with real
   feedback compete), ranked by the bundle's ONNX ranker with the context (tab, hour) of the user's first
@@ -74,7 +78,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -280,17 +284,23 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
 
 def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log: pd.DataFrame | None = None,
                     period: str = "test", scenario: str | None = None, max_users: int | None = None,
-                    extra: dict[str, PolicyConfig] | None = None, source: str | None = None) -> dict[str, Any]:
+                    extra: dict[str, PolicyConfig] | None = None, source: str | None = None,
+                    retrieval_as_of: Callable[[Bundle, Bundle, int], tuple[Bundle, dict[str, Any]]] | None = None,
+                    ) -> dict[str, Any]:
     """Engagement-only vs ``settings.policy`` (and ``extra`` named configs) on one period or later log.
 
     ``log``: canonical impressions of a later log (user_id, item_id, ts, signals, context); when None the
-    bundle's own ``period`` rows are used, served from :func:`period_view`.
+    bundle's own ``period`` rows are used, served from :func:`period_view`, then through
+    ``retrieval_as_of(bundle, view, period start)`` when given (what retrieval knows rebuilt from the rows
+    before the period: ``evaluation.as_of``, which needs the training code, so it is passed in).
     """
     t0 = time.perf_counter()
     if log is None:
         log = period_log(bundle, period)
         view, note = period_view(bundle, log)
         data = {"source": f"{bundle.path}/features/interactions.parquet", "period": period, "period_view": note}
+        if retrieval_as_of is not None:
+            view, data["as_of"] = retrieval_as_of(bundle, view, int(log["ts"].min()))
     else:
         view = bundle
         data = {"source": source or "later log", "period": None, "period_view": None}

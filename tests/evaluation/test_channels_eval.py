@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation.channels import as_of
+from evaluation.as_of import as_of
 from features.candidates import build_channel_tables
 from features.metrics import ndcg
 from serving.bundle import Bundle, load_bundle
@@ -128,12 +127,15 @@ def test_every_arm_serves_through_the_request_path_and_is_scored_like_a_plain_lo
     assert v["difference"] == pytest.approx(out["arms"][SERVED][f"ndcg@{K}_long_view"] - best, abs=1e-4)
 
 
-def test_channels_cli_writes_json_plot_and_an_mlflow_run(synthetic_bundle: Path, tmp_path: Path):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # explicit: an earlier in-process set_tracking_uri leaks into the env
+def test_channels_cli_writes_json_plot_and_an_mlflow_run(synthetic_bundle: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    # Explicit, and restored after: MLflow's set_tracking_uri also sets the variable for child processes.
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     r = subprocess.run([sys.executable, "-m", "evaluation", "channels", "--bundle", str(synthetic_bundle),
                         "--out", "out/channels.json", "--k", "10", "--max-users", "15", "--no-progress",
                         "--mix", "half:ann=250,covisit=250"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "MLFLOW_TRACKING_URI": store})
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "channels.json").read_text())
     assert result["users"] == 15 and result["data"]["period"] == "test"

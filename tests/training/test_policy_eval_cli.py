@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ import pytest
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    # The store explicitly: an earlier in-process mlflow.set_tracking_uri leaves MLFLOW_TRACKING_URI set.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'runs' / 'mlflow.db'}"}
     return subprocess.run([sys.executable, "-m", "training", "evaluate-policy", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_evaluate_policy_cli_writes_json_plots_and_an_mlflow_run(synthetic_bundle: Path, tmp_path: Path):
@@ -22,6 +25,7 @@ def test_evaluate_policy_cli_writes_json_plots_and_an_mlflow_run(synthetic_bundl
     result = json.loads((tmp_path / "out" / "policy.json").read_text())
     assert {"engagement_only", "policy", "slots3"} <= set(result)
     assert set(result["relative_to_engagement_only"]) == {"policy", "slots3"}
+    assert result["data"]["as_of"]["rows_before"] > 0 and "mf" in result["data"]["as_of"]  # retrieval as of the period
     assert result["policy_config"]["exposure"]["candidate_slots"] >= 0
     for name in ("policy_lorenz.png", "policy_tradeoff.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000

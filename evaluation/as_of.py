@@ -42,8 +42,8 @@ def as_of(bundle: Bundle, view: Bundle, start: int) -> tuple[Bundle, dict[str, A
     from features.contract import RETRIEVAL
     from features.tables import FeatureTables
     from training.config import TrainConfig
-    from training.retrieval.rows import load_log
-    from training.retrieval.vectors import log_prior, mf_fit
+    from training.retrieval.log import load_log
+    from training.retrieval.served_dims import log_prior, mf_fit
 
     cfg = from_dict(TrainConfig, bundle.manifest.config)
     rc = cfg.retrieval

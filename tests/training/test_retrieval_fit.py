@@ -207,7 +207,7 @@ def test_mf_dimensions_ride_in_the_served_vectors(synthetic_config: Path, synthe
     user tower carries weight x the ALS user factors by user index (0 for unknown users), the item vectors
     the ALS item factors, and the test table shows the towers alone beside it."""
     from training.retrieval.data import InputLayout
-    from training.retrieval.vectors import mf_fit
+    from training.retrieval.served_dims import mf_fit
 
     cfg = _cfg(synthetic_config, "retrieval.mf_weights=[0.0, 2.0]", "retrieval.max_epochs=2")
     out = tmp_path / "retrieval"

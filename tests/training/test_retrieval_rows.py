@@ -18,6 +18,7 @@ from features.tables import FeatureTables
 from tests.conftest import write_config
 from training.config import TrainConfig
 from training.retrieval import rows as R
+from training.retrieval.log import load_log, period_rows
 from training.retrieval.data import InputLayout, ItemFeatures, train_tensors
 from training.retrieval.metrics import make_eval_set
 from training.retrieval.pipeline import _eval_users, _refit_queries, fit_retrieval, load_interactions
@@ -68,7 +69,7 @@ def test_projected_reads_equal_the_whole_table(synthetic_config: Path, small_gro
               if c not in pq.read_schema(tables.dir / "interactions.parquet").names]
     assert bool(static) == (world_layout == "ratings")  # the ratings layout's genre flags: item_num_stats' static branch
     layout = InputLayout.from_tables(tables)
-    whole, log = load_interactions(tables), R.load_log(cfg, tables)
+    whole, log = load_interactions(tables), load_log(cfg, tables)
     assert "history" not in log.columns and not set(layout.item_num) & set(log.columns)
     for c in log.columns:
         assert (log[c].astype(str) if c == "period" else log[c]).equals(whole[c]), c
@@ -84,7 +85,7 @@ def test_projected_reads_equal_the_whole_table(synthetic_config: Path, small_gro
         assert torch.equal(getattr(got, name), getattr(expect, name)), name
 
     num = train[layout.item_num].to_numpy(np.float64)
-    mean, std = R.item_num_stats(tables, layout, R.period_rows(log, "train"))
+    mean, std = R.item_num_stats(tables, layout, period_rows(log, "train"))
     np.testing.assert_array_equal(mean, np.nan_to_num(np.nanmean(num, axis=0)).astype(np.float32))
     expect_std = np.nan_to_num(np.nanstd(num, axis=0)).astype(np.float32)
     expect_std[expect_std < 1e-6] = 1.0
@@ -95,7 +96,7 @@ def test_projected_reads_equal_the_whole_table(synthetic_config: Path, small_gro
         es = make_eval_set(train, rows, feats.item_ids, rc.positive_signal)
         assert es.n_users > 0
         want = layout.user_arrays(rows.iloc[es.first_row])
-        have = layout.user_arrays(_eval_users(tables, layout, es, R.period_rows(log, period)))
+        have = layout.user_arrays(_eval_users(tables, layout, es, period_rows(log, period)))
         for k in want:
             np.testing.assert_array_equal(have[k], want[k])
 

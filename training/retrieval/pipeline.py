@@ -34,10 +34,12 @@ from training.retrieval.config import RetrievalConfig
 from training.retrieval.data import InputLayout, ItemFeatures
 from training.retrieval.metrics import EvalSet, evaluate_all, make_eval_set, plot_curves
 from training.retrieval.model import ItemEmbeddings, ItemTower, TwoTower, UserTower
-from training.retrieval.rows import item_num_stats, load_log, period_rows, positive_tensors, user_rows
+from training.retrieval.log import load_log, period_rows
+from training.retrieval.rows import item_num_stats, positive_tensors, user_rows
 from training.retrieval.ship import onnx_vectors, retrieval_meta, ship
 from training.retrieval.task import RetrievalTask, Throughput, ValInputs, tower_vectors
-from training.retrieval.vectors import choose_mf_weight, log_prior, mf_fit, with_mf, with_prior
+from training.retrieval.served_dims import log_prior, mf_fit, with_prior
+from training.retrieval.vectors import choose_mf_weight, with_mf
 from training.tracking import active_run_logger, log_to_run, metric_key, metric_tree
 from training.trainer import batch_sampler, checkpoint_dir, make_trainer
 

@@ -3,7 +3,7 @@
 The whole table (every feature column, each row's ``history`` array, the static user and item columns
 joined on) is ~1.5 kB per impression in pandas. The stage needs far less per impression:
 
-- the log frame (:func:`load_log`): ids, time, block, period and the signals, for the seen sets, the
+- the log frame (:func:`training.retrieval.log.load_log`): ids, time, block, period and the signals, for the seen sets, the
   baselines, co-visitation, popularity, the prior, the evaluation sets and the per-block item quality;
 - the train period's item numeric inputs, one column at a time, for the item tower's normalisation
   (:func:`item_num_stats`);
@@ -17,7 +17,6 @@ metrics do not move.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,40 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from features.quality import quality_signals
 from features.tables import FeatureTables
 from training.config import TrainConfig
 from training.retrieval.data import InputLayout, ItemFeatures, TrainTensors, train_tensors
+from training.retrieval.log import interactions_path, signal_columns
 
-LOG_KEYS = ["user_id", "item_id", "creator_id", "ts", "block", "period"]
 BATCH_ROWS = 65_536
-
-
-def interactions_path(tables: FeatureTables) -> Path:
-    return tables.dir / tables.manifest["tables"]["interactions"]["file"]
-
-
-def signal_columns(cfg: TrainConfig, schema: pa.Schema) -> list[str]:
-    """The signal columns the stage reads: binary signals (training weights, positives, quality rates) and
-    ``watch_ratio`` where the table has it (the quality snapshots aggregate it then)."""
-    rc = cfg.retrieval
-    names = [*cfg.data.binary_signals, *quality_signals(cfg.quality, cfg.data.binary_signals),
-             rc.positive_signal, *rc.signal_weights, "watch_ratio"]
-    return [c for c in dict.fromkeys(names) if c in schema.names]
-
-
-def load_log(cfg: TrainConfig, tables: FeatureTables) -> pd.DataFrame:
-    """Every row's ids, ``ts``, ``block``, ``period`` (categorical) and signals, in file order (index = row
-    number in the file)."""
-    path = interactions_path(tables)
-    columns = LOG_KEYS + signal_columns(cfg, pq.read_schema(path))
-    return pd.read_parquet(path, columns=columns)
-
-
-def period_rows(rows: pd.DataFrame, period: str) -> pd.DataFrame:
-    """The rows of one period; ``rows`` itself (no copy) when every row is in it, as in a refit."""
-    mask = (rows["period"] == period).to_numpy()
-    return rows if mask.all() else rows[mask]
 
 
 def _static_item_column(tables: FeatureTables, column: str, item_pos: np.ndarray) -> np.ndarray:

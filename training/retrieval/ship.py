@@ -21,7 +21,7 @@ from training.retrieval.config import RetrievalConfig
 from training.retrieval.data import InputLayout, ItemFeatures
 from training.retrieval.index import build_and_measure
 from training.retrieval.model import PriorUserTower, TwoTower
-from training.retrieval.vectors import MFDims, log_prior
+from training.retrieval.served_dims import MFDims, log_prior
 
 PARITY_TOL = 1e-4
 

@@ -1,0 +1,52 @@
+"""The served vectors' extra dimensions, computed from a log alone (no torch, so the offline evaluation can
+rebuild them as of a period's start): the popularity prior the logQ correction removed and the ALS
+matrix-factorisation factors. How they are chosen and folded next to the towers: :mod:`.vectors`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from features.split import DAY_MS
+from features.tables import FeatureTables
+from training.retrieval.baselines import als_factors
+from training.retrieval.config import RetrievalConfig
+from training.retrieval.metrics import weighted_counts
+
+
+def log_prior(rc: RetrievalConfig, seen: pd.DataFrame, item_ids: np.ndarray, end_ts: int) -> np.ndarray:
+    """(catalogue,) log(1 + training weight of the item's rows), over the last ``prior_days`` before
+    ``end_ts`` (all seen rows when 0): the popularity the logQ correction took out of u.v."""
+    from_ts = int(end_ts - rc.prior_days * DAY_MS) if rc.prior_days > 0 else None
+    return np.log1p(weighted_counts(seen, item_ids, rc.row_weights(seen), from_ts)).astype(np.float32)
+
+
+def with_prior(uv: np.ndarray, iv: np.ndarray, beta: float, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[u, beta] and [v, prior]: the folded vectors whose inner product is u.v + beta * prior."""
+    return (np.hstack([uv, np.full((len(uv), 1), beta, np.float32)]),
+            np.hstack([iv, prior.reshape(-1, 1).astype(np.float32)]))
+
+
+@dataclass
+class MFDims:
+    """The MF dimensions of the served vectors: ``table`` (user vocabulary, f) = weight x ALS user factors by
+    ``user_id_idx`` (row 0, the unknown user, and users ALS never saw are 0), ``items`` (catalogue, f)."""
+
+    weight: float
+    table: np.ndarray
+    items: np.ndarray
+
+
+def mf_fit(rc: RetrievalConfig, seen: pd.DataFrame, item_ids: np.ndarray, tables: FeatureTables, vocab_size: int,
+            params: dict, weight: float, seed: int) -> MFDims:
+    users, uf, itf = als_factors(seen, item_ids, rc.positive_signal, int(params["factors"]),
+                                 params["regularization"], params["alpha"], params["impression_weight"],
+                                 rc.baselines.als_iterations, seed)
+    pos = users.get_indexer(tables.users["user_id"].astype(str))
+    idx = tables.users["user_id_idx"].to_numpy(np.int64)
+    ok = (pos >= 0) & (idx > 0)
+    table = np.zeros((vocab_size, uf.shape[1]), np.float32)
+    table[idx[ok]] = uf[pos[ok]] * np.float32(weight)
+    return MFDims(float(weight), table, itf)

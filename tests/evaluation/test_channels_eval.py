@@ -158,3 +158,18 @@ def test_channels_cli_names_a_malformed_mix(mix: str, tmp_path: Path):
                         "--mix", mix, "--out", "c.json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "NAME:CHANNEL=N" in r.stderr
     assert not (tmp_path / "c.json").exists()
+
+
+def test_offline_evaluation_runs_without_torch(synthetic_bundle: Path):
+    """DESIGN.md: the offline evaluation sits on top of both layers and needs no torch; rebuilding retrieval as
+    of a period start reads training code, but only its torch-free modules."""
+    code = ("import sys; from evaluation import channels, policy; from evaluation.as_of import as_of; "
+            "from serving.bundle import load_bundle; from serving.offline_cases import period_log, period_view; "
+            f"b = load_bundle({str(synthetic_bundle)!r}); log = period_log(b, 'test'); "
+            "v, note = as_of(b, period_view(b, log)[0], int(log['ts'].min())); assert 'mf' in note; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    repo = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)})
+    assert res.returncode == 0, res.stdout + res.stderr[-2000:]

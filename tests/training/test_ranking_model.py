@@ -166,6 +166,22 @@ def test_request_graph_equals_the_scorer_on_one_users_candidates(arch, levels, t
         assert not np.allclose(request(*mixed.values())[0].numpy(), scorer(*mixed.values())[0].numpy(), atol=1e-4)
 
 
+def test_shared_history_pools_equal_the_broadcast_pools():
+    """The request graph's matmul form of the history pools (one history for every candidate) computes what
+    the training form computes, for a partly padded and an empty history."""
+    from training.ranking.model import FeatureEmbedding
+
+    torch.manual_seed(0)
+    emb = FeatureEmbedding([100, 50, 7], [16, 16, 4], 0)
+    item_e = torch.randn(300, 16)
+    for n_items in (12, 0):
+        hist = torch.zeros(1, 20, dtype=torch.long)
+        hist[0, :n_items] = torch.randint(1, 100, (n_items,))
+        hist_e = torch.randn(1, 20, 16)
+        for a, b in zip(emb.shared_pools(hist, hist_e, item_e), emb.pools(hist, hist_e, item_e)):
+            torch.testing.assert_close(a.expand_as(b), b, rtol=1e-5, atol=1e-6)
+
+
 def test_out_of_vocabulary_indices_read_oov_row():
     torch.manual_seed(3)
     model = Ranker(make_spec("mmoe")).eval()

@@ -90,6 +90,18 @@ class FeatureEmbedding(nn.Module):
         target = (hist_e * att.unsqueeze(2)).sum(dim=1)
         return mean, target
 
+    def shared_pools(self, hist: torch.Tensor, hist_e: torch.Tensor, item_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`pools` for one request's history (1, L) shared by all candidates item_e (B, d), as two plain
+        matrix products: the broadcast elementwise form costs ~10x more in ONNX Runtime for 500 candidates."""
+        mask = (hist > 0).to(hist_e.dtype)  # (1, L)
+        count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        h = hist_e[0]  # (L, d)
+        mean = (mask @ h) / count
+        att = (item_e @ h.transpose(0, 1)) / math.sqrt(self.item_dim)  # (B, L)
+        att = torch.softmax(att + (mask - 1.0) * 1e4, dim=1) * mask
+        att = att / att.sum(dim=1, keepdim=True).clamp(min=1e-6)
+        return mean, att @ h
+
     def penalty(self, cat: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         """Mean squared norm of the rows this batch reads (L2 only where there is gradient)."""
         embs, _ = self.lookup(cat, hist)
@@ -360,7 +372,7 @@ class RequestScorer(nn.Module):
         ranker = self.scorer.ranker
         emb = ranker.embedding
         embs, hist_e = emb.lookup(cat, hist[:1])  # the history once: (1, L, d)
-        mean, target = emb.pools(hist[:1], hist_e, embs[emb.item_group][:, emb.item_column])  # (1, d), (n, d)
+        mean, target = emb.shared_pools(hist[:1], hist_e, embs[emb.item_group][:, emb.item_column])  # (1, d), (n, d)
         z = ranker.numeric(num)
         flat = [e.flatten(1) for e in embs]
         x_var = torch.cat([f.index_select(1, getattr(self, f"var_{g}")) for g, f in enumerate(flat)]

@@ -122,3 +122,25 @@ def test_a_later_log_in_the_same_layout_evaluates(ratings_run, tmp_path):
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["data"]["impressions"] == 300 and m["data"]["inside_bundle_data"] == 0
     assert m["ranking"]["model"]["like"]["auc"] is not None
+
+
+def test_served_page_by_candidate_source_on_the_ratings_layout(ratings_run, tmp_path):
+    """The channel evaluation needs nothing KuaiRand-specific: the declared gain, no creators, no upload
+    times, on the held-out period (retrieval rebuilt as of its start) and on a later log."""
+    root, cfg = ratings_run
+    r = _cli("evaluation", "channels", "--bundle", str(root / "out" / HELDOUT_BUNDLE_DIR), "--out",
+             str(tmp_path / "c.json"), "--k", "10", "--max-users", "30", "--no-mlflow", "--no-progress", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert out["gains"] == ["like"] and out["users"] == 30 and out["data"]["as_of"]["rows_before"] > 0
+    assert {"served", "ann"} <= set(out["arms"]) and all(0 <= m["ndcg@10_like"] <= 1 for m in out["arms"].values())
+    data = Path(cfg["data"]["dir"])
+    later = pd.read_csv(data / "ratings.data", sep="\t", header=None).tail(300)
+    later[3] = later[3] + 30 * 86_400  # a month after the bundle's data
+    path = tmp_path / "later.data"
+    later.to_csv(path, sep="\t", header=False, index=False)
+    r = _cli("evaluation", "channels", "--bundle", str(root / "out" / "bundle"), "--log", str(path), "--out",
+             str(tmp_path / "l.json"), "--k", "10", "--no-mlflow", "--no-progress", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "l.json").read_text())
+    assert out["data"]["period"] is None and out["data"]["impressions"] == 300 and "as_of" not in out["data"]

@@ -15,7 +15,7 @@ from features.metrics import paired_difference
 from features.tables import FeatureTables
 from training.retrieval.config import RetrievalConfig
 from training.retrieval.data import InputLayout, ItemFeatures
-from training.retrieval.metrics import EvalSet
+from training.retrieval.metrics import EvalSet, top_k_stable
 
 
 def channel_lists(es: EvalSet, scores: np.ndarray, histories: np.ndarray, idx_to_row: np.ndarray,
@@ -23,14 +23,15 @@ def channel_lists(es: EvalSet, scores: np.ndarray, histories: np.ndarray, idx_to
     """One evaluated user's ranked catalogue rows per channel (``scores`` and the MF channel's ``mf`` (N,)
     over es.candidates; no MF channel without them or for a user the ALS fit never saw: all scores 0)."""
     reach = n + es.exclude[user].nnz
-    ann = es.candidates[np.argsort(-scores, kind="stable")[:reach]]
+    reach = min(reach, len(es.candidates))
+    ann = es.candidates[top_k_stable(scores[None], reach)[0]]
     items, w = history_weights(histories[user])
     rows = idx_to_row[np.minimum(items, len(idx_to_row) - 1)]
     keep = (items < len(idx_to_row)) & (rows >= 0)
     lists = {"ann": ann, "covisit": covisit_top(tables.covisit, rows[keep], w[keep], n),
              "trending": tables.trending[: n + 300], "fresh": tables.fresh[: n + 300]}
     if mf is not None and np.any(mf):
-        lists["mf"] = es.candidates[np.argsort(-mf, kind="stable")[:reach]]
+        lists["mf"] = es.candidates[top_k_stable(mf[None], reach)[0]]
     return lists
 
 

@@ -94,7 +94,7 @@ def bar_plot(result: dict[str, Any], path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from serving.bundle import load_bundle
     from serving.config import load_settings, settings_from_raw
-    from serving.offline_cases import period_log, period_view
+    from serving.offline_cases import own_period
 
     mixes = parse_mixes(args.mixes)
     bundle_dir = Path(args.bundle)
@@ -105,11 +105,7 @@ def run(args: argparse.Namespace) -> int:
         log, report = read_log(args, bundle)
         view, data = bundle, {"source": args.log, "period": None, "later_log_report": report}
     else:
-        log = period_log(bundle, args.period)
-        view, note = period_view(bundle, log)
-        view, as_of_note = as_of(bundle, view, int(log["ts"].min()))
-        data = {"source": f"{bundle_dir}/features/interactions.parquet", "period": args.period,
-                "period_view": note, "as_of": as_of_note}
+        log, view, data = own_period(bundle, args.period, as_of)
     result = feed_by_channel(view, settings, log, args.k, args.scenario, args.max_users,
                              progress=not args.no_progress, mixes=mixes)
     result["data"].update(data)

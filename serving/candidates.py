@@ -13,11 +13,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from features.candidates import ChannelTables, covisit_top, history_weights, merge_channels, mf_top
+
+if TYPE_CHECKING:
+    from serving.bundle import Bundle
+    from serving.config import ServingConfig
 
 CHANNEL_REASONS = ("channel:ann", "channel:covisit", "channel:trending", "channel:fresh", "channel:mf",
                    "channel:exposure")
@@ -57,6 +61,17 @@ class SeenMemory:
             while len(self._users) > self.max_users:
                 self._users.popitem(last=False)
             return list(items)
+
+
+def available_channels(b: "Bundle", serving: "ServingConfig") -> set[str]:
+    """The channels ``b`` can serve: the ANN always, the table channels with ``channels.npz``, the MF channel
+    with MF dimensions on a catalogue of at most ``serving.mf_channel_max_items`` items."""
+    out = {"ann"}
+    if b.channels is not None:
+        out |= {"covisit", "trending", "fresh"}
+    if b.mf_items is not None and b.n_items <= serving.mf_channel_max_items:
+        out.add("mf")
+    return out
 
 
 def channel_quotas(configured: dict[str, int], bundle_quotas: dict[str, int] | None, total: int,

@@ -88,7 +88,7 @@ from features.metrics import position_discount
 from serving.bundle import Bundle, load_bundle
 from serving.config import ServeSettings, load_settings
 from serving.exposure import gini
-from serving.offline_cases import (UserCase, condensed, estimated_gains, gain_names, period_log, period_view,
+from serving.offline_cases import (UserCase, condensed, estimated_gains, gain_names, own_period,
                                    prepare_cases)
 from serving.policy import fuse
 from serving.policy_config import PolicyConfig
@@ -296,11 +296,7 @@ def evaluate_policy(bundle: Bundle, settings: ServeSettings, k: int = 20, *, log
     """
     t0 = time.perf_counter()
     if log is None:
-        log = period_log(bundle, period)
-        view, note = period_view(bundle, log)
-        data = {"source": f"{bundle.path}/features/interactions.parquet", "period": period, "period_view": note}
-        if retrieval_as_of is not None:
-            view, data["as_of"] = retrieval_as_of(bundle, view, int(log["ts"].min()))
+        log, view, data = own_period(bundle, period, retrieval_as_of)
     else:
         view = bundle
         data = {"source": source or "later log", "period": None, "period_view": None}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -96,6 +96,20 @@ def period_view(bundle: Bundle, log: pd.DataFrame) -> tuple[Bundle, dict[str, in
     view = dataclasses.replace(bundle, history=history, item_num=item_num, fan_values=fan_values,
                                data_end_ms=min(bundle.data_end_ms, start) if bundle.data_end_ms else start)
     return view, note
+
+
+def own_period(bundle: Bundle, period: str, retrieval_as_of: Callable[[Bundle, Bundle, int], tuple[Bundle, dict[str, Any]]]
+               | None = None) -> tuple[pd.DataFrame, Bundle, dict[str, Any]]:
+    """The bundle's ``period`` rows, the bundle as of the period's start (:func:`period_view`, then
+    ``retrieval_as_of(bundle, view, start)`` when given: ``evaluation.as_of``, which needs the training code,
+    so it is passed in) and the data report of both."""
+    log = period_log(bundle, period)
+    view, note = period_view(bundle, log)
+    data: dict[str, Any] = {"source": f"{bundle.path}/features/interactions.parquet", "period": period,
+                            "period_view": note}
+    if retrieval_as_of is not None:
+        view, data["as_of"] = retrieval_as_of(bundle, view, int(log["ts"].min()))
+    return log, view, data
 
 
 @dataclass

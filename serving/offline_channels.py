@@ -33,7 +33,7 @@ import pandas as pd
 from features.candidates import CHANNELS
 from features.metrics import ndcg, paired_difference
 from serving.bundle import Bundle
-from serving.candidates import channel_quotas
+from serving.candidates import available_channels, channel_quotas
 from serving.config import ServeSettings
 from serving.offline_cases import gain_names
 from serving.recommender import Recommender
@@ -41,22 +41,12 @@ from serving.recommender import Recommender
 SERVED = "served"
 
 
-def available_channels(b: Bundle, settings: ServeSettings) -> set[str]:
-    """The channels ``b`` can serve under ``settings`` (the ANN always)."""
-    out = {"ann"}
-    if b.channels is not None:
-        out |= {"covisit", "trending", "fresh"}
-    if b.mf_items is not None and b.n_items <= settings.serving.mf_channel_max_items:
-        out.add("mf")
-    return out
-
-
 def channel_arms(b: Bundle, settings: ServeSettings,
                  mixes: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
     """Arm name -> the quotas it serves with: the served mix, each available channel alone, then ``mixes``
     (named quota mixes to compare, e.g. when choosing quotas on the validation period)."""
     total = settings.serving.candidates
-    available = available_channels(b, settings)
+    available = available_channels(b, settings.serving)
     arms = {SERVED: channel_quotas(settings.serving.channel_quotas, b.channel_quotas, total, available)}
     arms.update({c: {c: total} for c in CHANNELS if c in available})
     for name, quotas in (mixes or {}).items():
@@ -70,9 +60,8 @@ def channel_arms(b: Bundle, settings: ServeSettings,
 
 
 def _truth(b: Bundle, log: pd.DataFrame, signals: list[str]) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Known users' and items' period rows in time order, one row per (user, item) with its best outcome per
-    signal, plus the counts of what was left out."""
-    log = log.sort_values("ts", kind="stable")
+    """Known users' and items' rows of ``log`` (in time order), with each binary outcome per signal, plus the
+    counts of what was left out."""
     urow = log["user_id"].astype(str).map(b.user_row).fillna(-1).astype(np.int64).to_numpy()
     irow = log["item_id"].astype(str).map(b.item_row).fillna(-1).astype(np.int64).to_numpy()
     keep = (urow >= 0) & (irow >= 0)
@@ -99,9 +88,10 @@ def feed_by_channel(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k:
     missing = [s for s in signals if s not in log]
     if missing:
         raise ValueError(f"the log has no {missing} column(s); its columns: {sorted(log.columns)}")
+    log = log.sort_values("ts", kind="stable")
     truth, report = _truth(view, log, signals)
     ctx_names = [n for _, n in view.request_cat if n != "user_id" and n in log]
-    first = log.sort_values("ts", kind="stable").drop_duplicates("user_id")
+    first = log.drop_duplicates("user_id")
     first = first.set_index(first["user_id"].astype(str))
     # Only users with a positive of some gain signal: a page without anything to find scores nothing.
     any_positive = truth.groupby("user_id", sort=False)[signals].max().max(axis=1) > 0

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from serving.bundle import DAY_MS, Bundle, load_bundle, resolve_bundle
-from serving.candidates import CHANNEL_REASONS, SeenMemory, channel_quotas, merge_for_user
+from serving.candidates import CHANNEL_REASONS, SeenMemory, available_channels, channel_quotas, merge_for_user
 from serving.config import ServeSettings
 from serving.exposure import ExposureTracker, creator_groups, least_exposed_pool, pool_candidates
 from serving.policy import Candidates, FeedPolicy
@@ -197,8 +197,10 @@ class Recommender:
         path = b.path / "retrieval" / "item_vectors.npy"
         if b.item_vectors is not None:
             vecs = b.item_vectors
+        elif path.exists():
+            vecs = np.load(path)
         else:
-            vecs = np.load(path) if path.exists() else b.index.reconstruct_n(0, b.n_items)
+            vecs = b.index.reconstruct_n(0, b.n_items)
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
         self._vectors = (b, vecs)
         return vecs
@@ -345,8 +347,8 @@ class Recommender:
         """Merged candidate rows, their channel reason index, cold flag and the user vector."""
         b = st.bundle
         s = self.settings.serving
-        has_mf = b.mf_items is not None and b.n_items <= s.mf_channel_max_items
-        available = ({"covisit", "trending", "fresh"} if b.channels is not None else set()) | ({"mf"} if has_mf else set())
+        available = available_channels(b, s)
+        has_mf = "mf" in available
         quotas = channel_quotas(s.channel_quotas, b.channel_quotas, s.candidates, available)
         n = quotas.get("ann", 0) + n_mine
         while True:

@@ -1,6 +1,7 @@
 """How the stack scales with the log: a synthetic log of N rows, the feature build, one epoch of each stage.
 
     python bench/bench_scale.py --rows 200000 [--days 10] [--workdir DIR] [--set retrieval.batch_size=2048]
+    python bench/bench_scale.py --workdir DIR --stages retrieval,ranking_stream   # reuse DIR's log and features
 
 The log follows features/synthetic.py's world (users with topic interests, creators with a latent quality
 that items inherit, feedback from interest + quality, the same signals and raw KuaiRand layout) but is drawn
@@ -182,16 +183,18 @@ def main() -> None:
         print(json.dumps(run_stage(args.stage, args.config, args.overrides)))
         return
 
+    stages = args.stages.split(",")
+    reuse = stages[0] != "features"
+    if reuse and not (args.workdir and (Path(args.workdir) / "config.yaml").exists()):
+        sys.exit("--stages: the training stages read the features, so 'features' comes first (or --workdir names "
+                 "the folder of an earlier run whose features are reused)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
         t0 = time.perf_counter()
-        config = write_dataset(args.rows, args.days, args.seed, root)
+        config = root / "config.yaml" if reuse else write_dataset(args.rows, args.days, args.seed, root)
         summary: dict = {"bench": "scale", "rows_requested": args.rows, "days": args.days,
                          "generate_s": round(time.perf_counter() - t0, 1), "stages": {}}
         env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-        stages = args.stages.split(",")
-        if stages[0] != "features":
-            sys.exit("--stages: the training stages read the features, so 'features' comes first")
         summary["loadavg_1m_start"] = round(os.getloadavg()[0], 2)  # these machines are shared: say how busy
         for stage in stages:
             cmd = [sys.executable, __file__, "--stage", stage, "--config", str(config)]
@@ -201,7 +204,12 @@ def main() -> None:
                 sys.exit(f"stage {stage} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
             summary["stages"][stage] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{stage}: {summary['stages'][stage]}", file=sys.stderr, flush=True)
-        summary["rows"] = summary["stages"]["features"]["rows"]
+        if reuse:
+            features = json.loads((root / "out" / "features" / "manifest.json").read_text())
+            summary["reused_features"] = str(root)
+            summary["rows"] = features["rows"]["train"]
+        else:
+            summary["rows"] = summary["stages"]["features"]["rows"]
         summary["cpu_count"] = os.cpu_count()
         summary["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(summary))

@@ -34,6 +34,7 @@ class FeatureTables:
     fans: pd.DataFrame
     vocabs: dict[str, Vocab]
     behaviour: dict[str, pd.DataFrame] = field(default_factory=dict)  # pair-keyed snapshot tables by name
+    _indexes: dict[str, tuple[pd.DataFrame, pd.Index]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def load(cls, directory: str | Path) -> "FeatureTables":
@@ -45,6 +46,15 @@ class FeatureTables:
         extra = manifest["feature_spec"].get("behaviour", {}).get("tables", {})
         return cls(d, manifest, read("items"), read("users"), read("creators"), read("fans"), load_vocabs(d / VOCAB),
                    {name: read(name) for name in extra})
+
+    def positions(self, table: str, ids: pd.Series) -> np.ndarray:
+        """Row of each id in ``items`` or ``users`` (-1 = unknown). The id index is built once per table:
+        building it (and its uniqueness check) cost more than the lookup itself for a 64k-row chunk."""
+        frame = getattr(self, table)
+        cached = self._indexes.get(table)
+        if cached is None or cached[0] is not frame:
+            cached = self._indexes[table] = (frame, pd.Index(frame[{"items": "item_id", "users": "user_id"}[table]]))
+        return cached[1].get_indexer(ids.astype(str))
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -67,8 +77,7 @@ class FeatureTables:
         and the static numeric inputs the rows lack (item numerics such as multi-hot attributes, user
         numerics), unknown -> NaN (the models fill the train mean)."""
         out = rows.copy()
-        pos = pd.Index(self.items["item_id"]).get_indexer(out["item_id"].astype(str))
-        upos = pd.Index(self.users["user_id"]).get_indexer(out["user_id"].astype(str))
+        pos, upos = self.positions("items", out["item_id"]), self.positions("users", out["user_id"])
         for table, where, cols, missing in (
             (self.items, pos, [f"{c}_idx" for c in self.item_attributes], 0),
             (self.users, upos, [f"{c}_idx" for c in self.user_attributes], 0),
@@ -88,14 +97,14 @@ class FeatureTables:
         for c in self.context_columns:
             out[f"{c}_idx"] = self.vocabs[c].encode(out[c].astype(str)) if c in out else 0
         numeric = list(self.spec["item_numeric"])
-        pos = pd.Index(self.items["item_id"]).get_indexer(out["item_id"].astype(str))
+        pos = self.positions("items", out["item_id"])
         for c in numeric:
             vals = self.items[c].to_numpy()[np.maximum(pos, 0)]
             out[c] = np.where(pos >= 0, vals, np.nan).astype(np.float32)
         fans = out[["user_id", "creator_id"]].merge(self.fans, on=["user_id", "creator_id"], how="left")
         for c in FAN_COLUMNS:
             out[c] = fans[c].fillna(0).to_numpy().astype(np.int32 if c == "fan_interactions" else np.int8)
-        upos = pd.Index(self.users["user_id"]).get_indexer(out["user_id"].astype(str))
+        upos = self.positions("users", out["user_id"])
         length = self.spec["history"]["length"]
         hist = np.zeros((len(out), length), dtype=np.int64)
         known = upos >= 0

@@ -87,3 +87,15 @@ def test_every_unreadable_log_is_one_line_naming_the_file(world, synthetic_confi
         assert r.returncode == 2, (name, r.stderr[-500:])
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and str(data / name) in lines[0] and lines[0].startswith("error: "), (name, r.stderr)
+
+
+def test_id_positions_follow_the_tables_they_index(synthetic_tables):
+    tables = FeatureTables(**{f: getattr(synthetic_tables, f) for f in
+                              ("dir", "manifest", "items", "users", "creators", "fans", "vocabs", "behaviour")})
+    items = tables.items["item_id"].astype(str)
+    ids = pd.Series([items.iloc[3], "never-seen", items.iloc[0], items.iloc[3]])
+    assert tables.positions("items", ids).tolist() == [3, -1, 0, 3]
+    user = tables.users["user_id"].astype(str).iloc[-1]
+    assert tables.positions("users", pd.Series([user])).tolist() == [len(tables.users) - 1]
+    tables.items = tables.items.iloc[::-1].reset_index(drop=True)  # a new table: the cached index must not answer
+    assert tables.positions("items", ids).tolist() == [len(items) - 4, -1, len(items) - 1, len(items) - 4]

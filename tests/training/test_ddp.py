@@ -57,6 +57,18 @@ def test_trainer_config_is_checked(synthetic_config: Path):
         load_config(synthetic_config, ["trainer.strategy=ddp_spawn"], TrainConfig)
     with pytest.raises(ConfigError, match="unknown config key 'trainer.gpus'"):
         load_config(synthetic_config, ["trainer.gpus=2"], TrainConfig)
+    gpus = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=gpu"]
+    with pytest.raises(ConfigError, match="ranking.sparse_embeddings: NCCL has no all-reduce for sparse gradients"):
+        load_config(synthetic_config, gpus + ["ranking.sparse_embeddings=true", "retrieval.sparse_embeddings=false"],
+                    TrainConfig)
+    cfg = load_config(synthetic_config, gpus + ["trainer.process_group_backend=gloo", "ranking.sparse_embeddings=true"],
+                      TrainConfig)
+    assert cfg.ranking.sparse_embeddings
+    # Left unset, the id tables are sparse except where the fit all-reduces over NCCL.
+    nccl = load_config(synthetic_config, gpus, TrainConfig)
+    assert (nccl.retrieval.sparse_embeddings, nccl.ranking.sparse_embeddings) == (False, False)
+    cpu = load_config(synthetic_config, ["trainer.devices=2", "trainer.strategy=ddp"], TrainConfig)
+    assert (cpu.retrieval.sparse_embeddings, cpu.ranking.sparse_embeddings) == (True, True)
 
 
 @pytest.fixture(scope="module")

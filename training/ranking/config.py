@@ -50,6 +50,10 @@ class RankingConfig:
     learning_rate: float = 0.002
     weight_decay: float = 0.0
     embedding_l2: float = 1e-6  # on the embedding rows a batch touches
+    # Lazy Adam on the id tables (training/optimizers.py): a step's cost follows the batch, not the catalogue;
+    # weight_decay then reaches the dense weights only. null: on, unless the fit all-reduces over NCCL (which
+    # has no sparse all-reduce).
+    sparse_embeddings: bool | None = None
     single_task_baselines: bool = True
     single_task_max_epochs: int | None = None  # None = max_epochs
     # GBDT baseline (training/ranking/gbdt.py): LightGBM per binary head on the ranker's input columns.

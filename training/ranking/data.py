@@ -92,7 +92,7 @@ class FeatureLayout:
         out = (tables.join_static(rows) if any(c not in rows.columns for c in self.cat_columns + static)
                else rows.copy())
         if DURATION in self.num_columns and (DURATION not in out.columns or out[DURATION].isna().any()):
-            pos = pd.Index(tables.items["item_id"]).get_indexer(out["item_id"].astype(str))
+            pos = tables.positions("items", out["item_id"])
             dur = np.where(pos >= 0, tables.items[DURATION].to_numpy(np.float64)[np.maximum(pos, 0)], np.nan)
             out[DURATION] = out[DURATION].fillna(pd.Series(dur, index=out.index)) if DURATION in out else dur
         for c in FAN_COLUMNS:

@@ -74,7 +74,8 @@ def _new_task(cfg: TrainConfig, data: RankingData, heads: list[tuple[str, str]],
     yv = data.labels["valid"][:, columns]
     monitor = [t for t, (_, k) in enumerate(heads) if k == "binary" and np.nansum(yv[:, t]) >= rc.monitor_min_positives]
     return RankingTask(model, [k for _, k in heads], weights, rc.learning_rate, rc.weight_decay, rc.embedding_l2,
-                       [n for n, _ in heads], rc.loss_weighting == "uncertainty", monitor or None)
+                       [n for n, _ in heads], rc.loss_weighting == "uncertainty", monitor or None,
+                       rc.sparse_embeddings)
 
 
 def platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -173,7 +174,8 @@ def _fit_main(cfg: TrainConfig, data: RankingData, heads: list[tuple[str, str]],
     info = {
         "epochs": int(trainer.current_epoch),
         "best_epoch": best_epoch,
-        "global_step": int(trainer.global_step),
+        # Lightning counts optimizer steps: two per batch with lazy Adam on the id tables.
+        "global_step": int(trainer.global_step) // max(1, len(trainer.optimizers)),
         "best_checkpoint": Path(best).name if best else None,
         "best_val_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "resumed_from": Path(ckpt_path).name if ckpt_path else None,

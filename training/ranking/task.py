@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.ranking.metrics import auc
+from training.optimizers import adam, manual_step, sparse_tables
 from training.ranking.model import Ranker
 
 MONITOR = "ranking/val_score"
@@ -28,8 +29,11 @@ class RankingTask(L.LightningModule):
 
     def __init__(self, model: Ranker, kinds: list[str], loss_weights: list[float], lr: float,
                  weight_decay: float = 0.0, embedding_l2: float = 0.0, names: list[str] | None = None,
-                 uncertainty: bool = False, monitor: list[int] | None = None):
+                 uncertainty: bool = False, monitor: list[int] | None = None, sparse_embeddings: bool = False):
         super().__init__()
+        if sparse_embeddings:
+            sparse_tables(model)
+        self.automatic_optimization = not sparse_embeddings
         self.model = model
         self.kinds = kinds
         self.names = names or [str(t) for t in range(len(kinds))]
@@ -62,6 +66,8 @@ class RankingTask(L.LightningModule):
             loss = loss + self.embedding_l2 * self.model.embedding.penalty(batch["cat"], batch["hist"])
         self.train_samples += len(batch["y"])
         self.log("ranking/train_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]), sync_dist=True)
+        if not self.automatic_optimization:
+            manual_step(self, loss)
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -101,8 +107,8 @@ class RankingTask(L.LightningModule):
             self.log("ranking/val_mean_auc", float(np.mean(aucs)), sync_dist=True)
         self.log(MONITOR, score, prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+        return adam(self, self.lr, self.weight_decay)
 
 
 class KeepBest(L.Callback):

@@ -52,7 +52,7 @@ def item_num_stats(tables: FeatureTables, layout: InputLayout, train: pd.DataFra
             col = pd.read_parquet(path, columns=[c])[c].to_numpy(np.float64)[rows]
         else:
             if item_pos is None:
-                item_pos = pd.Index(tables.items["item_id"]).get_indexer(train["item_id"].astype(str))
+                item_pos = tables.positions("items", train["item_id"])
             col = _static_item_column(tables, c, item_pos).astype(np.float64)
         mean[j], std[j] = np.nanmean(col), np.nanstd(col)
     mean, std = np.nan_to_num(mean).astype(np.float32), np.nan_to_num(std).astype(np.float32)

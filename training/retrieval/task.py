@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from training.optimizers import adam, manual_step, sparse_tables
 from training.retrieval.config import RetrievalConfig
 from training.retrieval.metrics import EvalSet, ranked_hits, recall_ndcg
 from training.retrieval.model import TwoTower, sampled_softmax_loss
@@ -65,6 +66,9 @@ class RetrievalTask(L.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        if cfg.sparse_embeddings:
+            sparse_tables(model)
+        self.automatic_optimization = not cfg.sparse_embeddings
         # Lookup tables, not state: rebuilt from the feature tables, kept out of checkpoints.
         self.register_buffer("item_cat", item_cat, persistent=False)
         self.register_buffer("item_num", item_num, persistent=False)
@@ -75,8 +79,7 @@ class RetrievalTask(L.LightningModule):
 
     def configure_optimizers(self):
         # fused: one kernel over all parameters, much cheaper per step on CPU than the per-tensor loop
-        return torch.optim.Adam(self.parameters(), lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay,
-                                fused=True)
+        return adam(self, self.cfg.learning_rate, self.cfg.weight_decay, fused=True)
 
     def _drop_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if self.cfg.id_dropout <= 0:
@@ -104,6 +107,8 @@ class RetrievalTask(L.LightningModule):
             log_q = torch.zeros(len(rows), device=rows.device)
         loss = sampled_softmax_loss(u, v, rows, log_q, self.cfg.temperature, weight)
         self.log("retrieval/train_loss", loss, on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+        if not self.automatic_optimization:
+            manual_step(self, loss)
         return loss
 
     def validation_step(self, batch, batch_idx):

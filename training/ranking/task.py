@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.ranking.metrics import auc
 from training.optimizers import adam, manual_step, sparse_tables
+from training.ranking.metrics import auc
 from training.ranking.model import Ranker
 
 MONITOR = "ranking/val_score"

@@ -192,7 +192,8 @@ def main() -> None:
         root = Path(args.workdir or tmp)
         t0 = time.perf_counter()
         config = root / "config.yaml" if reuse else write_dataset(args.rows, args.days, args.seed, root)
-        summary: dict = {"bench": "scale", "rows_requested": args.rows, "days": args.days,
+        summary: dict = {"bench": "scale", "rows_requested": None if reuse else args.rows,
+                         "days": None if reuse else args.days,
                          "generate_s": round(time.perf_counter() - t0, 1), "stages": {}}
         env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
         summary["loadavg_1m_start"] = round(os.getloadavg()[0], 2)  # these machines are shared: say how busy

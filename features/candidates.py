@@ -23,23 +23,20 @@ CHANNELS = ("ann", "covisit", "trending", "fresh", "mf")
 
 def covisit_matrix(user: np.ndarray, item: np.ndarray, ts: np.ndarray, n_items: int, window: int) -> sp.csr_matrix:
     """Symmetric (N, N) co-visitation weights: two positives of one user at most ``window`` apart in the
-    user's time order, weighted 1 / distance. ``item`` are item positions in 0..n_items-1."""
+    user's time order, weighted 1 / distance. ``item`` are item positions in 0..n_items-1.
+
+    Summed one distance at a time: holding every distance's pairs at once cost ~24 bytes per pair (2.3 GiB
+    on a 10M-row log); the running sum holds each distinct pair once."""
     order = np.lexsort((ts, user))
-    u, it = user[order], item[order]
-    rows, cols, vals = [], [], []
+    u, it = user[order], item[order].astype(np.int32 if n_items < 2**31 else np.int64)
+    total = sp.csr_matrix((n_items, n_items), dtype=np.float64)
     for d in range(1, window + 1):
         same = u[d:] == u[:-d]
         a, b = it[:-d][same], it[d:][same]
         keep = a != b
-        rows += [a[keep], b[keep]]
-        cols += [b[keep], a[keep]]
-        vals += [np.full(int(keep.sum()), 1.0 / d)] * 2
-    if not rows:
-        return sp.csr_matrix((n_items, n_items), dtype=np.float32)
-    c = sp.csr_matrix((np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=(n_items, n_items))
-    c.sum_duplicates()
-    return c
+        pairs = sp.csr_matrix((np.full(int(keep.sum()), 1.0 / d), (a[keep], b[keep])), shape=(n_items, n_items))
+        total = total + pairs + pairs.T
+    return total.astype(np.float32).tocsr()
 
 
 def row_normalise(c: sp.csr_matrix) -> sp.csr_matrix:

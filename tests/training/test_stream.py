@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from training.stream import ParquetStream, sample_period
@@ -75,3 +76,25 @@ def test_sample_is_uniform_and_sums_are_exact(tmp_path: Path):
     sample, sums = sample_period(path, "train", train, 1000, seed=1, sums=["x"])
     assert 800 < len(sample) < 1200 and set(sample["period"].astype(str)) == {"train"}
     assert sums["x"] == sum(1 for r in range(N) if r % 10 < 8 and r % 2)
+
+
+def test_histories_read_as_arrow_lists_equal_the_object_path(tmp_path: Path):
+    from training.ranking.data import history_matrix
+    from training.stream import iter_period
+
+    rng = np.random.default_rng(0)
+    hist = rng.integers(0, 1000, (300, 5))
+    df = pd.DataFrame({"period": ["train", "valid"] * 150, "history": list(hist)})
+    path = tmp_path / "h.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=70)
+    for chunk, plain in zip(iter_period(path, "train", 64, arrow_lists=True), iter_period(path, "train", 64)):
+        assert isinstance(chunk["history"].dtype, pd.ArrowDtype) and plain["history"].dtype == object
+        some = np.arange(len(chunk)) % 3 != 1  # a row subset, as a shard keeps: the arrow slice has offsets
+        got = history_matrix(chunk["history"][some].reset_index(drop=True), 5)
+        np.testing.assert_array_equal(got, history_matrix(plain["history"][some].reset_index(drop=True), 5))
+    train = hist[::2]
+    np.testing.assert_array_equal(np.concatenate([history_matrix(c["history"], 5)
+                                                  for c in iter_period(path, "train", 64, arrow_lists=True)]), train)
+    ragged = pd.Series([[1, 2], [3]], dtype=pd.ArrowDtype(pa.list_(pa.int64())))
+    with pytest.raises(ValueError):
+        history_matrix(ragged, 2)

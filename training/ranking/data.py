@@ -13,11 +13,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from features.fans import FAN_COLUMNS
 from features.tables import FeatureTables
 
 DURATION = "duration_ms"
+
+
+def history_matrix(col: pd.Series, length: int) -> np.ndarray:
+    """(N, L) int64 from a column of equal-length lists: Python objects, or Arrow-backed lists (the stream's
+    chunks), which flatten without visiting each row."""
+    if isinstance(col.dtype, pd.ArrowDtype):
+        lists = pa.array(col.array)
+        lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+        if lists.null_count == 0 and (pc.list_value_length(lists).to_numpy() == length).all():
+            return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(col), length)
+        # ragged or null rows: the object path below raises, or the caller's length check does
+    h = col.to_numpy()
+    return np.stack(h).astype(np.int64) if len(h) else np.zeros((0, length), np.int64)
 
 
 @dataclass
@@ -106,8 +121,7 @@ class FeatureLayout:
     def arrays(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
         """Named model inputs from prepared rows: cat (N, k) int64, hist (N, L) int64, num (N, n) float32."""
         cat = rows[self.cat_columns].to_numpy(np.int64)
-        h = rows[self.history_column].to_numpy()
-        hist = np.stack(h).astype(np.int64) if len(h) else np.zeros((0, self.history_length), np.int64)
+        hist = history_matrix(rows[self.history_column], self.history_length)
         if hist.shape[1] != self.history_length:
             raise ValueError(f"history has length {hist.shape[1]}, the layout expects {self.history_length}")
         num = rows[self.num_columns].to_numpy(np.float32)

@@ -16,8 +16,8 @@ from torch import nn
 
 
 def sparse_tables(module: nn.Module) -> None:
-    """Every embedding table of ``module`` emits sparse gradients. Set when the model is built, before a
-    distributed strategy wraps it: DDP reads the flag once, to give those tables their own buckets."""
+    """Every embedding table of ``module`` emits sparse gradients (one-process fits only: a distributed fit
+    all-reduces dense gradients, see training/config.py)."""
     for m in module.modules():
         if isinstance(m, nn.Embedding):
             m.sparse = True

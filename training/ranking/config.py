@@ -51,8 +51,7 @@ class RankingConfig:
     weight_decay: float = 0.0
     embedding_l2: float = 1e-6  # on the embedding rows a batch touches
     # Lazy Adam on the id tables (training/optimizers.py): a step's cost follows the batch, not the catalogue;
-    # weight_decay then reaches the dense weights only. null: on, unless the fit all-reduces over NCCL (which
-    # has no sparse all-reduce).
+    # weight_decay then reaches the dense weights only. null: on in one process, off in a distributed fit.
     sparse_embeddings: bool | None = None
     single_task_baselines: bool = True
     single_task_max_epochs: int | None = None  # None = max_epochs

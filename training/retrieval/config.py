@@ -36,8 +36,7 @@ class RetrievalConfig:
     learning_rate: float = 0.003
     weight_decay: float = 0.0
     # Lazy Adam on the id tables (training/optimizers.py): a step's cost follows the batch, not the catalogue;
-    # weight_decay then reaches the dense weights only. null: on, unless the fit all-reduces over NCCL (which
-    # has no sparse all-reduce).
+    # weight_decay then reaches the dense weights only. null: on in one process, off in a distributed fit.
     sparse_embeddings: bool | None = None
     temperature: float = 0.05
     uniform_negatives: int = 1024  # mixed negatives per batch, drawn uniformly from the item vocabulary

@@ -28,10 +28,10 @@ def adam(module: nn.Module, lr: float, weight_decay: float, fused: bool = False
     """Adam over ``module``, or, where :func:`sparse_tables` made its tables sparse, Adam over the dense
     weights and SparseAdam over the tables (no weight decay there: regularise them on the rows a batch
     reads instead)."""
-    tables = [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse]
-    if not tables:
+    # a table read by two modules (item id and history) once
+    lazy = {id(m.weight): m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse}
+    if not lazy:
         return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None)
-    lazy = {id(p): p for p in tables}  # a table read by two modules (item id and history) once
     dense = [p for p in module.parameters() if id(p) not in lazy]
     return [torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay, fused=fused or None),
             torch.optim.SparseAdam(list(lazy.values()), lr=lr)]

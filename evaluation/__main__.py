@@ -2,6 +2,7 @@
 
     python -m evaluation policy --bundle runs/full/heldout-bundle [--period valid|test | --log LATER.csv] --out policy.json
     python -m evaluation channels --bundle runs/full/heldout-bundle [--period valid|test | --log LATER.csv] --out channels.json
+    python -m evaluation choose-channels --config configs/kuairand.yaml   (the served quotas, by the page on valid)
 
 (`python -m training evaluate-policy ...` forwards here, so existing scripts keep working.)
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from evaluation import channels, policy
+from evaluation import channels, choose_channels, policy
 from features.cli_common import run_cli
 
 
@@ -20,8 +21,10 @@ def main() -> int:
     policy.add_arguments(sub.add_parser("policy", help="feed policy vs engagement-only, offline (serving.offline protocol)"))
     channels.add_arguments(sub.add_parser(
         "channels", help="served feed from the merged candidates vs each channel alone (serving.offline_channels)"))
+    choose_channels.add_arguments(sub.add_parser(
+        "choose-channels", help="choose the served channel quotas by the served page on validation, into the bundles"))
     args = ap.parse_args()
-    return (policy.run if args.command == "policy" else channels.run)(args)
+    return {"policy": policy.run, "channels": channels.run, "choose-channels": choose_channels.run}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from features.contract import (BUNDLE_FORMAT_VERSION, CREATORS, FAISS_INDEX, FANS, FEATURES,
                                ITEM_TOWER_ONNX, ITEM_VECTORS, ITEMS, MANIFEST, RANKER_ONNX, RANKING, RANKING_JSON,
@@ -94,3 +96,54 @@ def verify_bundle(bundle_dir: str | Path, require: Iterable[str] = ("features", 
         if actual != digest:
             raise BundleError(f"checksum mismatch for {rel}: manifest {digest[:12]}..., file {actual[:12]}...")
     return manifest
+
+
+def amend_channel_quotas(bundle_dir: str | Path, quotas: dict[str, int], chosen_by: str,
+                         metrics_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Set the bundle's served channel quotas (``retrieval.json`` channels) and re-checksum it.
+
+    The bundle must verify first (a damaged one is refused, not re-signed). ``metrics_update`` edits the
+    manifest's metrics in place (the evidence for the choice). The amended bundle is built beside the old
+    one from hard links plus the two rewritten JSON files and swapped in with one rename, so a reader sees
+    the old bundle or the new one, never a half-written one. Returns the new manifest."""
+    from features.candidates import CHANNELS as CHANNEL_NAMES
+    from features.contract import Manifest, RetrievalSpec
+
+    bundle_dir = Path(bundle_dir)
+    manifest = verify_bundle(bundle_dir)
+    rel = bundle_path(RETRIEVAL, RETRIEVAL_JSON)
+    spec = RetrievalSpec.from_json(json.loads((bundle_dir / rel).read_text()))
+    if spec.channels is None:
+        raise BundleError(f"{bundle_dir / rel} has no channels section: this bundle serves the ANN alone")
+    unknown = sorted(set(quotas) - set(CHANNEL_NAMES))
+    if unknown or not quotas or any(int(q) < 0 for q in quotas.values()) or sum(quotas.values()) <= 0:
+        raise BundleError(f"channel quotas must name known channels ({', '.join(CHANNEL_NAMES)}) with counts >= 0 "
+                          f"and a positive total, got {quotas}")
+    spec.channels.quotas = {c: int(q) for c, q in quotas.items()}
+    spec.channels.order = list(quotas)
+    spec.channels.chosen_by = chosen_by
+    info = Manifest.from_json(manifest)
+    if metrics_update is not None:
+        metrics_update(info.metrics)
+    recipe = {k: v for k, v in info.to_json().items() if k not in ("format_version", "components", "files")}
+
+    tmp, old = bundle_dir.with_name(bundle_dir.name + ".amend"), bundle_dir.with_name(bundle_dir.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(bundle_dir, tmp, copy_function=_link_or_copy)
+    target = tmp / rel
+    target.unlink()  # a hard link: writing through it would change the live bundle's file
+    target.write_text(json.dumps(spec.to_json(), indent=2))
+    (tmp / MANIFEST).unlink()
+    new = write_manifest(tmp, recipe)
+    shutil.rmtree(old, ignore_errors=True)
+    bundle_dir.rename(old)
+    tmp.rename(bundle_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return new
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)

@@ -105,25 +105,40 @@ def mf_top(user_factors: np.ndarray, item_factors: np.ndarray, blocked: np.ndarr
     return top[np.lexsort((top, -score[top]))].astype(np.int64)
 
 
-def merge_channels(lists: dict[str, np.ndarray], quotas: dict[str, int], blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def merge_channels(lists: dict[str, np.ndarray], quotas: dict[str, int], blocked: np.ndarray,
+                   fill_from: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Merge ranked candidate lists: channels in ``quotas`` order, each adding up to its quota of items not
     ``blocked`` (a bool mask over rows: seen, excluded, not servable) and not taken by an earlier channel.
+    With ``fill_from``, what the channels leave of the quotas' total (a co-visitation channel finds little
+    for a user with a short history) is filled from that list, so every user gets the full set.
 
-    Returns (rows, channel index into ``list(quotas)``)."""
+    Returns (rows, channel index into ``channel_order(quotas, fill_from)``)."""
     taken = blocked.copy()
     rows, tags = [], []
-    for ci, (name, quota) in enumerate(quotas.items()):
-        cand = lists.get(name)
-        if cand is None or quota <= 0 or not len(cand):
-            continue
+
+    def add(cand: np.ndarray, n: int, ci: int) -> None:
         cand = cand[~taken[cand]]
-        cand = cand[np.sort(np.unique(cand, return_index=True)[1])][:quota]  # first copy, ranked order
+        cand = cand[np.sort(np.unique(cand, return_index=True)[1])][:n]  # first copy, ranked order
         taken[cand] = True
         rows.append(cand)
         tags.append(np.full(len(cand), ci, np.int8))
+
+    for ci, (name, quota) in enumerate(quotas.items()):
+        cand = lists.get(name)
+        if cand is not None and quota > 0 and len(cand):
+            add(cand, quota, ci)
+    short = sum(max(q, 0) for q in quotas.values()) - sum(len(r) for r in rows)
+    if fill_from is not None and short > 0 and len(lists.get(fill_from, ())):
+        add(lists[fill_from], short, channel_order(quotas, fill_from).index(fill_from))
     if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int8)
     return np.concatenate(rows).astype(np.int64), np.concatenate(tags)
+
+
+def channel_order(quotas: dict[str, int], fill_from: str | None = None) -> list[str]:
+    """The channel names :func:`merge_channels`' tags index: the quotas' order, then ``fill_from`` if new."""
+    names = list(quotas)
+    return names + [fill_from] if fill_from is not None and fill_from not in names else names
 
 
 @dataclass

@@ -235,6 +235,10 @@ class Channels:
     trending_days: float
     seen: str
     rows: str
+    # How the quotas were chosen: training's Recall@K of the merged set on validation, or, after
+    # `python -m evaluation choose-channels`, the served page on validation (the evidence is in the
+    # manifest's metrics, retrieval.channels.page_choice). Bundles from before this field: None.
+    chosen_by: str | None = None
 
 
 @dataclass

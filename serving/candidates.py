@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from features.candidates import ChannelTables, covisit_top, history_weights, merge_channels, mf_top
+from features.candidates import ChannelTables, channel_order, covisit_top, history_weights, merge_channels, mf_top
 
 if TYPE_CHECKING:
     from serving.bundle import Bundle
@@ -94,9 +94,10 @@ def channel_quotas(configured: dict[str, int], bundle_quotas: dict[str, int] | N
 
 def merge_for_user(tables: ChannelTables | None, quotas: dict[str, int], ann: np.ndarray, history: np.ndarray,
                    idx_to_row: np.ndarray, blocked: np.ndarray,
-                   mf: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   mf: tuple[np.ndarray, np.ndarray] | None = None, fill: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(rows, reason index into CHANNEL_REASONS) of the merged candidates for one request; ``mf`` is
-    (the user's MF factors, the items' (N, f)) for the MF channel."""
+    (the user's MF factors, the items' (N, f)) for the MF channel; ``fill``: the ANN fills what the
+    channels leave of the quotas' total (``ann`` must then reach that far)."""
     lists = {"ann": ann}
     if mf is not None and quotas.get("mf", 0) > 0:
         lists["mf"] = mf_top(mf[0], mf[1], blocked, sum(quotas.values()))  # past what earlier channels take
@@ -109,7 +110,7 @@ def merge_for_user(tables: ChannelTables | None, quotas: dict[str, int], ann: np
             lists["covisit"] = covisit_top(tables.covisit, rows[keep], w[keep], quotas["covisit"] + 50)
         n = max(quotas.get("trending", 0), quotas.get("fresh", 0)) + 1000
         lists["trending"], lists["fresh"] = tables.trending[:n], tables.fresh[:n]
-    rows, tags = merge_channels(lists, quotas, blocked)
-    names = list(quotas)
+    rows, tags = merge_channels(lists, quotas, blocked, "ann" if fill else None)
+    names = channel_order(quotas, "ann" if fill else None)
     reason = np.array([CHANNEL_REASONS.index(f"channel:{names[t]}") for t in range(len(names))], np.int8)
     return rows, reason[tags] if len(tags) else tags

@@ -47,6 +47,9 @@ class ServingConfig:
     # Candidate channels (ann, covisit, trending, fresh, mf) -> items each adds, merged in this order; empty =
     # the quotas the bundle chose on validation (retrieval.json), or the ANN alone for `candidates`.
     channel_quotas: dict[str, int] = field(default_factory=dict)
+    # What the channels leave of the quotas' total (co-visitation finds little for a short history, nothing
+    # for a new user) is filled from the ANN, so no user gets a short or empty candidate set.
+    fill_from_ann: bool = True
     # The MF channel scans the catalogue per request (~0.2 ms at 7.6k items, ~100 ms at 1M on a loaded
     # 2-core machine); above this many items it is off and its quota goes to the ANN.
     mf_channel_max_items: int = 200_000

@@ -4,7 +4,8 @@ than a page built from any one channel's, once the ranker and the feed policy ha
 Recall@500 of the candidate set (training's channel table) says what the ranker *could* pick; this says
 what the user *gets*. Each arm is a :class:`Recommender` whose only difference is
 ``serving.channel_quotas``: ``served`` (the configured mix, else the bundle's, chosen on validation) and one
-arm per channel the bundle can serve, that channel alone filling all ``serving.candidates``. Every arm
+arm per channel the bundle can serve, that channel alone filling all ``serving.candidates`` (what it leaves
+topped up from the ANN when ``serving.fill_from_ann``, as the service would serve that quota). Every arm
 serves every evaluated user (those with a positive of some gain signal in the period) once, in the order
 of their first period impression, through
 :meth:`Recommender.recommend` (seen-item exclusion, exposure candidates, ranking, policy: the request path
@@ -73,16 +74,67 @@ def _truth(b: Bundle, log: pd.DataFrame, signals: list[str]) -> tuple[pd.DataFra
     return df, report
 
 
+class _ScoreMemo:
+    """One user's ranker predictions, shared by every arm. The ranker scores each (user, item, context) row
+    on its own, whichever channel brought the item, so an item several arms retrieve is scored once."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.pos: dict[int, int] = {}
+        self.preds: list[np.ndarray] = []
+        self.watch: list[np.ndarray] | None = []
+
+    def get(self, rec: Recommender, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
+            context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        key = (user_id, tuple(sorted((context or {}).items())))
+        if key != self.key:
+            self.key, self.pos, self.preds, self.watch = key, {}, [], []
+        new = np.array([r for r in dict.fromkeys(rows.tolist()) if r not in self.pos], np.int64)
+        if len(new):
+            preds, watch = Recommender.score(rec, b, user_id, row, hist, new, context)
+            start = sum(len(p) for p in self.preds)
+            self.pos.update(zip(new.tolist(), range(start, start + len(new))))
+            self.preds.append(preds)
+            self.watch = None if watch is None or self.watch is None else self.watch + [watch]
+        at = np.fromiter((self.pos[r] for r in rows.tolist()), np.int64, len(rows))
+        preds = np.concatenate(self.preds)[at] if self.preds else np.zeros((0, len(b.heads)), np.float32)
+        watch = np.concatenate(self.watch)[at] if self.watch else None
+        return preds, watch
+
+
+class _ArmRecommender(Recommender):
+    """One arm's :class:`Recommender`: its own quotas and exposure tracker, the ranker predictions shared."""
+
+    def __init__(self, bundle: Bundle, settings: ServeSettings, memo: _ScoreMemo):
+        super().__init__(bundle, settings)
+        self.memo = memo
+
+    def score(self, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
+              context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.memo.get(self, b, user_id, row, hist, rows, context)
+
+
 def feed_by_channel(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int = 20,
                     scenario: str | None = None, max_users: int | None = None, seed: int = 0,
                     progress: bool = False, mixes: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
     """Every arm's page for each known user of ``log`` (see the module docstring); ``view`` is the bundle as
     of ``log``'s start."""
+    return feed_scores(view, settings, log, k, scenario, max_users, seed, progress, mixes)[0]
+
+
+def feed_scores(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int = 20,
+                scenario: str | None = None, max_users: int | None = None, seed: int = 0,
+                progress: bool = False, mixes: dict[str, dict[str, int]] | None = None
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """:func:`feed_by_channel`'s result and, per arm, each evaluated user's NDCG@k of the primary gain (NaN
+    where the user has no positive of it), in the same user order for every arm (for paired comparisons)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     arms = channel_arms(view, settings, mixes)
-    recs = {a: Recommender(view, ServeSettings(dataclasses.replace(settings.serving, channel_quotas=q), settings.policy))
+    memo = _ScoreMemo()
+    recs = {a: _ArmRecommender(view, ServeSettings(dataclasses.replace(settings.serving, channel_quotas=q),
+                                                   settings.policy), memo)
             for a, q in arms.items()}
     signals = list(gain_names(recs[SERVED])[:-1])
     missing = [s for s in signals if s not in log]
@@ -145,4 +197,4 @@ def feed_by_channel(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k:
         out["served_vs_best_single"] = {"channel": best, "metric": f"ndcg@{k}_{primary}", **diff,
                                         "at_least_as_good": bool(diff["difference"] >= 0)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    return out
+    return out, {a: scores[a]["ndcg"][:, 0] for a in arms}

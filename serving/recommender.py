@@ -350,14 +350,16 @@ class Recommender:
         available = available_channels(b, s)
         has_mf = "mf" in available
         quotas = channel_quotas(s.channel_quotas, b.channel_quotas, s.candidates, available)
-        n = quotas.get("ann", 0) + n_mine
+        # The ANN's share, or with the fill everything the other channels may leave.
+        want = sum(quotas.values()) if s.fill_from_ann else quotas.get("ann", 0)
+        n = want + n_mine
         while True:
             ann, cold, vec = self.search(st, row, hist, max(n, 1))
             mf = (vec[0, b.mf_dims[0]:b.mf_dims[1]], b.mf_items) if vec is not None and has_mf else None
-            rows, tags = merge_for_user(b.channels, quotas, ann, hist, b.idx_to_row, blocked, mf)
-            got = int((tags == 0).sum())
-            # Non-servable items in the ANN's top cut its share: search wider once more.
-            if got >= quotas.get("ann", 0) or len(ann) < n or n >= b.n_items:
+            rows, tags = merge_for_user(b.channels, quotas, ann, hist, b.idx_to_row, blocked, mf, s.fill_from_ann)
+            got = len(rows) if s.fill_from_ann else int((tags == 0).sum())
+            # Non-servable items in the ANN's top cut what it adds: search wider once more.
+            if got >= want or len(ann) < n or n >= b.n_items:
                 return rows, tags, cold, vec
             n = min(2 * n + 10, b.n_items)
 

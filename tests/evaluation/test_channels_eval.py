@@ -99,8 +99,8 @@ def test_every_arm_serves_through_the_request_path_and_is_scored_like_a_plain_lo
     for name, m in out["arms"].items():
         for g in ("long_view", "click"):
             assert 0.0 <= m[f"ndcg@{K}_{g}"] <= 1.0 and 0.0 <= m[f"recall@{K}_{g}"] <= 1.0
-        if name not in (SERVED, "ann"):  # a channel alone: its own items, plus the policy's exposure candidates
-            assert set(m["channel_share"]) <= {f"channel:{name}", "channel:exposure"}
+        if name not in (SERVED, "ann"):  # a channel alone: its own items, the ANN's fill, exposure candidates
+            assert set(m["channel_share"]) <= {f"channel:{name}", "channel:ann", "channel:exposure"}
     # The trending arm by hand: the same recommend call, NDCG against the user's whole period.
     rec = Recommender(view, ServeSettings(ServingConfig(candidates=60, evaluation_gains=["long_view", "click"],
                                                         channel_quotas={"trending": 60}), settings.policy))

@@ -7,7 +7,7 @@ from collections import defaultdict
 import numpy as np
 import scipy.sparse as sp
 
-from features.candidates import (ChannelTables, covisit_matrix, covisit_top, history_weights, merge_channels, mf_top,
+from features.candidates import (ChannelTables, channel_order, covisit_matrix, covisit_top, history_weights, merge_channels, mf_top,
                                  row_normalise, top_per_row)
 
 
@@ -60,6 +60,21 @@ def test_merge_respects_quotas_order_blocks_and_dedup():
     assert rows.tolist() == [5, 1, 2, 4, 7, 8, 0]
     assert tags.tolist() == [0, 0, 0, 1, 1, 2, 2]
     assert not blocked[[5, 1, 2, 4, 7, 8, 0]].any()  # the caller's mask is not modified
+
+
+def test_merge_fills_what_the_channels_leave_from_the_fill_list():
+    lists = {"ann": np.array([5, 1, 2, 3, 9, 4]), "covisit": np.array([2, 4])}
+    blocked = np.zeros(10, bool)
+    blocked[3] = True
+    # Co-visitation finds 2 of its 4; the ANN (quota 1) fills the 3 missing, skipping taken and blocked rows.
+    rows, tags = merge_channels(lists, {"covisit": 4, "ann": 1}, blocked, fill_from="ann")
+    assert rows.tolist() == [2, 4, 5, 1, 9]
+    assert [channel_order({"covisit": 4, "ann": 1}, "ann")[t] for t in tags] == ["covisit"] * 2 + ["ann"] * 3
+    # A fill channel without a quota gets its own tag after the quotas' channels.
+    rows, tags = merge_channels(lists, {"covisit": 3}, blocked, fill_from="ann")
+    assert rows.tolist() == [2, 4, 5] and channel_order({"covisit": 3}, "ann")[tags[-1]] == "ann"
+    # Without the fill the set stays short.
+    assert merge_channels(lists, {"covisit": 3}, blocked)[0].tolist() == [2, 4]
 
 
 def test_channel_tables_round_trip(tmp_path):

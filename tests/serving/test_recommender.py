@@ -15,6 +15,7 @@ import pytest
 
 from features.bundle import BundleError
 from serving.bundle import load_bundle
+from serving.candidates import CHANNEL_REASONS
 from serving.config import ServeSettings, settings_from_raw
 from serving.recommender import Recommender
 from serving.results import RequestError
@@ -363,3 +364,21 @@ def test_the_mf_channel_serves_unseen_items_ranked_by_the_mf_factors(serving_bun
                                                         "channel_quotas": {"ann": 30, "mf": 30}}}))
     r = off.recommend(user, 60)
     assert r.items and not any("channel:mf" in i.reasons for i in r.items)
+
+
+def test_the_ann_fills_what_a_short_channel_leaves(serving_bundle: Path):
+    b = load_bundle(serving_bundle)
+    n = 300
+    quotas = {"serving": {"candidates": n, "channel_quotas": {"covisit": n}}}
+    on = Recommender(b, settings_from_raw(quotas))
+    off = Recommender(b, settings_from_raw({"serving": {**quotas["serving"], "fill_from_ann": False}}))
+    user = min(b.user_row, key=lambda u: len(b.channels.seen_rows(b.user_row[u])))  # the shortest history
+    row = b.user_row[user]
+    blocked, n_mine = on._blocked(on.state, user, row, (), ())
+    short, _, _, _ = off._merged(off.state, row, b.history[row], blocked, n_mine)
+    rows, tags, _, _ = on._merged(on.state, row, b.history[row], blocked, n_mine)
+    assert len(short) < n, f"the fixture's co-visitation table should not fill {n} for this user"
+    assert len(rows) == n and rows[:len(short)].tolist() == short.tolist() and not blocked[rows].any()
+    assert {CHANNEL_REASONS[t] for t in tags[len(short):]} == {"channel:ann"}
+    # A user the bundle never saw has no history for co-visitation: the ANN (cold-start vector) fills it all.
+    assert on.recommend("no-such-user", 10).candidates >= n and off.recommend("no-such-user", 10).candidates < n

@@ -73,7 +73,7 @@ def merged_recall(es: EvalSet, score_chunk, histories: np.ndarray, idx_to_row: n
                 got, _ = merge_channels(lists, {name: total}, blocked)
                 single[name][u] = np.isin(targets, got).sum() / len(targets)
             for g, quotas in enumerate(grid):
-                got, _ = merge_channels(lists, quotas, blocked)
+                got, _ = merge_channels(lists, quotas, blocked, "ann")  # as served (serving.fill_from_ann)
                 mixes[g, u] = np.isin(targets, got).sum() / len(targets)
     mean = (lambda v: float(v.mean())) if es.n_users else (lambda v: 0.0)
     out = {"k": total, "single": {k: mean(v) for k, v in single.items()},

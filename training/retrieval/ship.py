@@ -122,7 +122,8 @@ def retrieval_meta(rc: RetrievalConfig, shipped: Shipped, beta: float, quotas: d
                          "every row of the bundle's data", MF_USER_FACTORS if shipped.mf_dim else None),
         channels=Channels(CHANNELS, quotas, list(quotas), Covisit(window, rc.covisit_top, rc.positive_signal),
                           rc.recent_days, "every item shown to each users.parquet user",
-                          "items.parquet rows; seen rows = users.parquet rows"),
+                          "items.parquet rows; seen rows = users.parquet rows",
+                          chosen_by=f"recall@{rc.channel_total} of the merged candidates on valid"),
         other={
             "similarity": "inner product: L2-normalised tower outputs, then the MF factors (if any), then the "
                           "popularity prior's dimension",

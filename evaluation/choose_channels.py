@@ -1,0 +1,195 @@
+"""``python -m evaluation choose-channels``: choose the served candidate quotas by the page the user gets.
+
+    python -m evaluation choose-channels --config configs/kuairand.yaml [--set key=value ...]
+        [--max-users N] [--top N] [--k 20] [--dry-run] [--no-mlflow]
+
+Training chooses the quota mix by Recall@K of the merged set on validation (``retrieval.valid.channel_sweep``):
+what the ranker *could* pick. What the user gets is the page the ranker and the feed policy build from it, and
+the two disagree (on the shipped sample the best-recall mix served a page below co-visitation alone). This
+step serves a shortlist of mixes on the validation period through the service's own request path
+(:func:`serving.offline_channels.feed_scores`, the held-out bundle as of the period's start) and keeps the
+one with the best NDCG@k of the primary gain. The shortlist: the mix training chose, each channel alone, the
+``--top`` best mixes by validation recall, and for each channel the best-recall mix that gives it its largest
+share. Every arm is served with ``serving.fill_from_ann`` as configured, so a channel that finds little for
+a user is topped up from the ANN.
+
+The choice is written into the bundles of ``output_dir`` (``retrieval.json`` channels, re-checksummed by
+:func:`features.bundle.amend_channel_quotas`; the held-out bundle and the served one), recorded in
+``metrics.json`` and the manifests as ``retrieval.channels.page_choice``, and the served bundle is registered
+as a new model version (its alias moves under the same gates as the fit's). ``serving.channel_quotas`` in the
+config fixes the quotas by hand: then there is nothing to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features.cli_common import add_config_args
+from features.config import ConfigError, load_config
+from features.contract import BUNDLE_DIR, HELDOUT_BUNDLE_DIR
+from features.metrics import paired_difference
+
+INCUMBENT = "served"  # serving.offline_channels' arm for the bundle's own quotas (training's recall choice)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    add_config_args(ap)
+    ap.add_argument("--k", type=int, default=20, help="page length the NDCG is taken at")
+    ap.add_argument("--max-users", type=int, default=2000,
+                    help="the first N validation users with a positive (time order); 0 = all")
+    ap.add_argument("--top", type=int, default=3, help="best mixes by validation Recall@K added to the shortlist")
+    ap.add_argument("--scenario", default=None)
+    ap.add_argument("--dry-run", action="store_true", help="print the choice, change no bundle")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-mlflow", action="store_true", help="no MLflow run and no new registered version")
+
+
+def mix_name(quotas: dict[str, int]) -> str:
+    return "+".join(f"{c}{q}" for c, q in quotas.items() if q > 0)
+
+
+def shortlist(sweep: dict[str, Any] | None, top: int) -> dict[str, dict[str, int]]:
+    """Named quota mixes from training's validation channel sweep (``retrieval.valid.channel_sweep``): the
+    ``top`` best by Recall@K, then for each channel the best mix that gives it its largest quota."""
+    if not sweep or not sweep.get("merged"):
+        return {}
+    key = f"recall@{sweep['k']}"
+    merged = sorted(sweep["merged"], key=lambda r: -r[key])
+    picked = [r["quotas"] for r in merged[:top]]
+    channels = sorted({c for r in merged for c in r["quotas"] if c != "ann"})
+    for c in channels:
+        most = max(r["quotas"].get(c, 0) for r in merged)
+        if most > 0:
+            picked.append(next(r["quotas"] for r in merged if r["quotas"].get(c, 0) == most))
+    out: dict[str, dict[str, int]] = {}
+    for q in picked:
+        out.setdefault(mix_name(q), {c: int(v) for c, v in q.items() if v > 0})
+    return out
+
+
+def choose(result: dict[str, Any], per_user: dict[str, np.ndarray], seed: int = 0) -> dict[str, Any]:
+    """The arm with the best mean NDCG@k of the primary gain (ties keep the incumbent, then the earlier
+    arm), with its paired user-bootstrap difference to the incumbent."""
+    k, primary = result["k"], result["gains"][0]
+    metric = f"ndcg@{k}_{primary}"
+    values = {a: m[metric] if m[metric] is not None else -1.0 for a, m in result["arms"].items()}
+    best = max(values, key=lambda a: (values[a], a == INCUMBENT))
+    defined = np.isfinite(per_user[INCUMBENT])
+    diff = (paired_difference(per_user[best][defined], per_user[INCUMBENT][defined], seed)
+            if defined.any() else None)
+    return {"metric": metric, "period": "valid", "users": int(defined.sum()), "chosen": best,
+            "quotas": result["arms"][best]["quotas"], "incumbent": result["arms"][INCUMBENT]["quotas"],
+            "chosen_minus_incumbent": diff,
+            "arms": {a: {"quotas": m["quotas"], metric: m[metric]} for a, m in result["arms"].items()}}
+
+
+def table(choice: dict[str, Any]) -> str:
+    metric = choice["metric"]
+    lines = [f"| arm | quotas | {metric} (valid) |", "|---|---|---|"]
+    for a, m in sorted(choice["arms"].items(), key=lambda x: -(x[1][metric] or 0.0)):
+        quotas = ", ".join(f"{c} {q}" for c, q in m["quotas"].items() if q)
+        mark = "**" if a == choice["chosen"] else ""
+        value = "" if m[metric] is None else f"{m[metric]:.4f}"
+        lines.append(f"| {mark}{a}{mark} | {quotas} | {mark}{value}{mark} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from evaluation.as_of import as_of
+    from serving.bundle import load_bundle
+    from serving.config import load_settings
+    from serving.offline_cases import own_period
+    from serving.offline_channels import feed_scores
+    from training.config import TrainConfig
+
+    check_args(args)
+    cfg = load_config(args.config, args.overrides, TrainConfig)
+    out = Path(cfg.output_dir)
+    served_dir = out / BUNDLE_DIR
+    held_dir = out / HELDOUT_BUNDLE_DIR if (out / HELDOUT_BUNDLE_DIR).is_dir() else served_dir
+    if not held_dir.is_dir():
+        raise FileNotFoundError(f"no bundle in {out}: run `python -m training fit` with this config first")
+    bundle = load_bundle(held_dir, onnx_threads=2)
+    settings = load_settings(None, bundle.manifest.config)
+    if settings.serving.channel_quotas:
+        print(f"serving.channel_quotas is set in the config ({settings.serving.channel_quotas}): nothing to choose")
+        return 0
+    if bundle.channels is None:
+        print(f"{held_dir} has no channel tables: it serves the ANN alone, nothing to choose")
+        return 0
+    sweep = bundle.manifest.metrics.get("retrieval", {}).get("valid", {}).get("channel_sweep")
+    incumbent = {c: q for c, q in (bundle.channel_quotas or {}).items() if q > 0}
+    # One channel alone and the bundle's own mix are arms already (serving.offline_channels.channel_arms).
+    mixes = {n: q for n, q in shortlist(sweep, args.top).items() if len(q) > 1 and q != incumbent}
+    log, view, _ = own_period(bundle, "valid", as_of)
+    result, per_user = feed_scores(view, settings, log, args.k, args.scenario, args.max_users or None,
+                                   cfg.seed, progress=not args.no_progress, mixes=mixes)
+    choice = choose(result, per_user, cfg.seed)
+    choice["seconds"] = result["seconds"]
+    print(table(choice))
+    d = choice["chosen_minus_incumbent"]
+    if d:
+        print(f"chosen ({choice['chosen']}) minus training's recall choice: {d['difference']:+.4f} "
+              f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] {choice['metric']} on {choice['users']} validation users")
+    if args.dry_run:
+        return 0
+    _apply(cfg, choice, [held_dir] + ([served_dir] if served_dir != held_dir and served_dir.is_dir() else []))
+    metrics_path = out / "metrics.json"
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        _record(metrics, choice)
+        metrics_path.write_text(json.dumps(metrics, indent=2))
+    print(f"channel quotas {mix_name(choice['quotas'])} written into {', '.join(map(str, {held_dir, served_dir}))}")
+    if not args.no_mlflow and served_dir.is_dir():
+        _log_and_register(cfg, served_dir, choice)
+    return 0
+
+
+def _record(metrics: dict[str, Any], choice: dict[str, Any]) -> None:
+    metrics.setdefault("retrieval", {}).setdefault("channels", {})["page_choice"] = choice
+
+
+def _apply(cfg: Any, choice: dict[str, Any], bundles: list[Path]) -> None:
+    from features.bundle import amend_channel_quotas
+
+    by = f"{choice['metric']} of the served page on valid ({choice['users']} users), evaluation choose-channels"
+    for b in bundles:
+        amend_channel_quotas(b, choice["quotas"], by, lambda m: _record(m, choice))
+
+
+def _log_and_register(cfg: Any, bundle: Path, choice: dict[str, Any]) -> None:
+    import mlflow
+
+    from features.bundle import verify_bundle
+    from features.config import to_dict
+    from training.bundle import log_and_register
+    from training.tracking import mlflow_run, setup_mlflow
+
+    metrics = verify_bundle(bundle)["metrics"]
+    setup_mlflow(cfg.tracking.experiment)
+    with mlflow_run("choose-channels", to_dict(cfg), tags={"kind": "channel-choice"}):
+        arms = choice["arms"]
+        # MLflow metric names allow no '+' or '@'.
+        mlflow.log_metrics({f"{a.replace('+', '-')}.{choice['metric'].replace('@', '_at_')}": float(m[choice["metric"]])
+                            for a, m in arms.items() if m[choice["metric"]] is not None})
+        mlflow.log_dict(choice, "channel_choice.json")
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "channel_choice.md"
+            p.write_text(table(choice) + "\n")
+            mlflow.log_artifact(str(p))
+        reg = log_and_register(cfg, bundle, metrics)
+    if reg.version is not None:
+        alias = (f"alias '{cfg.tracking.alias}' -> version {reg.version}" if reg.alias_moved
+                 else "alias not moved (failed gates)")
+        print(f"registered '{cfg.tracking.registered_model}' version {reg.version} with the chosen quotas; {alias}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.k <= 0 or args.top < 0 or (args.max_users is not None and args.max_users < 0):
+        raise ConfigError("--k must be > 0, --top and --max-users >= 0")

@@ -25,6 +25,7 @@ or the seen sets would hide the period's own items and the MF factors would know
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any
 
@@ -157,7 +158,10 @@ def feed_scores(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int
     G = len(signals)
     scores = {a: {"ndcg": np.full((len(users), G), np.nan), "recall": np.full((len(users), G), np.nan)} for a in arms}
     reasons: dict[str, dict[str, int]] = {a: {} for a in arms}
-    for j, user in enumerate(tqdm(users, desc=f"channels: {len(arms)} arms", unit="user", disable=not progress)):
+    # Redirected to a log file, a bar redrawn 10 times a second is megabytes of noise: redraw every 15 s there.
+    bar = tqdm(users, desc=f"channels: {len(arms)} arms", unit="user", disable=not progress,
+               mininterval=0.1 if sys.stderr.isatty() else 15.0)
+    for j, user in enumerate(bar):
         g = by_user[user].groupby("row", sort=False)[signals].max()
         gains = {int(r): v for r, v in zip(g.index, g.to_numpy(np.float32))}
         ideal = g.to_numpy(np.float32)  # (m, G)

@@ -58,7 +58,8 @@ class RetrievalConfig:
     accelerator: str | None = None
     seed: int | None = None  # None = the root `seed`
     # Multi-channel candidates: quota mixes of `channel_total` tried on validation (ann gets the rest),
-    # judged by Recall@channel_total of the merged set; the best mix is what serving uses by default.
+    # judged by Recall@channel_total of the merged set; the best mix goes into the bundle, and
+    # `python -m evaluation choose-channels` (make main) replaces it by the mix whose served page is best.
     channel_total: int = 500
     channel_covisit: list[int] = field(default_factory=lambda: [0, 50, 150])
     channel_trending: list[int] = field(default_factory=lambda: [0, 50])

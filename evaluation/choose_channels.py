@@ -135,17 +135,19 @@ def run(args: argparse.Namespace) -> int:
     print(table(choice))
     d = choice["chosen_minus_incumbent"]
     if d:
-        print(f"chosen ({choice['chosen']}) minus training's recall choice: {d['difference']:+.4f} "
+        print(f"chosen ({choice['chosen']}) minus the bundle's mix before this choice (after a fit: training's "
+              f"recall choice): {d['difference']:+.4f} "
               f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] {choice['metric']} on {choice['users']} validation users")
     if args.dry_run:
         return 0
-    _apply(cfg, choice, [held_dir] + ([served_dir] if served_dir != held_dir and served_dir.is_dir() else []))
+    bundles = [held_dir] + ([served_dir] if served_dir != held_dir and served_dir.is_dir() else [])
+    _apply(choice, bundles)
     metrics_path = out / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         _record(metrics, choice)
         metrics_path.write_text(json.dumps(metrics, indent=2))
-    print(f"channel quotas {mix_name(choice['quotas'])} written into {', '.join(map(str, {held_dir, served_dir}))}")
+    print(f"channel quotas {mix_name(choice['quotas'])} written into {', '.join(map(str, bundles))}")
     if not args.no_mlflow and served_dir.is_dir():
         _log_and_register(cfg, served_dir, choice)
     return 0
@@ -155,10 +157,12 @@ def _record(metrics: dict[str, Any], choice: dict[str, Any]) -> None:
     metrics.setdefault("retrieval", {}).setdefault("channels", {})["page_choice"] = choice
 
 
-def _apply(cfg: Any, choice: dict[str, Any], bundles: list[Path]) -> None:
-    from features.bundle import amend_channel_quotas
+def _apply(choice: dict[str, Any], bundles: list[Path]) -> None:
+    from features.bundle import amend_channel_quotas, verify_bundle
 
     by = f"{choice['metric']} of the served page on valid ({choice['users']} users), evaluation choose-channels"
+    for b in bundles:  # all sound before any is changed: no half-applied choice
+        verify_bundle(b)
     for b in bundles:
         amend_channel_quotas(b, choice["quotas"], by, lambda m: _record(m, choice))
 

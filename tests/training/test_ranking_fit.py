@@ -121,21 +121,24 @@ def test_resume_continues_from_last_checkpoint(synthetic_config: Path, synthetic
     assert fresh["training"]["global_step"] == steps
 
 
-def test_evaluate_later_log(fitted, synthetic_tables: FeatureTables, tmp_path: Path):
-    bundle, report, cfg = fitted
+def _later_rows(cfg: TrainConfig, synthetic_tables: FeatureTables, bundle: Path, tmp_path: Path):
+    """The raw rows of the test period, written as a separate "later" log file and read back as one."""
     shutil.copytree(synthetic_tables.dir, bundle / "features", dirs_exist_ok=True)
     tables = FeatureTables.load(bundle / "features")
-    # The raw rows of the test period, written as a separate "later" log file.
-    raw_path = Path(cfg.data.dir) / cfg.data.interactions.file
-    raw = pd.read_csv(raw_path)
+    raw = pd.read_csv(Path(cfg.data.dir) / cfg.data.interactions.file)
     ts_col = cfg.data.interactions.columns["ts"]
-    test_start = tables.manifest["time_ranges"]["test"][0]
     later = tmp_path / "later.csv"
-    raw[raw[ts_col] >= test_start].to_csv(later, index=False)
-    rows, _ = read_later_log(cfg, later, tables)
+    raw[raw[ts_col] >= tables.manifest["time_ranges"]["test"][0]].to_csv(later, index=False)
+    return read_later_log(cfg, later, tables)[0], tables
+
+
+def test_evaluate_later_log(fitted, synthetic_tables: FeatureTables, tmp_path: Path):
+    bundle, report, cfg = fitted
+    rows, tables = _later_rows(cfg, synthetic_tables, bundle, tmp_path)
     got = evaluate_ranking(bundle, rows, tables, cfg)
     assert got["model"].keys() == report["model"].keys()
-    assert set(got["baselines"]) == {"item_rate", "single_task"}
+    trees = set(json.loads((bundle / "ranking" / "ranking.json").read_text()).get("hybrid", {}).get("gbdt_files", {}))
+    assert set(got["baselines"]) == {"item_rate", "single_task"} | ({"gbdt"} if trees else set())
     assert got["summary"]["impressions"] == len(rows)
     # Snapshot features differ from the time-correct ones, so numbers move, but the model still ranks.
     assert got["summary"]["model_mean_auc"] > 0.65
@@ -199,3 +202,16 @@ def test_hybrid_ranker_ships_its_trees_in_the_graph(synthetic_config: Path, synt
     assert check_parity(scorer, tmp_path / meta["onnx"], make).ok(1e-4)
     scorer.graph.gbdt_weight.fill_(0.0)
     assert not check_parity(scorer, tmp_path / meta["onnx"], make).ok(1e-4)
+    # A later log is judged against the bundle's own trees too: the plain GBDT of each head that has them.
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "ranking").symlink_to(tmp_path)
+    rows, tables = _later_rows(cfg, synthetic_tables, bundle, bundle)
+    got = evaluate_ranking(bundle, rows, tables, cfg)
+    assert set(got["baselines"]["gbdt"]) == used
+    for h in used:
+        g, m = got["baselines"]["gbdt"][h], got["model"][h]
+        assert m["vs_gbdt"]["auc_diff"] == pytest.approx(m["auc"] - g["auc"], abs=1e-9)
+    for h in ("click", "long_view"):  # the trees rank on their own, and are not the blend
+        assert got["baselines"]["gbdt"][h]["auc"] > 0.6
+        assert got["baselines"]["gbdt"][h]["auc"] != got["model"][h]["auc"]

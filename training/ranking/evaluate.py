@@ -205,5 +205,23 @@ def evaluate_ranking(bundle_dir: Path, rows: pd.DataFrame, tables: FeatureTables
     inputs = layout.arrays(prepared)
     model, single = score_bundle(ranking_dir, meta, inputs)
     wtq = WatchTimeQuantiles.from_json(meta["watch_time"]) if meta.get("watch_time") else None
+    gbdt = bundle_gbdt(ranking_dir, meta, inputs)
     return build_report(prepared, heads, wtq, meta["scenarios"], model, single or None,
-                        cfg.ranking.ece_bins, cfg.ranking.fusion_k, cfg.seed)
+                        cfg.ranking.ece_bins, cfg.ranking.fusion_k, cfg.seed,
+                        baselines={"gbdt": gbdt} if gbdt else None)
+
+
+def bundle_gbdt(ranking_dir: Path, meta: dict[str, Any], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """head -> (N,) probabilities of the bundle's own LightGBM models on ``inputs``: the trees of the hybrid
+    ranker, each the GBDT baseline of its head (same features, same days, early-stopped on validation; in a
+    refit bundle retrained on every day with those tree counts). So a later log is judged against the plain
+    GBDT too (``ranking.baselines.gbdt``, ``vs_gbdt``). Empty for a bundle without trees."""
+    from training.ranking.gbdt import gbdt_margins, load_boosters
+
+    hybrid = meta.get("hybrid") or {}
+    files = hybrid.get("gbdt_files") or {}
+    if not files:
+        return {}
+    trees = load_boosters(ranking_dir, files, hybrid["gbdt_rounds"])
+    margins = gbdt_margins(trees, list(files), inputs).astype(np.float64)
+    return {h: (1.0 / (1.0 + np.exp(-margins[:, t]))).astype(np.float32) for t, h in enumerate(files)}

@@ -78,7 +78,9 @@ def bar_plot(result: dict[str, Any], path: Path) -> Path:
         ax.bar(np.arange(len(arms)) + (j - (len(gains) - 1) / 2) * width, vals, width, label=f"NDCG@{k} {g}",
                color=[("tab:blue", "tab:orange", "tab:green")[j % 3]] * len(arms),
                edgecolor=["black" if a == SERVED else "none" for a in arms])
-    ax.set_xticks(np.arange(len(arms)), [a.replace("_", " ") for a in arms])
+    long = len(arms) > 6 or max(len(a) for a in arms) > 12  # mix names like ann350+covisit150+mf100
+    ax.set_xticks(np.arange(len(arms)), [a.replace("_", " ") for a in arms], rotation=30 if long else 0,
+                  ha="right" if long else "center", fontsize=7 if long else None)
     ax.set_ylabel(f"NDCG@{k} of the served page")
     period = result["data"].get("period") or "later log"
     ax.set_title(f"Served feed by candidate source, {period}: {result['users']} users", fontsize=9)

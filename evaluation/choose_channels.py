@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.channels import bar_plot
 from features.cli_common import add_config_args
 from features.config import ConfigError, load_config
 from features.contract import BUNDLE_DIR, HELDOUT_BUNDLE_DIR
@@ -132,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
                                    cfg.seed, progress=not args.no_progress, mixes=mixes)
     choice = choose(result, per_user, cfg.seed)
     choice["seconds"] = result["seconds"]
+    result["data"]["period"] = "valid"
+    plot = bar_plot(result, out / "channel_choice.png")
     print(table(choice))
+    print(f"plot: {plot}")
     d = choice["chosen_minus_incumbent"]
     if d:
         print(f"chosen ({choice['chosen']}) minus the bundle's mix before this choice (after a fit: training's "
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_path.write_text(json.dumps(metrics, indent=2))
     print(f"channel quotas {mix_name(choice['quotas'])} written into {', '.join(map(str, bundles))}")
     if not args.no_mlflow and served_dir.is_dir():
-        _log_and_register(cfg, served_dir, choice)
+        _log_and_register(cfg, served_dir, choice, plot)
     return 0
 
 
@@ -167,7 +171,7 @@ def _apply(choice: dict[str, Any], bundles: list[Path]) -> None:
         amend_channel_quotas(b, choice["quotas"], by, lambda m: _record(m, choice))
 
 
-def _log_and_register(cfg: Any, bundle: Path, choice: dict[str, Any]) -> None:
+def _log_and_register(cfg: Any, bundle: Path, choice: dict[str, Any], plot: Path) -> None:
     import mlflow
 
     from features.bundle import verify_bundle
@@ -183,6 +187,7 @@ def _log_and_register(cfg: Any, bundle: Path, choice: dict[str, Any]) -> None:
         mlflow.log_metrics({f"{a.replace('+', '-')}.{choice['metric'].replace('@', '_at_')}": float(m[choice["metric"]])
                             for a, m in arms.items() if m[choice["metric"]] is not None})
         mlflow.log_dict(choice, "channel_choice.json")
+        mlflow.log_artifact(str(plot))
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / "channel_choice.md"
             p.write_text(table(choice) + "\n")

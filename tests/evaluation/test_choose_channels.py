@@ -111,11 +111,14 @@ def test_choose_channels_cli_writes_the_choice_into_the_bundle_and_registers_it(
     assert load_bundle(out / "bundle").channel_quotas == choice["quotas"]
     assert verify_bundle(out / "bundle")["metrics"]["retrieval"]["channels"]["page_choice"] == choice
     assert f"{choice['arms'][choice['chosen']][metric]:.4f}" in r.stdout
+    assert (out / "channel_choice.png").stat().st_size > 1000
     import mlflow
 
     mlflow.set_tracking_uri(store)
     runs = mlflow.search_runs(experiment_names=["feedstack"], filter_string="tags.kind = 'channel-choice'")
     assert len(runs) == 1
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"])}
+    assert {"channel_choice.json", "channel_choice.png", "channel_choice.md"} <= artifacts
     versions = mlflow.MlflowClient().search_model_versions("name = 'feedstack'")
     assert len(versions) == 1 and versions[0].run_id == runs.iloc[0]["run_id"]
 

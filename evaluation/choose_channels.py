@@ -33,7 +33,7 @@ import numpy as np
 from evaluation.channels import bar_plot
 from features.cli_common import add_config_args
 from features.config import ConfigError, load_config
-from features.contract import BUNDLE_DIR, HELDOUT_BUNDLE_DIR
+from features.contract import BUNDLE_DIR, HELDOUT_BUNDLE_DIR, MANIFEST
 from features.metrics import paired_difference
 
 INCUMBENT = "served"  # serving.offline_channels' arm for the bundle's own quotas (training's recall choice)
@@ -165,21 +165,19 @@ def _apply(choice: dict[str, Any], bundles: list[Path]) -> None:
     from features.bundle import amend_channel_quotas, verify_bundle
 
     by = f"{choice['metric']} of the served page on valid ({choice['users']} users), evaluation choose-channels"
-    for b in bundles:  # all sound before any is changed: no half-applied choice
-        verify_bundle(b)
-    for b in bundles:
-        amend_channel_quotas(b, choice["quotas"], by, lambda m: _record(m, choice))
+    verified = [verify_bundle(b) for b in bundles]  # all sound before any is changed: no half-applied choice
+    for b, manifest in zip(bundles, verified):
+        amend_channel_quotas(b, choice["quotas"], by, lambda m: _record(m, choice), verified=manifest)
 
 
 def _log_and_register(cfg: Any, bundle: Path, choice: dict[str, Any], plot: Path) -> None:
     import mlflow
 
-    from features.bundle import verify_bundle
     from features.config import to_dict
     from training.bundle import log_and_register
     from training.tracking import mlflow_run, setup_mlflow
 
-    metrics = verify_bundle(bundle)["metrics"]
+    metrics = json.loads((bundle / MANIFEST).read_text())["metrics"]  # just written by the amendment
     setup_mlflow(cfg.tracking.experiment)
     with mlflow_run("choose-channels", to_dict(cfg), tags={"kind": "channel-choice"}):
         arms = choice["arms"]

@@ -99,18 +99,21 @@ def verify_bundle(bundle_dir: str | Path, require: Iterable[str] = ("features", 
 
 
 def amend_channel_quotas(bundle_dir: str | Path, quotas: dict[str, int], chosen_by: str,
-                         metrics_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                         metrics_update: Callable[[dict[str, Any]], None] | None = None,
+                         verified: dict[str, Any] | None = None) -> dict[str, Any]:
     """Set the bundle's served channel quotas (``retrieval.json`` channels) and re-checksum it.
 
-    The bundle must verify first (a damaged one is refused, not re-signed). ``metrics_update`` edits the
-    manifest's metrics in place (the evidence for the choice). The amended bundle is built beside the old
+    The bundle must verify first (a damaged one is refused, not re-signed); ``verified`` is the manifest
+    :func:`verify_bundle` just returned for it, when the caller checked it already. ``metrics_update`` edits
+    the manifest's metrics in place (the evidence for the choice). The amended bundle is built beside the old
     one from hard links plus the two rewritten JSON files and swapped in with one rename, so a reader sees
-    the old bundle or the new one, never a half-written one. Returns the new manifest."""
+    the old bundle or the new one, never a half-written one. Only the rewritten file is hashed again (the
+    links hold the verified bytes). Returns the new manifest."""
     from features.candidates import CHANNELS as CHANNEL_NAMES
     from features.contract import Manifest, RetrievalSpec
 
     bundle_dir = Path(bundle_dir)
-    manifest = verify_bundle(bundle_dir)
+    manifest = verified if verified is not None else verify_bundle(bundle_dir)
     rel = bundle_path(RETRIEVAL, RETRIEVAL_JSON)
     spec = RetrievalSpec.from_json(json.loads((bundle_dir / rel).read_text()))
     if spec.channels is None:
@@ -125,7 +128,6 @@ def amend_channel_quotas(bundle_dir: str | Path, quotas: dict[str, int], chosen_
     info = Manifest.from_json(manifest)
     if metrics_update is not None:
         metrics_update(info.metrics)
-    recipe = {k: v for k, v in info.to_json().items() if k not in ("format_version", "components", "files")}
 
     tmp, old = bundle_dir.with_name(bundle_dir.name + ".amend"), bundle_dir.with_name(bundle_dir.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +136,9 @@ def amend_channel_quotas(bundle_dir: str | Path, quotas: dict[str, int], chosen_
     target.unlink()  # a hard link: writing through it would change the live bundle's file
     target.write_text(json.dumps(spec.to_json(), indent=2))
     (tmp / MANIFEST).unlink()
-    new = write_manifest(tmp, recipe)
+    new = info.to_json()
+    new["files"] = {**new["files"], rel: sha256_file(target)}
+    (tmp / MANIFEST).write_text(json.dumps(new, indent=2, default=str))
     shutil.rmtree(old, ignore_errors=True)
     bundle_dir.rename(old)
     tmp.rename(bundle_dir)

@@ -110,7 +110,8 @@ def merge_for_user(tables: ChannelTables | None, quotas: dict[str, int], ann: np
             lists["covisit"] = covisit_top(tables.covisit, rows[keep], w[keep], quotas["covisit"] + 50)
         n = max(quotas.get("trending", 0), quotas.get("fresh", 0)) + 1000
         lists["trending"], lists["fresh"] = tables.trending[:n], tables.fresh[:n]
-    rows, tags = merge_channels(lists, quotas, blocked, "ann" if fill else None)
-    names = channel_order(quotas, "ann" if fill else None)
+    fill_from = "ann" if fill else None
+    rows, tags = merge_channels(lists, quotas, blocked, fill_from)
+    names = channel_order(quotas, fill_from)
     reason = np.array([CHANNEL_REASONS.index(f"channel:{names[t]}") for t in range(len(names))], np.int8)
     return rows, reason[tags] if len(tags) else tags

@@ -81,26 +81,26 @@ class _ScoreMemo:
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.pos: dict[int, int] = {}
-        self.preds: list[np.ndarray] = []
-        self.watch: list[np.ndarray] | None = []
+        self.pos: dict[int, int] = {}  # catalogue row -> its row in preds / watch
+        self.preds: np.ndarray | None = None
+        self.watch: np.ndarray | None = None
 
     def get(self, rec: Recommender, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
             context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
         key = (user_id, tuple(sorted((context or {}).items())))
         if key != self.key:
-            self.key, self.pos, self.preds, self.watch = key, {}, [], []
+            self.key, self.pos, self.preds, self.watch = key, {}, None, None
         new = np.array([r for r in dict.fromkeys(rows.tolist()) if r not in self.pos], np.int64)
         if len(new):
             preds, watch = Recommender.score(rec, b, user_id, row, hist, new, context)
-            start = sum(len(p) for p in self.preds)
-            self.pos.update(zip(new.tolist(), range(start, start + len(new))))
-            self.preds.append(preds)
-            self.watch = None if watch is None or self.watch is None else self.watch + [watch]
+            self.pos.update(zip(new.tolist(), range(len(self.pos), len(self.pos) + len(new))))
+            self.preds = preds if self.preds is None else np.concatenate([self.preds, preds])
+            if watch is not None:
+                self.watch = watch if self.watch is None else np.concatenate([self.watch, watch])
+        if self.preds is None:
+            return np.zeros((0, len(b.heads)), np.float32), None
         at = np.fromiter((self.pos[r] for r in rows.tolist()), np.int64, len(rows))
-        preds = np.concatenate(self.preds)[at] if self.preds else np.zeros((0, len(b.heads)), np.float32)
-        watch = np.concatenate(self.watch)[at] if self.watch else None
-        return preds, watch
+        return self.preds[at], None if self.watch is None else self.watch[at]
 
 
 class _ArmRecommender(Recommender):

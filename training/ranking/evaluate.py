@@ -223,5 +223,6 @@ def bundle_gbdt(ranking_dir: Path, meta: dict[str, Any], inputs: dict[str, np.nd
     if not files:
         return {}
     trees = load_boosters(ranking_dir, files, hybrid["gbdt_rounds"])
-    margins = gbdt_margins(trees, list(files), inputs).astype(np.float64)
-    return {h: (1.0 / (1.0 + np.exp(-margins[:, t]))).astype(np.float32) for t, h in enumerate(files)}
+    margins = gbdt_margins(trees, list(files), inputs)
+    trees.margins = {"later": {h: margins[:, t] for t, h in enumerate(files)}}
+    return trees.scores("later")

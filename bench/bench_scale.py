@@ -13,8 +13,9 @@ Each stage runs in its own process (``--stage``), so its peak RSS (getrusage ru_
 ``features`` is ``build_features`` with ``split.mode: all`` (what the production refit builds), on the
 configured engine (``--set features.engine=pandas`` for the in-memory one); ``retrieval``
 and ``ranking`` are the production refit path for one epoch (train every row, export ONNX, build the
-index; no held-out evaluation, which is a separate cost), baselines off; ``ranking_stream`` is the ranking
-stage with ``training.stream: true`` (train rows streamed from Parquet). Prints a one-line JSON summary last.
+index; no held-out evaluation, which is a separate cost), baselines off; ``retrieval_stream`` and
+``ranking_stream`` are those stages with ``training.stream: true`` (training rows streamed from Parquet
+through a bounded shuffle buffer). Prints a one-line JSON summary last.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def run_stage(stage: str, config: str, overrides: list[str]) -> dict:
     from features.tables import FeatureTables
     from training.config import TrainConfig
 
-    streamed = ["training.stream=true"] if stage == "ranking_stream" else []
+    streamed = ["training.stream=true"] if stage.endswith("_stream") else []
     cfg = load_config(config, STAGE_SETTINGS + overrides + streamed, TrainConfig)
     t0 = time.perf_counter()
     out: dict = {}
@@ -146,7 +147,7 @@ def run_stage(stage: str, config: str, overrides: list[str]) -> dict:
 
         _quiet_lightning()
         tables = FeatureTables.load(cfg.features_dir)
-        if stage == "retrieval":
+        if stage.startswith("retrieval"):
             from training.retrieval.pipeline import fit_retrieval
 
             rep = fit_retrieval(cfg, tables, Path(cfg.output_dir) / "retrieval", progress=False,
@@ -174,9 +175,10 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the data and outputs here (default: a temp dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--stages", default="features,retrieval,ranking",
-                    help="comma-separated, in order, from features, retrieval, ranking, ranking_stream "
-                         "(the ranking stage with training.stream: true)")
-    ap.add_argument("--stage", choices=("features", "retrieval", "ranking", "ranking_stream"), help=argparse.SUPPRESS)
+                    help="comma-separated, in order, from features, retrieval, retrieval_stream, ranking, "
+                         "ranking_stream (the *_stream stages with training.stream: true)")
+    ap.add_argument("--stage", choices=("features", "retrieval", "retrieval_stream", "ranking", "ranking_stream"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:  # a child: one stage, one JSON line

@@ -26,10 +26,11 @@ class TrainingConfig:
     # After the held-out fit, retrain both stages on every day with the chosen epochs and calibration;
     # that refit is the bundle registered and served (training/refit.py).
     refit: bool = False
-    # The ranking stage streams the train period from interactions.parquet (training/stream.py) instead of
-    # loading it: memory is the shuffle buffer; the numeric statistics, head biases, watch-time quantiles
+    # Both stages stream the train period from interactions.parquet (training/stream.py) instead of loading
+    # it: memory is the shuffle buffer. Ranking: the numeric statistics, head biases, watch-time quantiles
     # and the GBDT (baseline / hybrid trees) come from a uniform sample of stream_sample_rows train rows.
-    # The retrieval stage still loads the log (docs/scaling.md).
+    # Retrieval: the examples (rows with retrieval.row_weights > 0) are streamed; its compact log frame of
+    # ids and signals stays in memory (docs/scaling.md).
     stream: bool = False
     stream_buffer_rows: int = 262_144
     stream_sample_rows: int = 200_000

@@ -20,25 +20,46 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 Arrays = dict[str, np.ndarray]
+RowFilter = Callable[[pd.DataFrame], np.ndarray]
 
 
 def _arrow_lists(t: pa.DataType) -> pd.ArrowDtype | None:
     return pd.ArrowDtype(t) if pa.types.is_list(t) or pa.types.is_large_list(t) else None
 
 
+def history_matrix(col: pd.Series, length: int) -> np.ndarray:
+    """(N, L) int64 from a column of equal-length lists: Python objects, or Arrow-backed lists (the stream's
+    chunks), which flatten without visiting each row."""
+    if isinstance(col.dtype, pd.ArrowDtype):
+        lists = pa.array(col.array)
+        lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+        if lists.null_count == 0 and (pc.list_value_length(lists).to_numpy() == length).all():
+            return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(col), length)
+        # ragged or null rows: the object path below raises, or the caller's length check does
+    h = col.to_numpy()
+    return np.stack(h).astype(np.int64) if len(h) else np.zeros((0, length), np.int64)
+
+
 def iter_period(path: Path, period: str, chunk_rows: int = 65_536, row_groups: list[int] | None = None,
-                arrow_lists: bool = False) -> Iterator[pd.DataFrame]:
+                arrow_lists: bool = False, columns: list[str] | None = None,
+                where: RowFilter | None = None) -> Iterator[pd.DataFrame]:
     """The rows of ``period`` in record batches of at most ``chunk_rows`` (pandas, ``period`` as str).
     ``arrow_lists``: list columns (the history) stay Arrow-backed instead of becoming one Python object per
-    row, which cost 20x the rest of a chunk's conversion."""
+    row, which cost 20x the rest of a chunk's conversion. ``columns``: read only these (and ``period``);
+    ``where``: keep only the period's rows it marks True (a boolean array per chunk)."""
     pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=row_groups):
+    if columns is not None:
+        columns = list(dict.fromkeys(["period", *columns]))
+    for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=row_groups, columns=columns):
         df = batch.to_pandas(types_mapper=_arrow_lists if arrow_lists else None)
         keep = df["period"].astype(str).to_numpy() == period
+        if where is not None and keep.any():
+            keep &= np.asarray(where(df), bool)
         if keep.any():
             yield df[keep].reset_index(drop=True)
 
@@ -69,8 +90,9 @@ class ParquetStream(torch.utils.data.IterableDataset):
 
     def __init__(self, path: Path, period: str, rows: int, make: Callable[[pd.DataFrame], Arrays],
                  batch_size: int, buffer_rows: int, seed: int, rank: int = 0, world: int = 1, workers: int = 0,
-                 chunk_rows: int = 65_536):
+                 chunk_rows: int = 65_536, columns: list[str] | None = None, where: RowFilter | None = None):
         self.path, self.period, self.rows, self.make = Path(path), period, rows, make
+        self.columns, self.where = columns, where
         self.batch = max(1, batch_size // world)  # batch_size stays the global batch, as in-memory
         self.buffer_rows = max(buffer_rows, 2 * self.batch)
         self.seed, self.rank, self.world, self.workers = seed, rank, world, max(workers, 0)
@@ -101,7 +123,8 @@ class ParquetStream(torch.utils.data.IterableDataset):
         steps, seen, emitted = self.steps_per_shard(), 0, 0
         buffer: list[Arrays] = []
         held = 0
-        for df in iter_period(self.path, self.period, self.chunk_rows, order, arrow_lists=True):
+        for df in iter_period(self.path, self.period, self.chunk_rows, order, arrow_lists=True, columns=self.columns,
+                              where=self.where):
             mine = (np.arange(seen, seen + len(df)) + self.epoch) % self.shards == shard
             seen += len(df)
             if not mine.any():
@@ -131,7 +154,7 @@ class ParquetStream(torch.utils.data.IterableDataset):
                 emitted += 1
         if emitted != steps:
             raise RuntimeError(f"stream shard {shard}: {emitted} batches, expected {steps}; the period's row count "
-                               f"({self.rows}) does not match {self.path}")
+                               f"({self.rows}, the rows kept by the filter if any) does not match {self.path}")
 
 
 def _concat(parts: list[Arrays]) -> Arrays:
@@ -151,3 +174,8 @@ class StreamEpoch(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.stream.set_epoch(trainer.current_epoch)
+
+
+def stream_callbacks(train_dl: Any) -> list[L.Callback]:
+    """What a fit over ``train_dl`` needs when its dataset is a :class:`ParquetStream` (nothing otherwise)."""
+    return [StreamEpoch(train_dl.dataset)] if isinstance(train_dl.dataset, ParquetStream) else []

@@ -161,6 +161,45 @@ def test_streamed_ranking_fit_matches_in_memory(synthetic_config: Path, syntheti
     _close_ranking(one["ranking"]["model"], streamed["model"])
 
 
+def test_streamed_retrieval_fit_matches_in_memory(synthetic_config: Path, synthetic_tables: FeatureTables,
+                                                  one: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The training examples streamed from Parquet through a 1024-row shuffle buffer (a fraction of the
+    train period's examples, so the buffer really bounds the mixing), never gathered in memory: the same
+    examples, weight and steps as the in-memory fit, and test recall within the DDP test's tolerance."""
+    from training.retrieval import pipeline
+    from training.stream import ParquetStream
+
+    def gathered(*a, **k):
+        raise AssertionError("a streamed fit gathered every training example in memory")
+
+    monkeypatch.setattr(pipeline, "positive_tensors", gathered)
+    chunks: list[int] = []
+    make = ParquetStream.__init__
+
+    def counting(self, *a, **k):  # record each chunk's kept rows: the filter really ran on the file
+        make(self, *a, **k)
+        inner = self.make
+        self.make = lambda df: (chunks.append(len(df)), inner(df))[1]
+
+    monkeypatch.setattr(ParquetStream, "__init__", counting)
+    cfg = load_config(synthetic_config, FAST + [f"output_dir={tmp_path}", "training.stream=true",
+                                                "training.stream_buffer_rows=1024"], TrainConfig)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        streamed = pipeline.fit_retrieval(cfg, synthetic_tables, tmp_path / "retrieval", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    t1, t2 = one["retrieval"]["training"], streamed["training"]
+    assert (t2["train_positives"], t2["epochs"]) == (t1["train_positives"], t1["epochs"])
+    assert t2["train_weight"] == pytest.approx(t1["train_weight"], abs=0.2)
+    assert sum(chunks) == t1["train_positives"] * t2["epochs_run_now"]
+    assert max(chunks) < t1["train_positives"]  # many chunks, none of them the whole period
+    m1, m2 = one["retrieval"]["model"], streamed["model"]
+    assert abs(m2["recall@100"] - m1["recall@100"]) <= 0.05, (m1, m2)
+    assert abs(m2["recall@200"] - m1["recall@200"]) <= 0.04, (m1, m2)
+
+
 def test_retrieval_accelerator_moved_to_the_trainer_section(synthetic_config: Path):
     old = load_config(synthetic_config, ["retrieval.accelerator=auto"], TrainConfig)  # as earlier bundles stored it
     old.retrieval.validate(old.data.binary_signals)

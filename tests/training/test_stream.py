@@ -79,8 +79,7 @@ def test_sample_is_uniform_and_sums_are_exact(tmp_path: Path):
 
 
 def test_histories_read_as_arrow_lists_equal_the_object_path(tmp_path: Path):
-    from training.ranking.data import history_matrix
-    from training.stream import iter_period
+    from training.stream import history_matrix, iter_period
 
     rng = np.random.default_rng(0)
     hist = rng.integers(0, 1000, (300, 5))

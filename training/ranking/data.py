@@ -13,26 +13,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from features.fans import FAN_COLUMNS
 from features.tables import FeatureTables
+from training.stream import history_matrix
 
 DURATION = "duration_ms"
-
-
-def history_matrix(col: pd.Series, length: int) -> np.ndarray:
-    """(N, L) int64 from a column of equal-length lists: Python objects, or Arrow-backed lists (the stream's
-    chunks), which flatten without visiting each row."""
-    if isinstance(col.dtype, pd.ArrowDtype):
-        lists = pa.array(col.array)
-        lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
-        if lists.null_count == 0 and (pc.list_value_length(lists).to_numpy() == length).all():
-            return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(col), length)
-        # ragged or null rows: the object path below raises, or the caller's length check does
-    h = col.to_numpy()
-    return np.stack(h).astype(np.int64) if len(h) else np.zeros((0, length), np.int64)
 
 
 @dataclass

@@ -35,9 +35,10 @@ from training.ranking.hybrid import HeadBlend, fit_blend, logistic
 from training.ranking.metrics import auc
 from training.ranking.model import Ranker, RankerScorer, RankerSpec, embedding_dims
 from training.ranking.outputs import jsonable, log_mlflow, markdown, per_head_table, reliability_plot
-from training.ranking.prepared import RankingData, stream_callbacks
+from training.ranking.prepared import RankingData
 from training.ranking.task import MONITOR, KeepBest, RankingTask
 from training.refit import RefitPlan
+from training.stream import stream_callbacks
 from training.tracking import active_run_logger
 from training.trainer import checkpoint_dir, make_trainer
 

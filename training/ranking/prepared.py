@@ -7,7 +7,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -18,7 +17,7 @@ from training.config import TrainConfig, TrainerConfig
 from training.ranking.data import FeatureLayout
 from training.ranking.model import NumericNormalizer
 from training.ranking.watch_time import WatchTimeQuantiles
-from training.stream import ParquetStream, StreamEpoch, read_period, sample_period
+from training.stream import ParquetStream, read_period, sample_period
 from training.trainer import batch_sampler, shard
 
 
@@ -90,6 +89,3 @@ class RankingData:
     def _batches(self, period: str, columns: list[int]) -> TensorBatches:
         return TensorBatches({**self.inputs[period], "y": self.labels[period][:, columns].astype(np.float32)})
 
-
-def stream_callbacks(train_dl: Any) -> list[L.Callback]:
-    return [StreamEpoch(train_dl.dataset)] if isinstance(train_dl.dataset, ParquetStream) else []

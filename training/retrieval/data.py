@@ -21,6 +21,7 @@ from features.config import Config
 from features.contract import CatTowerInput, TensorSpec, Tower, TowerInput
 from features.quality import snapshot_quality
 from features.tables import FeatureTables
+from training.stream import history_matrix
 
 
 @dataclass
@@ -53,8 +54,7 @@ class InputLayout:
 
     def user_arrays(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
         """ONNX feeds of the user tower from rows that carry the user columns and ``history``."""
-        hist = rows[self.history].to_numpy()
-        history = np.stack(hist).astype(np.int64) if len(hist) else np.zeros((0, self.history_length), np.int64)
+        history = history_matrix(rows[self.history], self.history_length)
         return {
             "user_cat": rows[self.user_cat].to_numpy(np.int64).reshape(len(rows), len(self.user_cat)),
             "history": history.reshape(len(rows), self.history_length),

@@ -35,11 +35,12 @@ from training.retrieval.data import InputLayout, ItemFeatures
 from training.retrieval.metrics import EvalSet, evaluate_all, make_eval_set, plot_curves
 from training.retrieval.model import ItemEmbeddings, ItemTower, TwoTower, UserTower
 from training.retrieval.log import load_log, period_rows
-from training.retrieval.rows import item_num_stats, positive_tensors, user_rows
+from training.retrieval.rows import item_num_stats, positive_counts, positive_stream, positive_tensors, user_rows
 from training.retrieval.ship import onnx_vectors, retrieval_meta, ship
 from training.retrieval.task import RetrievalTask, Throughput, ValInputs, tower_vectors
 from training.retrieval.served_dims import log_prior, mf_fit, with_prior
 from training.retrieval.vectors import choose_mf_weight, with_mf
+from training.stream import stream_callbacks
 from training.tracking import active_run_logger, log_to_run, metric_key, metric_tree
 from training.trainer import batch_sampler, checkpoint_dir, make_trainer
 
@@ -167,10 +168,16 @@ def _train(cfg: TrainConfig, tables: FeatureTables, p: _Periods, out_dir: Path, 
     ckpt_dir, last = checkpoint_dir(out_dir, resume, cfg.trainer)
     t_start = time.perf_counter()
     signal, layout, feats = rc.positive_signal, p.layout, p.feats
-    tt = positive_tensors(cfg, tables, layout, feats, "train")
-    if len(tt) == 0:
+    counts = positive_counts(cfg, feats, p.train)
+    if counts.examples == 0:
         raise ValueError(f"no training positives: no train-period row has {signal} > 0")
-    freq = np.bincount(tt.item_row.numpy(), minlength=len(feats.item_ids)) / len(tt)
+    if cfg.training.stream:  # the examples stay on disk: a shuffle buffer of them at a time
+        stream = positive_stream(cfg, tables, layout, feats, "train", counts.examples, seed, cfg.trainer)
+        train_dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.training.stream_workers)
+    else:
+        tt = positive_tensors(cfg, tables, layout, feats, "train")
+        sampler = batch_sampler(len(tt), rc.batch_size, True, seed, cfg.trainer)
+        train_dl = torch.utils.data.DataLoader(TensorBatches(vars(tt)), sampler=sampler, batch_size=None)
     num_mean, num_std = item_num_stats(tables, layout, p.train)
 
     val_es = make_eval_set(p.train, p.valid, feats.item_ids, signal) if refit is None else None
@@ -184,11 +191,9 @@ def _train(cfg: TrainConfig, tables: FeatureTables, p: _Periods, out_dir: Path, 
         val = _val_inputs(val_es, val_users, layout, feats, p.valid_block, val_prior)
     model = build_model(layout, feats, rc, num_mean, num_std)
     task = RetrievalTask(
-        model, rc, torch.tensor(feats.cat), torch.from_numpy(feats.num), torch.from_numpy(freq),
+        model, rc, torch.tensor(feats.cat), torch.from_numpy(feats.num), torch.from_numpy(counts.freq),
         torch.from_numpy(feats.vocab_rows.astype(np.int64)), val,
     )
-    sampler = batch_sampler(len(tt), rc.batch_size, True, seed, cfg.trainer)
-    train_dl = torch.utils.data.DataLoader(TensorBatches(vars(tt)), sampler=sampler, batch_size=None)
     val_dl = torch.utils.data.DataLoader([0], batch_size=1)
 
     throughput, history = Throughput(), _history_callback()
@@ -198,7 +203,8 @@ def _train(cfg: TrainConfig, tables: FeatureTables, p: _Periods, out_dir: Path, 
     logger = active_run_logger()
     trainer = make_trainer(
         cfg.trainer, max_epochs=refit.epochs if refit else rc.max_epochs,
-        min_epochs=refit.epochs if refit else rc.min_epochs, callbacks=[checkpoint, *stop, throughput, history],
+        min_epochs=refit.epochs if refit else rc.min_epochs,
+        callbacks=[checkpoint, *stop, throughput, history, *stream_callbacks(train_dl)],
         logger=logger if logger is not None else False, progress=progress, validate=refit is None,
         default_root_dir=out_dir,
     )
@@ -212,7 +218,7 @@ def _train(cfg: TrainConfig, tables: FeatureTables, p: _Periods, out_dir: Path, 
         warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
         trainer.fit(task, train_dataloaders=train_dl, val_dataloaders=None if refit else val_dl, ckpt_path=ckpt_path)
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else ckpt_dir / "best.ckpt"
-    return _Trained(task, trainer, best_path, throughput, history, len(tt), float(tt.weight.sum()), num_mean,
+    return _Trained(task, trainer, best_path, throughput, history, counts.examples, counts.weight, num_mean,
                     num_std, val, val_es, val_users, resumed_from, time.perf_counter() - t_start)
 
 

@@ -8,7 +8,8 @@ joined on) is ~1.5 kB per impression in pandas. The stage needs far less per imp
 - the train period's item numeric inputs, one column at a time, for the item tower's normalisation
   (:func:`item_num_stats`);
 - the user columns and ``history`` of the training positives only (:func:`positive_tensors`, one record
-  batch at a time) and of a few chosen rows (:func:`user_rows`: one row per evaluated user, the refit's
+  batch at a time; with ``training.stream`` not even those stay in memory: :class:`StreamedPositives` turns
+  each streamed chunk into tensors, :func:`positive_stream`) and of a few chosen rows (:func:`user_rows`: one row per evaluated user, the refit's
   index-recall queries).
 
 Every value is what the whole-table path computed (same rows, same order, same arithmetic), so the
@@ -18,6 +19,8 @@ metrics do not move.
 from __future__ import annotations
 
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -25,9 +28,11 @@ import pyarrow.parquet as pq
 import torch
 
 from features.tables import FeatureTables
-from training.config import TrainConfig
+from training.config import TrainConfig, TrainerConfig
 from training.retrieval.data import InputLayout, ItemFeatures, TrainTensors, train_tensors
 from training.retrieval.log import interactions_path, signal_columns
+from training.stream import ParquetStream
+from training.trainer import shard
 
 BATCH_ROWS = 65_536
 
@@ -89,6 +94,54 @@ def positive_tensors(cfg: TrainConfig, tables: FeatureTables, layout: InputLayou
                             torch.zeros(0, dtype=torch.float32))
     return TrainTensors(*(torch.cat([getattr(p, f) for p in parts]) for f in
                           ("user_cat", "history", "item_row", "block", "weight")))
+
+
+@dataclass
+class PositiveCounts:
+    """What the loss needs to know of a period's training examples before it sees them, from the log frame."""
+
+    examples: int  # rows with retrieval.row_weights > 0
+    weight: float  # their summed weight
+    freq: np.ndarray  # (N,) each catalogue row's share of the examples (the logQ correction's in-batch term)
+
+
+def positive_counts(cfg: TrainConfig, feats: ItemFeatures, period_log: pd.DataFrame) -> PositiveCounts:
+    """:class:`PositiveCounts` of the rows of ``period_log`` (a period of :func:`~training.retrieval.log.load_log`)."""
+    w = cfg.retrieval.row_weights(period_log)
+    keep = w > 0
+    n = int(keep.sum())
+    freq = np.bincount(feats.rows_of(period_log["item_id"].to_numpy()[keep]), minlength=len(feats.item_ids))
+    return PositiveCounts(n, float(w[keep].astype(np.float32).sum()), freq / max(n, 1))
+
+
+class StreamedPositives:
+    """A streamed chunk of the period -> the training examples' tensors (:class:`TrainTensors` fields as arrays),
+    exactly as :func:`positive_tensors` builds them; ``where`` marks the examples among a chunk's rows."""
+
+    def __init__(self, cfg: TrainConfig, tables: FeatureTables, layout: InputLayout, feats: ItemFeatures):
+        self.rc, self.tables, self.layout, self.feats = cfg.retrieval, tables, layout, feats
+        schema = pq.read_schema(interactions_path(tables))
+        self.columns = list(dict.fromkeys([*_user_read_columns(layout, schema), "block",
+                                           *signal_columns(cfg, schema)]))
+
+    def where(self, chunk: pd.DataFrame) -> np.ndarray:
+        return self.rc.row_weights(chunk) > 0
+
+    def __call__(self, chunk: pd.DataFrame) -> dict[str, np.ndarray]:
+        tt = train_tensors(self.tables.join_static(chunk), self.layout, self.feats, self.rc.row_weights(chunk))
+        return {k: v.numpy() for k, v in vars(tt).items()}
+
+
+def positive_stream(cfg: TrainConfig, tables: FeatureTables, layout: InputLayout, feats: ItemFeatures, period: str,
+                    examples: int, seed: int, tc: TrainerConfig) -> ParquetStream:
+    """The period's training examples streamed from the file through the bounded shuffle buffer of
+    ``training.stream_buffer_rows`` (this rank's stripe in a distributed fit): batches of the
+    :class:`TrainTensors` fields, and memory that does not grow with the log."""
+    make = StreamedPositives(cfg, tables, layout, feats)
+    rank, world = shard(tc)
+    return ParquetStream(interactions_path(tables), period, examples, make, cfg.retrieval.batch_size,
+                         cfg.training.stream_buffer_rows, seed, rank, world, cfg.training.stream_workers,
+                         columns=make.columns, where=make.where)
 
 
 def user_rows(tables: FeatureTables, layout: InputLayout, row_numbers: np.ndarray) -> pd.DataFrame:

@@ -35,6 +35,11 @@ class TrainingConfig:
     stream_buffer_rows: int = 262_144
     stream_sample_rows: int = 200_000
     stream_workers: int = 0  # data-loader processes per rank, each reading its own stripe
+    # With stream: the ranking stage's validation and test periods stay in memory (early stopping, the blend
+    # and the test report need them whole); above this many rows a period is read for a sample of its users
+    # instead (all of a sampled user's rows, so per-user GAUC stays defined), chosen by a stable hash of
+    # user_id. metrics.json says what was sampled. 0: always the whole period.
+    stream_eval_rows: int = 5_000_000
 
 
 @dataclass
@@ -96,8 +101,9 @@ class TrainConfig(Config):
             raise ConfigError(f"{' and '.join(sparse)}: lazy Adam is for one process; a distributed fit all-reduces "
                               "dense gradients (NCCL has no sparse all-reduce, gloo's is not reliable): set it false")
         t = self.training
-        if t.stream_buffer_rows < 1 or t.stream_sample_rows < 1 or t.stream_workers < 0:
-            raise ConfigError("training.stream_buffer_rows and stream_sample_rows must be >= 1, stream_workers >= 0")
+        if t.stream_buffer_rows < 1 or t.stream_sample_rows < 1 or t.stream_workers < 0 or t.stream_eval_rows < 0:
+            raise ConfigError("training.stream_buffer_rows and stream_sample_rows must be >= 1, stream_workers and "
+                              "stream_eval_rows >= 0")
         d = self.data
         if self.retrieval.positive_signal is None:
             self.retrieval.positive_signal = self.history.signal

@@ -70,6 +70,30 @@ def read_period(path: Path, period: str) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pq.read_schema(path).empty_table().to_pandas()
 
 
+def user_sample(share: float, column: str = "user_id") -> RowFilter:
+    """A row filter keeping about ``share`` of the users, each with all of its rows: the same users in every
+    chunk, period and run (a fixed hash of the id, not a random draw)."""
+    cut = int(round(min(max(share, 0.0), 1.0) * 1_000_000))
+
+    def keep(df: pd.DataFrame) -> np.ndarray:
+        h = pd.util.hash_array(df[column].astype(str).to_numpy(object))
+        return (h % np.uint64(1_000_000)).astype(np.int64) < cut
+
+    return keep
+
+
+def read_period_bounded(path: Path, period: str, rows: int, max_rows: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The period (``rows`` of them) whole, or above ``max_rows`` (> 0) a :func:`user_sample` of about that
+    many rows; with what was read: ``{"rows": read, "of_rows": rows, "user_share": share}``."""
+    share = 1.0 if max_rows <= 0 or rows <= max_rows else max_rows / rows
+    if share >= 1.0:
+        frame = read_period(path, period)
+    else:
+        parts = list(iter_period(path, period, where=user_sample(share)))
+        frame = pd.concat(parts, ignore_index=True) if parts else pq.read_schema(path).empty_table().to_pandas()
+    return frame, {"rows": len(frame), "of_rows": int(rows), "user_share": round(share, 6)}
+
+
 def sample_period(path: Path, period: str, total: int, n: int, seed: int,
                   sums: list[str] = ()) -> tuple[pd.DataFrame, dict[str, float]]:
     """About ``n`` rows of ``period`` drawn uniformly (each kept with probability n / total) in one pass,

@@ -205,3 +205,23 @@ def test_retrieval_accelerator_moved_to_the_trainer_section(synthetic_config: Pa
     old.retrieval.validate(old.data.binary_signals)
     with pytest.raises(ConfigError, match="trainer.accelerator"):  # checked when the config loads
         load_config(synthetic_config, ["retrieval.accelerator=gpu"], TrainConfig)
+
+
+def test_streamed_ranking_data_samples_users_of_a_long_evaluation_period(synthetic_config: Path,
+                                                                       synthetic_tables: FeatureTables):
+    from training.ranking.prepared import RankingData
+
+    cfg = load_config(synthetic_config, ["training.stream=true", "training.stream_sample_rows=2000"], TrainConfig)
+    heads = cfg.ranking.resolve_heads(list(synthetic_tables.spec["binary_signals"]),
+                                      synthetic_tables.spec.get("watch_time_signal"))
+    whole = RankingData(cfg, synthetic_tables, heads)
+    n_test = int(synthetic_tables.manifest["rows"]["test"])
+    assert whole.eval_sample == {} and len(whole.rows["test"]) == n_test
+    cfg.training.stream_eval_rows = n_test // 3
+    part = RankingData(cfg, synthetic_tables, heads)
+    read = part.eval_sample["test"]
+    assert read["of_rows"] == n_test and read["rows"] == len(part.rows["test"]) == len(part.labels["test"])
+    kept = set(part.rows["test"]["user_id"])
+    every = whole.rows["test"]
+    assert len(part.rows["test"]) == int(every["user_id"].isin(kept).sum())  # whole users
+    assert 0.15 < len(part.rows["test"]) / n_test < 0.55

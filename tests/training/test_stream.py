@@ -97,3 +97,35 @@ def test_histories_read_as_arrow_lists_equal_the_object_path(tmp_path: Path):
     ragged = pd.Series([[1, 2], [3]], dtype=pd.ArrowDtype(pa.list_(pa.int64())))
     with pytest.raises(ValueError):
         history_matrix(ragged, 2)
+
+
+def _users_log(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(2)
+    users = rng.integers(0, 400, N).astype(str)
+    period = np.where(np.arange(N) % 10 < 6, "train", np.where(np.arange(N) % 10 < 8, "valid", "test"))
+    df = pd.DataFrame({"user_id": users, "period": pd.Categorical(period), "row": np.arange(N)})
+    path = tmp_path / "users.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=700)
+    return path
+
+
+def test_a_bounded_period_is_whole_users_sampled_the_same_way_everywhere(tmp_path: Path):
+    from training.stream import read_period_bounded
+
+    path = _users_log(tmp_path)
+    log = pd.read_parquet(path)
+    valid = log[log["period"].astype(str) == "valid"]
+    whole, read = read_period_bounded(path, "valid", len(valid), 0)
+    assert sorted(whole["row"]) == sorted(valid["row"]) and read["user_share"] == 1.0
+    whole, read = read_period_bounded(path, "valid", len(valid), len(valid))
+    assert len(whole) == len(valid) and read["user_share"] == 1.0
+
+    part, read = read_period_bounded(path, "valid", len(valid), len(valid) // 4)
+    kept = set(part["user_id"])
+    assert read == {"rows": len(part), "of_rows": len(valid), "user_share": 0.25}
+    assert 0.15 < len(kept) / valid["user_id"].nunique() < 0.35
+    assert sorted(part["row"]) == sorted(valid.loc[valid["user_id"].isin(kept), "row"])  # every row of a kept user
+    test = log[log["period"].astype(str) == "test"]
+    again, _ = read_period_bounded(path, "test", len(test), len(test) // 4)
+    both = set(valid["user_id"]) & set(test["user_id"])
+    assert kept & both == set(again["user_id"]) & both  # the same users in every period

@@ -334,6 +334,8 @@ def _test_report(cfg: TrainConfig, data: RankingData, heads: list[tuple[str, str
     report["training"] = {**train_info, **gbdt_info, "single_task_seconds": round(singles.seconds, 1),
                           "eval_seconds": round(time.perf_counter() - t_eval, 1),
                           "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    if data.eval_sample:  # training.stream_eval_rows: these periods were read for a sample of their users
+        report["evaluation_sample"] = data.eval_sample
     report["parity_max_abs_diff"] = parity.max_abs_diff
     report["parity_max_scaled_diff"] = parity.max_scaled_diff
     report = jsonable(report)

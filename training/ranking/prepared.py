@@ -17,7 +17,7 @@ from training.config import TrainConfig, TrainerConfig
 from training.ranking.data import FeatureLayout
 from training.ranking.model import NumericNormalizer
 from training.ranking.watch_time import WatchTimeQuantiles
-from training.stream import ParquetStream, read_period, sample_period
+from training.stream import ParquetStream, read_period_bounded, sample_period
 from training.trainer import batch_sampler, shard
 
 
@@ -40,13 +40,19 @@ class RankingData:
         self.tables, self.heads, self.training = tables, heads, cfg.training
         self.path = Path(tables.dir) / tables.manifest["tables"]["interactions"]["file"]
         binary = [n for n, k in heads if k == "binary"]
+        self.eval_sample: dict[str, dict[str, Any]] = {}  # period -> what was read of it, where sampled
         if cfg.training.stream:
             # The train period stays on disk (ParquetStream); a uniform sample of it stands in for it below.
             self.train_rows = int(tables.manifest["rows"]["train"])
             sample, self.train_positives = sample_period(self.path, "train", self.train_rows,
                                                          cfg.training.stream_sample_rows, cfg.seed, binary)
-            self.rows = {"train": self.layout.prepare(sample, tables),
-                         **{p: self.layout.prepare(read_period(self.path, p), tables) for p in ("valid", "test")}}
+            self.rows = {"train": self.layout.prepare(sample, tables)}
+            for p in ("valid", "test"):
+                frame, read = read_period_bounded(self.path, p, int(tables.manifest["rows"].get(p, 0)),
+                                                  cfg.training.stream_eval_rows)
+                self.rows[p] = self.layout.prepare(frame, tables)
+                if read["user_share"] < 1.0:
+                    self.eval_sample[p] = read
         else:
             inter = pd.read_parquet(self.path)
             frame = self.layout.prepare(inter, tables)

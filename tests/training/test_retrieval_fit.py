@@ -131,6 +131,22 @@ def test_onnx_parity_on_fresh_inputs(fitted, synthetic_config, synthetic_tables)
     np.testing.assert_allclose(vecs, np.load(out / "item_vectors.npy")[:, :-1], atol=1e-6)
 
 
+def test_history_encoder_fits_and_ships_with_parity(synthetic_config, synthetic_tables, tmp_path):
+    """retrieval.history_encoder_layers: the user tower gains the self-attention encoder, trains, and its ONNX
+    export passes the stage's own parity check (histories with padding, and all padding, included)."""
+    out = tmp_path / "retrieval"
+    cfg = _cfg(synthetic_config, "retrieval.history_encoder_layers=1", "retrieval.max_epochs=2",
+               "retrieval.baselines.als=false", "retrieval.baselines.covisit=false")
+    m = fit_retrieval(cfg, synthetic_tables, out, progress=False)
+    ckpt = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert any(".encoder.blocks.0.qkv." in k for k in ckpt["state_dict"])
+    meta = json.loads((out / "retrieval.json").read_text())
+    assert max(meta["parity"]["max_abs_diff"].values()) < meta["parity"]["tolerance"], meta["parity"]
+    assert m["model"]["recall@100"] > m["baselines"]["popularity"]["recall@100"]
+    with pytest.raises(ConfigError, match="history_encoder_heads"):
+        _cfg(synthetic_config, "retrieval.history_encoder_heads=5")
+
+
 def test_resume_continues_from_last_checkpoint(synthetic_config, synthetic_tables, tmp_path):
     out = tmp_path / "retrieval"
     first = fit_retrieval(_cfg(synthetic_config, "retrieval.max_epochs=2"), synthetic_tables, out, progress=False)

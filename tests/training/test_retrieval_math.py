@@ -143,3 +143,43 @@ def test_paired_difference_interval_follows_the_per_user_differences():
     assert noise["ci95"][0] < 0 < noise["ci95"][1]
     # Pairing: a large shared per-user spread cancels, so the interval is as narrow as the differences'.
     assert shifted["ci95"][1] - shifted["ci95"][0] < 4 * 1.96 * 0.05 / np.sqrt(2000)
+
+
+def _encode_one(enc, h: torch.Tensor) -> torch.Tensor:
+    """Reference for one user: the summary token and the real items only (no mask), one head at a time."""
+    d = h.shape[1]
+    hd = d // enc.heads
+    x = torch.cat([enc.summary[0], h]) + enc.position[0, : h.shape[0] + 1]
+    for blk in enc.blocks:
+        qkv = blk["qkv"](blk["norm1"](x))
+        heads = []
+        for j in range(enc.heads):
+            q, k, v = (qkv[:, i * d + j * hd: i * d + (j + 1) * hd] for i in range(3))
+            heads.append(torch.softmax(q @ k.T / math.sqrt(hd), dim=1) @ v)
+        x = x + blk["out"](torch.cat(heads, dim=1))
+        x = x + blk["ff"](blk["norm2"](x))
+    return enc.norm(x[0])
+
+
+def test_history_encoder_matches_a_per_user_loop_over_real_items_only():
+    from training.retrieval.model import HistoryEncoder
+
+    torch.manual_seed(0)
+    length, d = 6, 8
+    enc = HistoryEncoder(d, length, layers=2, heads=2, dropout=0.0).eval()
+    h = torch.randn(4, length, d)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [0] * 6], dtype=torch.float32)
+    with torch.no_grad():
+        got = enc(h, mask)
+        for u in range(4):
+            real = mask[u] > 0
+            # left-padded: the real items keep their positions, which the reference re-derives by offset
+            pos = torch.nonzero(real).flatten()
+            ref_enc = HistoryEncoder(d, length, 2, 2, 0.0).eval()
+            ref_enc.load_state_dict(enc.state_dict())
+            ref_enc.position.data = torch.cat([enc.position[:, :1], enc.position[:, 1:][:, pos]], dim=1)
+            want = _encode_one(ref_enc, h[u, real])
+            torch.testing.assert_close(got[u], want, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(got).all() and not torch.allclose(got[2], got[3])  # an empty history is finite too
+    with pytest.raises(ValueError, match="divisible"):
+        HistoryEncoder(9, length, 1, 2, 0.0)

@@ -28,6 +28,11 @@ class RetrievalConfig:
     feature_dim: int = 16  # embedding size of each attribute column (user attributes, creator, category, ...)
     id_dim: int = 64  # embedding size of the user id and item id (the item id table is shared with history)
     hidden: list[int] = field(default_factory=lambda: [256])  # MLP widths of each tower before the output layer
+    # The user's history in the user tower: always a recency-weighted pool; with N > 0 layers also a small
+    # self-attention encoder over the sequence (SASRec-style, a summary token's output), heads must divide
+    # id_dim + 2 * feature_dim.
+    history_encoder_layers: int = 0
+    history_encoder_heads: int = 2
     dropout: float = 0.1
     id_dropout: float = 0.1  # training-time chance to replace an id with OOV, so unseen ids get a useful vector
     batch_size: int = 1024
@@ -92,6 +97,11 @@ class RetrievalConfig:
                 raise ConfigError(f"retrieval.{name} must be > 0, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"retrieval.temperature must be > 0, got {self.temperature}")
+        width = self.id_dim + 2 * self.feature_dim
+        if self.history_encoder_layers < 0 or self.history_encoder_heads < 1 or width % self.history_encoder_heads:
+            raise ConfigError(f"retrieval.history_encoder_layers must be >= 0 and history_encoder_heads >= 1 and "
+                              f"divide id_dim + 2 * feature_dim = {width}; got {self.history_encoder_layers} layers, "
+                              f"{self.history_encoder_heads} heads")
         if self.uniform_negatives < 0:
             raise ConfigError(f"retrieval.uniform_negatives must be >= 0, got {self.uniform_negatives}")
         if not 0 <= self.dropout < 1 or not 0 <= self.id_dropout < 1:

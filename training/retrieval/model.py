@@ -2,7 +2,8 @@
 
 - ``UserTower(user_cat (B, k) int64, history (B, L) int64) -> (B, D)``: user id and attribute embeddings,
   plus the user's recent positive items pooled (item id, creator and category embeddings shared with the
-  item tower, learned per-position weights, padding 0 masked out).
+  item tower, learned per-position weights, padding 0 masked out), and optionally a self-attention
+  encoding of that sequence (:class:`HistoryEncoder`).
 - ``ItemTower(item_cat (B, m) int64, item_num (B, n) float32) -> (B, D)``: item id, creator, category and
   attribute embeddings plus quality aggregates, normalised inside the module (buffers), so callers feed raw
   feature values.
@@ -40,6 +41,46 @@ class ItemEmbeddings(nn.Module):
             nn.init.normal_(t.weight, std=0.05)
 
 
+class HistoryEncoder(nn.Module):
+    """Self-attention over the history (a small SASRec / BERT4Rec-style encoder): a learned summary token
+    is prepended, each position adds a learned position embedding, ``layers`` pre-norm transformer blocks
+    run with padding masked out of the keys, and the summary token's output (B, d) is the encoding. The
+    summary token is never masked, so an empty history still gives a finite vector. Written with plain
+    matmuls and softmax (no fused attention kernel) so that the ONNX export is the same arithmetic."""
+
+    def __init__(self, d: int, length: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"history encoder: width {d} is not divisible by {heads} heads")
+        self.heads = heads
+        self.summary = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.position = nn.Parameter(torch.randn(1, length + 1, d) * 0.02)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({
+                "norm1": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d), "out": nn.Linear(d, d),
+                "norm2": nn.LayerNorm(d), "ff": nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d)),
+            }))
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """h (B, L, d) history embeddings, mask (B, L) 1 = a real item -> (B, d)."""
+        b, length, d = h.shape
+        x = torch.cat([self.summary.expand(b, 1, d), h], dim=1) + self.position[:, : length + 1]
+        keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # (B, L + 1)
+        bias = ((keep - 1.0) * 1e4).unsqueeze(1).unsqueeze(1)  # (B, 1, 1, L + 1): padding keys out
+        hd = d // self.heads
+        for blk in self.blocks:
+            qkv = blk["qkv"](blk["norm1"](x)).reshape(-1, length + 1, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # each (B, H, L + 1, hd)
+            att = torch.softmax(q @ k.transpose(2, 3) / hd ** 0.5 + bias, dim=-1)  # (B, H, L + 1, L + 1)
+            y = (att @ v).transpose(1, 2).reshape(-1, length + 1, d)
+            x = x + self.dropout(blk["out"](y))
+            x = x + self.dropout(blk["ff"](blk["norm2"](x)))
+        return self.norm(x[:, 0])
+
+
 class UserTower(nn.Module):
     def __init__(
         self,
@@ -53,6 +94,8 @@ class UserTower(nn.Module):
         hidden: list[int],
         out_dim: int,
         dropout: float,
+        encoder_layers: int = 0,
+        encoder_heads: int = 2,
     ):
         super().__init__()
         self.user_id = nn.Embedding(user_sizes[0], id_dim)
@@ -64,7 +107,10 @@ class UserTower(nn.Module):
         self.register_buffer("item_category", item_category.to(torch.int64))
         self.position = nn.Parameter(torch.zeros(history_length))
         hist_dim = id_dim + 2 * feature_dim
-        in_dim = id_dim + feature_dim * (len(user_sizes) - 1) + hist_dim + 1
+        # 0 layers: the history is the recency-weighted pool alone; more: a self-attention encoding joins it.
+        self.encoder = (HistoryEncoder(hist_dim, history_length, encoder_layers, encoder_heads, dropout)
+                        if encoder_layers > 0 else None)
+        in_dim = id_dim + feature_dim * (len(user_sizes) - 1) + hist_dim * (2 if self.encoder else 1) + 1
         self.mlp = mlp([in_dim, *hidden, out_dim], dropout)
 
     def forward(self, user_cat: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -85,6 +131,8 @@ class UserTower(nn.Module):
             dim=2,
         )  # (B, L, hist_dim)
         parts.append((h * w.unsqueeze(2)).sum(1))
+        if self.encoder is not None:
+            parts.append(self.encoder(h, mask))
         parts.append(torch.log1p(n))
         return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
 

@@ -65,6 +65,7 @@ def build_model(
     user = UserTower(
         layout.user_cat_sizes, emb, torch.from_numpy(feats.item_creator), torch.from_numpy(feats.item_category),
         layout.history_length, rc.id_dim, rc.feature_dim, list(rc.hidden), rc.embedding_dim, rc.dropout,
+        rc.history_encoder_layers, rc.history_encoder_heads,
     )
     item = ItemTower(
         emb, layout.item_cat_sizes[3:], torch.from_numpy(num_mean), torch.from_numpy(num_std),
@@ -216,6 +217,8 @@ def _train(cfg: TrainConfig, tables: FeatureTables, p: _Periods, out_dir: Path, 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
+        # training.stream: each worker reads its own stripe, so the stream's length is exact
+        warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
         trainer.fit(task, train_dataloaders=train_dl, val_dataloaders=None if refit else val_dl, ckpt_path=ckpt_path)
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else ckpt_dir / "best.ckpt"
     return _Trained(task, trainer, best_path, throughput, history, counts.examples, counts.weight, num_mean,

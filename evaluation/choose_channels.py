@@ -45,6 +45,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-users", type=int, default=2000,
                     help="the first N validation users with a positive (time order); 0 = all")
     ap.add_argument("--top", type=int, default=3, help="best mixes by validation Recall@K added to the shortlist")
+    ap.add_argument("--retrieval-weights", default="0,1,2,4,8,16",
+                    help="weights of the retrieval score in the page's fusion to try (policy.fusion.retrieval_weight; "
+                         "comma-separated); the config's value, when set, is kept instead")
     ap.add_argument("--scenario", default=None)
     ap.add_argument("--dry-run", action="store_true", help="print the choice, change no bundle")
     ap.add_argument("--no-progress", action="store_true")
@@ -74,9 +77,26 @@ def shortlist(sweep: dict[str, Any] | None, top: int) -> dict[str, dict[str, int
     return out
 
 
+def weight_arms(settings: Any, quotas: dict[str, int], weights: list[float]) -> dict[str, Any]:
+    """Arm name -> serving settings: the incumbent weight (the bundle's, as ``INCUMBENT``) and each weight tried,
+    all with ``quotas``."""
+    import dataclasses
+
+    from serving.config import ServeSettings
+    from serving.offline_channels import with_retrieval_weight
+
+    fixed = ServeSettings(dataclasses.replace(settings.serving, channel_quotas=dict(quotas)), settings.policy)
+    arms = {INCUMBENT: fixed}
+    for w in weights:
+        arms[f"retrieval_weight_{w:g}"] = with_retrieval_weight(fixed, w)
+    return arms
+
+
 def choose(result: dict[str, Any], per_user: dict[str, np.ndarray], seed: int = 0) -> dict[str, Any]:
-    """The arm with the best mean NDCG@k of the primary gain (ties keep the incumbent, then the earlier
-    arm), with its paired user-bootstrap difference to the incumbent."""
+    """The arm with the best mean NDCG@k of the primary gain, if it beats the incumbent with evidence (the
+    paired user-bootstrap 95% interval of the difference lies above 0); otherwise the incumbent stays. The
+    page metric is noisy at validation sizes (which channel leads flips between periods), and an arm that is
+    not distinguishable from what serves now is no reason to change it."""
     k, primary = result["k"], result["gains"][0]
     metric = f"ndcg@{k}_{primary}"
     values = {a: m[metric] if m[metric] is not None else -1.0 for a, m in result["arms"].items()}
@@ -84,20 +104,27 @@ def choose(result: dict[str, Any], per_user: dict[str, np.ndarray], seed: int = 
     defined = np.isfinite(per_user[INCUMBENT])
     diff = (paired_difference(per_user[best][defined], per_user[INCUMBENT][defined], seed)
             if defined.any() else None)
-    return {"metric": metric, "period": "valid", "users": int(defined.sum()), "chosen": best,
+    leader = best
+    if best != INCUMBENT and (diff is None or not diff["ci95"][0] > 0):
+        best = INCUMBENT
+    return {"metric": metric, "period": "valid", "users": int(defined.sum()), "chosen": best, "leader": leader,
+            "leader_minus_incumbent": diff,
             "quotas": result["arms"][best]["quotas"], "incumbent": result["arms"][INCUMBENT]["quotas"],
-            "chosen_minus_incumbent": diff,
-            "arms": {a: {"quotas": m["quotas"], metric: m[metric]} for a, m in result["arms"].items()}}
+            "retrieval_weight": result["arms"][best].get("retrieval_weight"),
+            "chosen_minus_incumbent": diff if best != INCUMBENT else None,
+            "arms": {a: {"quotas": m["quotas"], "retrieval_weight": m.get("retrieval_weight"), metric: m[metric]}
+                     for a, m in result["arms"].items()}}
 
 
 def table(choice: dict[str, Any]) -> str:
     metric = choice["metric"]
-    lines = [f"| arm | quotas | {metric} (valid) |", "|---|---|---|"]
+    lines = [f"| arm | quotas | retrieval weight | {metric} (valid) |", "|---|---|---|---|"]
     for a, m in sorted(choice["arms"].items(), key=lambda x: -(x[1][metric] or 0.0)):
         quotas = ", ".join(f"{c} {q}" for c, q in m["quotas"].items() if q)
         mark = "**" if a == choice["chosen"] else ""
         value = "" if m[metric] is None else f"{m[metric]:.4f}"
-        lines.append(f"| {mark}{a}{mark} | {quotas} | {mark}{value}{mark} |")
+        w = m.get("retrieval_weight")
+        lines.append(f"| {mark}{a}{mark} | {quotas} | {'' if w is None else f'{w:g}'} | {mark}{value}{mark} |")
     return "\n".join(lines)
 
 
@@ -106,10 +133,11 @@ def run(args: argparse.Namespace) -> int:
     from serving.bundle import load_bundle
     from serving.config import load_settings
     from serving.offline_cases import own_period
-    from serving.offline_channels import feed_scores
+    from serving.offline_channels import channel_arms, feed_scores, page_scores, with_retrieval_weight
     from training.config import TrainConfig
 
     check_args(args)
+    weights = parse_weights(args.retrieval_weights)
     cfg = load_config(args.config, args.overrides, TrainConfig)
     out = Path(cfg.output_dir)
     served_dir = out / BUNDLE_DIR
@@ -126,22 +154,39 @@ def run(args: argparse.Namespace) -> int:
         return 0
     sweep = bundle.manifest.metrics.get("retrieval", {}).get("valid", {}).get("channel_sweep")
     incumbent = {c: q for c, q in (bundle.channel_quotas or {}).items() if q > 0}
+    log, view, _ = own_period(bundle, "valid", as_of)
+    users = args.max_users or None
+    # First the retrieval score's weight in the page's fusion, with the bundle's quotas; then the quotas, served
+    # with the chosen weight.
+    weight_choice = None
+    if settings.policy.fusion.retrieval_weight is None and weights:
+        served = channel_arms(view, settings)[INCUMBENT]
+        wres, wper = page_scores(view, weight_arms(settings, served, weights), log, args.k, args.scenario, users,
+                                 progress=not args.no_progress)
+        weight_choice = choose(wres, wper, cfg.seed)
+        weight_choice["seconds"] = wres["seconds"]
+        print(table(weight_choice))
+        settings = with_retrieval_weight(settings, float(weight_choice["retrieval_weight"]))
     # One channel alone and the bundle's own mix are arms already (serving.offline_channels.channel_arms).
     mixes = {n: q for n, q in shortlist(sweep, args.top).items() if len(q) > 1 and q != incumbent}
-    log, view, _ = own_period(bundle, "valid", as_of)
-    result, per_user = feed_scores(view, settings, log, args.k, args.scenario, args.max_users or None,
+    result, per_user = feed_scores(view, settings, log, args.k, args.scenario, users,
                                    cfg.seed, progress=not args.no_progress, mixes=mixes)
     choice = choose(result, per_user, cfg.seed)
     choice["seconds"] = result["seconds"]
+    if weight_choice is not None:
+        choice["retrieval_weight_choice"] = weight_choice
     result["data"]["period"] = "valid"
     plot = bar_plot(result, out / "channel_choice.png")
     print(table(choice))
     print(f"plot: {plot}")
-    d = choice["chosen_minus_incumbent"]
-    if d:
-        print(f"chosen ({choice['chosen']}) minus the bundle's mix before this choice (after a fit: training's "
-              f"recall choice): {d['difference']:+.4f} "
-              f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] {choice['metric']} on {choice['users']} validation users")
+    for what, c in (("retrieval weight", weight_choice), ("quotas", choice)):
+        d = c["leader_minus_incumbent"] if c else None
+        if d and c["leader"] != INCUMBENT:
+            verdict = ("switched to it" if c["chosen"] != INCUMBENT
+                       else "not distinguishable: the bundle's keeps serving")
+            print(f"{what}: best arm {c['leader']} minus the bundle's ({INCUMBENT}): {d['difference']:+.4f} "
+                  f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] {c['metric']} on {c['users']} validation users; "
+                  f"{verdict}")
     if args.dry_run:
         return 0
     bundles = [held_dir] + ([served_dir] if served_dir != held_dir and served_dir.is_dir() else [])
@@ -167,7 +212,9 @@ def _apply(choice: dict[str, Any], bundles: list[Path]) -> None:
     by = f"{choice['metric']} of the served page on valid ({choice['users']} users), evaluation choose-channels"
     verified = [verify_bundle(b) for b in bundles]  # all sound before any is changed: no half-applied choice
     for b, manifest in zip(bundles, verified):
-        amend_channel_quotas(b, choice["quotas"], by, lambda m: _record(m, choice), verified=manifest)
+        amend_channel_quotas(b, choice["quotas"], by, lambda m: _record(m, choice), verified=manifest,
+                             retrieval_weight=(choice["retrieval_weight_choice"]["retrieval_weight"]
+                                               if "retrieval_weight_choice" in choice else None))
 
 
 def _log_and_register(cfg: Any, bundle: Path, choice: dict[str, Any], plot: Path) -> None:
@@ -195,6 +242,16 @@ def _log_and_register(cfg: Any, bundle: Path, choice: dict[str, Any], plot: Path
         alias = (f"alias '{cfg.tracking.alias}' -> version {reg.version}" if reg.alias_moved
                  else "alias not moved (failed gates)")
         print(f"registered '{cfg.tracking.registered_model}' version {reg.version} with the chosen quotas; {alias}")
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError as e:
+        raise ConfigError(f"--retrieval-weights: comma-separated numbers, got '{text}'") from e
+    if any(not np.isfinite(w) or w < 0 for w in weights):
+        raise ConfigError(f"--retrieval-weights must be finite and >= 0, got '{text}'")
+    return weights
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -100,8 +101,10 @@ def verify_bundle(bundle_dir: str | Path, require: Iterable[str] = ("features", 
 
 def amend_channel_quotas(bundle_dir: str | Path, quotas: dict[str, int], chosen_by: str,
                          metrics_update: Callable[[dict[str, Any]], None] | None = None,
-                         verified: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Set the bundle's served channel quotas (``retrieval.json`` channels) and re-checksum it.
+                         verified: dict[str, Any] | None = None,
+                         retrieval_weight: float | None = None) -> dict[str, Any]:
+    """Set the bundle's served channel quotas (``retrieval.json`` channels) and, when given, the page's
+    ``retrieval_weight`` (``page_retrieval_weight``), and re-checksum it.
 
     The bundle must verify first (a damaged one is refused, not re-signed); ``verified`` is the manifest
     :func:`verify_bundle` just returned for it, when the caller checked it already. ``metrics_update`` edits
@@ -125,6 +128,10 @@ def amend_channel_quotas(bundle_dir: str | Path, quotas: dict[str, int], chosen_
     spec.channels.quotas = {c: int(q) for c, q in quotas.items()}
     spec.channels.order = list(quotas)
     spec.channels.chosen_by = chosen_by
+    if retrieval_weight is not None:
+        if not math.isfinite(retrieval_weight) or retrieval_weight < 0:
+            raise BundleError(f"the page's retrieval weight must be a finite number >= 0, got {retrieval_weight}")
+        spec.page_retrieval_weight = float(retrieval_weight)
     info = Manifest.from_json(manifest)
     if metrics_update is not None:
         metrics_update(info.metrics)

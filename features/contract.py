@@ -306,6 +306,10 @@ class RetrievalSpec(_Json):
     prior: Prior
     mf: MatrixFactors | None = None  # bundles from before the MF dimensions: none
     channels: Channels | None = None  # bundles from before the channels: none
+    # Weight of the candidate's retrieval score (user vector . item vector) in the page's fusion, chosen on
+    # the validation page by `python -m evaluation choose-channels`; serving uses it unless
+    # policy.fusion.retrieval_weight is set. None: never chosen (0, the ranker alone orders the page).
+    page_retrieval_weight: float | None = None
     other: dict[str, Any] = field(default_factory=dict)
 
 

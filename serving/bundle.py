@@ -134,6 +134,7 @@ class Bundle:
     ranker_file: str = RANKER_ONNX  # which graph ``ranker`` runs: ranking.json's request_onnx when present
     channels: ChannelTables | None = None  # co-visitation, trending, fresh, seen sets (bundles before: None)
     channel_quotas: dict[str, int] | None = None  # the quotas chosen on validation
+    page_retrieval_weight: float = 0.0  # the retrieval score's weight in the page's fusion, chosen on validation
     idx_to_row: np.ndarray | None = None  # item_id_idx -> catalogue row (-1 none), for history items
     # The MF channel: the served vectors' MF dimensions [first, end) and the items' side of them, (N, f)
     # (None: the vectors carry no MF dimensions, so the channel is off)
@@ -338,6 +339,7 @@ def _load(path: Path, manifest: Manifest, registry_version: str | None, onnx_thr
         utc_offset_hours=float((manifest.config.get("data") or {}).get("utc_offset_hours", 0.0)),
         data_end_ms=float(manifest.time_range[1]), ranker_file=ranker_file, behaviour=behaviour,
         channels=channels, channel_quotas=quotas, **_mf_channel(path, rspec, len(items)),
+        page_retrieval_weight=float(rspec.page_retrieval_weight or 0.0),
     )
 
 

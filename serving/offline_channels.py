@@ -129,15 +129,41 @@ def feed_scores(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int
                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """:func:`feed_by_channel`'s result and, per arm, each evaluated user's NDCG@k of the primary gain (NaN
     where the user has no positive of it), in the same user order for every arm (for paired comparisons)."""
+    arms = channel_arms(view, settings, mixes)
+    out, per_user = page_scores(view, {a: ServeSettings(dataclasses.replace(settings.serving, channel_quotas=q),
+                                                        settings.policy) for a, q in arms.items()},
+                                log, k, scenario, max_users, progress)
+    primary = out["gains"][0]
+    singles = [a for a in arms if a in CHANNELS]
+    defined = np.isfinite(per_user[SERVED])
+    if singles and defined.any():
+        best = max(singles, key=lambda a: out["arms"][a][f"ndcg@{k}_{primary}"] or 0.0)
+        diff = paired_difference(per_user[SERVED][defined], per_user[best][defined], seed)
+        out["served_vs_best_single"] = {"channel": best, "metric": f"ndcg@{k}_{primary}", **diff,
+                                        "at_least_as_good": bool(diff["difference"] >= 0)}
+    return out, per_user
+
+
+def with_retrieval_weight(settings: ServeSettings, weight: float) -> ServeSettings:
+    """``settings`` with the page fusion's retrieval-score weight fixed (every scenario without its own)."""
+    policy = settings.policy
+    return ServeSettings(settings.serving,
+                         dataclasses.replace(policy, fusion=dataclasses.replace(policy.fusion, retrieval_weight=weight)))
+
+
+def page_scores(view: Bundle, arm_settings: dict[str, ServeSettings], log: pd.DataFrame, k: int = 20,
+                scenario: str | None = None, max_users: int | None = None, progress: bool = False
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every arm's page (one :class:`Recommender` per settings, the ranker's predictions shared) for the evaluated
+    users of ``log``: the metrics of :func:`feed_by_channel` per arm, and per arm each user's NDCG@k of the
+    primary gain. The first arm names the gain signals."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    arms = channel_arms(view, settings, mixes)
     memo = _ScoreMemo()
-    recs = {a: _ArmRecommender(view, ServeSettings(dataclasses.replace(settings.serving, channel_quotas=q),
-                                                   settings.policy), memo)
-            for a, q in arms.items()}
-    signals = list(gain_names(recs[SERVED])[:-1])
+    recs = {a: _ArmRecommender(view, s, memo) for a, s in arm_settings.items()}
+    arms = {a: s.serving.channel_quotas for a, s in arm_settings.items()}
+    signals = list(gain_names(next(iter(recs.values())))[:-1])
     missing = [s for s in signals if s not in log]
     if missing:
         raise ValueError(f"the log has no {missing} column(s); its columns: {sorted(log.columns)}")
@@ -180,7 +206,7 @@ def feed_scores(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int
                 tag = item.reasons[-1]
                 reasons[a][tag] = reasons[a].get(tag, 0) + 1
     out: dict[str, Any] = {"protocol": "serving.offline_channels (see its docstring)", "k": k, "gains": signals,
-                           "candidates": settings.serving.candidates, "users": int(len(users)), "data": report,
+                           "candidates": next(iter(arm_settings.values())).serving.candidates, "users": int(len(users)), "data": report,
                            "arms": {}}
     for a in arms:
         m: dict[str, Any] = {"quotas": arms[a]}
@@ -191,14 +217,8 @@ def feed_scores(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int
             m[f"users_{s}"] = int(defined.sum())
         slots = max(1, sum(reasons[a].values()))
         m["channel_share"] = {t: round(n / slots, 4) for t, n in sorted(reasons[a].items())}
+        m["retrieval_weight"] = recs[a].state.policy.fusion_retrieval_weight(
+            arm_settings[a].policy.for_scenario(recs[a].scenario_name(recs[a].state, scenario)))
         out["arms"][a] = m
-    primary = signals[0]
-    singles = [a for a in arms if a in CHANNELS]
-    defined = np.isfinite(scores[SERVED]["ndcg"][:, 0])
-    if singles and defined.any():
-        best = max(singles, key=lambda a: out["arms"][a][f"ndcg@{k}_{primary}"] or 0.0)
-        diff = paired_difference(scores[SERVED]["ndcg"][defined, 0], scores[best]["ndcg"][defined, 0], seed)
-        out["served_vs_best_single"] = {"channel": best, "metric": f"ndcg@{k}_{primary}", **diff,
-                                        "at_least_as_good": bool(diff["difference"] >= 0)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out, {a: scores[a]["ndcg"][:, 0] for a in arms}

@@ -58,6 +58,7 @@ class Candidates:
     fan_fresh: np.ndarray  # (n,) bool user is an iron fan of the creator and the item is fresh
     new_category: np.ndarray  # (n,) bool the user has not engaged with this category
     exposure_pool: np.ndarray | None = None  # (n,) bool added by the exposure candidate step (None = none)
+    affinity: np.ndarray | None = None  # (n,) retrieval score, user vector . item vector (None: no user vector)
 
 
 @dataclass
@@ -72,8 +73,10 @@ class Page:
 class FeedPolicy:
     """Turns candidates into a page. ``heads`` is the bundle's head order; ``scenarios`` its fusion weights."""
 
-    def __init__(self, config: PolicyConfig, heads: list[str], scenarios: dict[str, dict[str, float]]):
+    def __init__(self, config: PolicyConfig, heads: list[str], scenarios: dict[str, dict[str, float]],
+                 retrieval_weight: float = 0.0):
         self.config = config
+        self.retrieval_weight = retrieval_weight  # the bundle's, where policy.fusion.retrieval_weight is null
         self.heads = list(heads)
         self.weights: dict[str, np.ndarray] = {}
         for name, w in scenarios.items():
@@ -158,6 +161,7 @@ class FeedPolicy:
         keep = np.flatnonzero(c.allowed)  # 1. governance: nothing else ever sees a filtered item
         creator, category = c.creator[keep], c.category[keep]
         fused = fuse(c.preds[keep].astype(np.float32), self.weights[scenario], steps.fusion.mode)  # 2. fusion
+        fused = with_affinity(fused, None if c.affinity is None else c.affinity[keep], self.fusion_retrieval_weight(steps))
         score, boosted = _exposure_boost(steps, fused, creator, exposure)  # 5. exposure fairness
         order = np.argsort(-score, kind="stable")
         k = min(k, len(keep))
@@ -174,6 +178,30 @@ class FeedPolicy:
         stats = {"candidates": int(len(c.allowed)), "filtered": int(len(c.allowed) - len(keep)),
                  "boost": float(exposure.boost) if exposure is not None else 0.0}
         return Page(keep[idx], score[idx], fused[idx].astype(np.float64), tags, stats)
+
+
+    def fusion_retrieval_weight(self, steps: PolicySteps) -> float:
+        return retrieval_weight(steps, self.retrieval_weight)
+
+
+def retrieval_weight(steps: PolicySteps, bundle_weight: float) -> float:
+    """The retrieval score's weight in a scenario's fusion: the policy's, else the bundle's choice."""
+    w = steps.fusion.retrieval_weight
+    return bundle_weight if w is None else w
+
+
+def with_affinity(fused: np.ndarray, affinity: np.ndarray | None, weight: float) -> np.ndarray:
+    """The fused score plus ``weight`` x the standardised retrieval score, in units of the fused score's
+    spread over the candidates (so the term means the same whatever the fusion weights' scale; the exposure
+    boost is in the same units)."""
+    if weight <= 0 or affinity is None or len(fused) < 2:
+        return fused
+    a = affinity.astype(np.float64)
+    sd = float(a.std())
+    if not np.isfinite(sd) or sd == 0:
+        return fused
+    spread = float(np.std(fused)) or 1.0
+    return (fused + weight * spread * (a - a.mean()) / sd).astype(fused.dtype)
 
 
 def _exposure_boost(steps: PolicySteps, fused: np.ndarray, creator: np.ndarray,

@@ -15,6 +15,12 @@ class FusionStep:
     mode: Literal["sum", "product"] = "sum"  # product: prod(p_h ** w_h), hate's negative weight divides
     # Per-head weight overrides of the bundle's scenario weights (head -> weight); empty = the bundle's.
     weights: dict[str, float] = field(default_factory=dict)
+    # The candidate's retrieval score (served user vector . item vector), standardised over the request's
+    # candidates, added to the fused score in units of the fused score's spread, times this weight. The
+    # two-tower learns from the log's impressions, so its score says what this user is likely to be shown
+    # (and engage with); the ranker says how likely engagement is once shown. null: the bundle's weight,
+    # chosen on the validation page by `python -m evaluation choose-channels` (0 if never chosen).
+    retrieval_weight: float | None = None
 
 
 @dataclass
@@ -87,6 +93,9 @@ class PolicySteps:
             raise ConfigError(f"{where}.exposure.demote must be >= 0, got {self.exposure.demote}")
         if self.exposure.candidate_slots < 0:
             raise ConfigError(f"{where}.exposure.candidate_slots must be >= 0, got {self.exposure.candidate_slots}")
+        w = self.fusion.retrieval_weight
+        if w is not None and not (w >= 0 and w < float("inf")):
+            raise ConfigError(f"{where}.fusion.retrieval_weight must be a finite number >= 0 or null, got {w}")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from serving.bundle import DAY_MS, Bundle, load_bundle, resolve_bundle
 from serving.candidates import CHANNEL_REASONS, SeenMemory, available_channels, channel_quotas, merge_for_user
 from serving.config import ServeSettings
 from serving.exposure import ExposureTracker, creator_groups, least_exposed_pool, pool_candidates
-from serving.policy import Candidates, FeedPolicy
+from serving.policy import Candidates, FeedPolicy, retrieval_weight
 from serving.results import RequestError, Result, ScoredItem
 
 
@@ -76,7 +76,7 @@ class Recommender:
         faiss.omp_set_num_threads(self.settings.serving.faiss_threads)
 
     def _make_state(self, bundle: Bundle, items: frozenset[str], creators: frozenset[str]) -> ServingState:
-        policy = FeedPolicy(self.settings.policy, bundle.heads, bundle.ranking.scenarios)
+        policy = FeedPolicy(self.settings.policy, bundle.heads, bundle.ranking.scenarios, bundle.page_retrieval_weight)
         return ServingState(bundle, policy, _servable(bundle, items, creators), items, creators)
 
     @staticmethod
@@ -185,9 +185,12 @@ class Recommender:
         return ids[ids >= 0].astype(np.int64), cold, vec
 
     def _warm_exposure_pool(self, bundle: Bundle) -> None:
-        """Load the item vectors up front when a scenario uses exposure candidates (not on a request)."""
+        """Load the item vectors up front when a scenario uses exposure candidates or the retrieval score in its
+        fusion (not on a request)."""
         p = self.settings.policy
-        if any(p.for_scenario(s).exposure.candidate_slots > 0 for s in bundle.ranking.scenarios):
+        if any(p.for_scenario(s).exposure.candidate_slots > 0
+               or retrieval_weight(p.for_scenario(s), bundle.page_retrieval_weight) > 0
+               for s in bundle.ranking.scenarios):
             self._item_vectors(bundle)
 
     def _item_vectors(self, b: Bundle) -> np.ndarray:
@@ -385,6 +388,8 @@ class Recommender:
         cands = self.candidates(st, row, hist, rows, preds, name, None)
         if len(extra):
             cands.exposure_pool = np.arange(len(rows)) >= n_retrieved
+        if vec is not None and st.policy.fusion_retrieval_weight(self.settings.policy.for_scenario(name)) > 0:
+            cands.affinity = self._item_vectors(b)[rows] @ vec[0]
         page = st.policy.page(cands, k, name, self.exposure)
         t3 = time.perf_counter()
         sel = rows[page.index]

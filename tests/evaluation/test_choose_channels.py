@@ -53,6 +53,13 @@ def test_choice_is_the_best_arm_by_the_primary_gain_with_a_paired_interval():
     # A tie keeps the incumbent.
     tied = {a: {**m, "ndcg@20_long_view": 0.05} for a, m in arms.items()}
     assert choose({**result, "arms": tied}, per_user)["chosen"] == INCUMBENT
+    # A leader the interval cannot tell from the incumbent does not replace it.
+    swing = 0.05 * np.where(np.arange(200) % 2, 1.0, -1.0)  # +0.002 on average, +-0.05 per user
+    close = {**per_user, "covisit": per_user[INCUMBENT] + 0.002 + swing, "ann": per_user[INCUMBENT] - 0.01}
+    arms_close = {a: {**m, "ndcg@20_long_view": float(np.nanmean(close[a]))} for a, m in arms.items()}
+    c = choose({**result, "arms": arms_close}, close)
+    assert c["leader"] == "covisit" and c["chosen"] == INCUMBENT and c["quotas"] == arms[INCUMBENT]["quotas"]
+    assert c["leader_minus_incumbent"]["ci95"][0] <= 0 and c["chosen_minus_incumbent"] is None
 
 
 def test_amending_the_quotas_rechecksums_and_leaves_every_other_file(synthetic_bundle: Path, tmp_path: Path):
@@ -105,12 +112,22 @@ def test_choose_channels_cli_writes_the_choice_into_the_bundle_and_registers_it(
     choice = json.loads((out / "metrics.json").read_text())["retrieval"]["channels"]["page_choice"]
     metric = choice["metric"]
     assert metric == "ndcg@10_long_view" and choice["users"] > 0
-    # The arms: the incumbent, each channel alone and the shortlisted mixes; the chosen one is the best.
+    # The arms: the incumbent, each channel alone and the shortlisted mixes; the leader is the best, and it
+    # serves only if it beat the incumbent with evidence.
     assert {INCUMBENT, "ann", "covisit", "trending", "fresh", "mf"} <= set(choice["arms"])
-    assert choice["arms"][choice["chosen"]][metric] == max(m[metric] for m in choice["arms"].values())
+    assert choice["arms"][choice["leader"]][metric] == max(m[metric] for m in choice["arms"].values())
+    assert choice["chosen"] in (choice["leader"], INCUMBENT)
+    assert (choice["chosen"] == choice["leader"]) == (choice["leader"] == INCUMBENT
+                                                      or choice["leader_minus_incumbent"]["ci95"][0] > 0)
     assert load_bundle(out / "bundle").channel_quotas == choice["quotas"]
+    # First the retrieval score's weight in the page's fusion: every weight tried, the choice written into
+    # the bundle, and every quota arm served with it.
+    wc = choice["retrieval_weight_choice"]
+    assert {f"retrieval_weight_{w}" for w in (0, 1, 2, 4, 8, 16)} <= set(wc["arms"])
+    assert load_bundle(out / "bundle").page_retrieval_weight == wc["retrieval_weight"]
+    assert {m["retrieval_weight"] for m in choice["arms"].values()} == {wc["retrieval_weight"]}
     assert verify_bundle(out / "bundle")["metrics"]["retrieval"]["channels"]["page_choice"] == choice
-    assert f"{choice['arms'][choice['chosen']][metric]:.4f}" in r.stdout
+    assert f"{choice['arms'][choice['leader']][metric]:.4f}" in r.stdout
     assert (out / "channel_choice.png").stat().st_size > 1000
     import mlflow
 

@@ -114,6 +114,36 @@ def test_fusion_ranks_by_weighted_heads_and_hate_pulls_down(world: World):
     assert s[1] < s[0]
 
 
+def test_the_retrieval_score_joins_the_fusion_in_units_of_the_fused_spread(world: World):
+    """policy.fusion.retrieval_weight w: the page orders by fused + w * std(fused) * z(affinity) over the allowed
+    candidates (a plain loop here); w = 0 or no affinity leaves the ranker's order; the bundle's weight
+    applies where the policy leaves it null; a negative weight is refused."""
+    c = truth_candidates(world, 0)
+    rng = np.random.default_rng(3)
+    c.affinity = rng.normal(size=len(c.allowed)).astype(np.float32)
+    base = FeedPolicy(PolicyConfig.engagement_only(), HEADS, SCENARIOS)
+    fused = fuse(c.preds, base.weights["feed"])
+    keep = np.flatnonzero(c.allowed)
+    for w in (0.5, 3.0):
+        cfg = PolicyConfig.engagement_only()
+        cfg.fusion.retrieval_weight = w
+        page = FeedPolicy(cfg, HEADS, SCENARIOS).page(c, K, "feed")
+        f, a = fused[keep].astype(np.float64), c.affinity[keep].astype(np.float64)
+        loop = [f[i] + w * f.std() * (a[i] - a.mean()) / a.std() for i in range(len(keep))]
+        np.testing.assert_array_equal(page.index, keep[np.argsort(-np.array(loop), kind="stable")[:K]])
+    ranker_only = base.page(c, K, "feed").index
+    assert not np.array_equal(page.index, ranker_only)  # the weight really moved the page
+    bundle_choice = FeedPolicy(PolicyConfig.engagement_only(), HEADS, SCENARIOS, retrieval_weight=3.0)
+    np.testing.assert_array_equal(bundle_choice.page(c, K, "feed").index, page.index)
+    cfg = PolicyConfig.engagement_only()
+    cfg.fusion.retrieval_weight = 0.0  # the policy's 0 overrides the bundle's choice
+    np.testing.assert_array_equal(FeedPolicy(cfg, HEADS, SCENARIOS, 3.0).page(c, K, "feed").index, ranker_only)
+    c.affinity = None
+    np.testing.assert_array_equal(bundle_choice.page(c, K, "feed").index, ranker_only)
+    with pytest.raises(ConfigError, match="retrieval_weight"):
+        load_policy({"fusion": {"retrieval_weight": -1.0}})
+
+
 def test_fans_first_puts_fresh_items_of_iron_fan_creators_on_top(world: World):
     user = fans_user(world)
     c = truth_candidates(world, user)

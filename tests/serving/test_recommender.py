@@ -382,3 +382,38 @@ def test_the_ann_fills_what_a_short_channel_leaves(serving_bundle: Path):
     assert {CHANNEL_REASONS[t] for t in tags[len(short):]} == {"channel:ann"}
     # A user the bundle never saw has no history for co-visitation: the ANN (cold-start vector) fills it all.
     assert on.recommend("no-such-user", 10).candidates >= n and off.recommend("no-such-user", 10).candidates < n
+
+
+def test_a_retrieval_weight_orders_the_page_by_the_served_vectors(serving_bundle: Path, tmp_path: Path):
+    """policy.fusion.retrieval_weight: with a weight that dwarfs the ranker, an engagement-only page is the
+    candidates in order of user vector . item vector; with the default (the bundle's, 0 unless chosen) it is
+    the ranker's order; a bundle amended with a chosen weight serves it."""
+    from features.bundle import amend_channel_quotas
+
+    off = {s: {"enabled": False} for s in ("fans_first", "quality", "exposure", "diversity", "exploration")}
+
+    def rec_with(weight, bundle=serving_bundle) -> Recommender:
+        policy = {**off, "fusion": {"retrieval_weight": weight}} if weight is not None else off
+        return Recommender(load_bundle(bundle), settings_from_raw({"policy": policy}))
+
+    heavy, plain = rec_with(1e6), rec_with(None)
+    b = heavy.bundle
+    vecs = heavy._item_vectors(b)
+    moved = 0
+    for u in sorted(b.user_row)[:15]:
+        row, hist = heavy.user_lookup(b, u)
+        u_vec = heavy._user_vector(b, row, hist)[0]
+        aff = [float(vecs[b.item_row[i.item_id]] @ u_vec) for i in heavy.recommend(u, 10).items]
+        assert aff == sorted(aff, reverse=True)
+        ranked = [i.item_id for i in plain.recommend(u, 10).items]
+        moved += ranked != [i.item_id for i in heavy.recommend(u, 10).items]
+    assert moved > 0
+    amended = tmp_path / "bundle"
+    shutil.copytree(serving_bundle, amended)
+    amend_channel_quotas(amended, load_bundle(serving_bundle).channel_quotas, "a test", retrieval_weight=1e6)
+    assert load_bundle(amended).page_retrieval_weight == 1e6
+    u = sorted(b.user_row)[0]
+    assert ([i.item_id for i in rec_with(None, amended).recommend(u, 10).items]
+            == [i.item_id for i in heavy.recommend(u, 10).items])
+    with pytest.raises(BundleError, match="retrieval weight"):
+        amend_channel_quotas(amended, load_bundle(serving_bundle).channel_quotas, "x", retrieval_weight=-1.0)

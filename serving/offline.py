@@ -268,6 +268,7 @@ def serve_arm(rec: Recommender, cases: list[UserCase], k: int, scenario: str | N
         cands = rec.candidates(st, c.row, c.hist, c.rows, c.preds, name, None)
         if n_extra:
             cands.exposure_pool = np.arange(len(c.rows)) >= len(c.rows) - n_extra
+        cands.affinity = rec.affinity(st, name, c.vec, c.rows)
         page = st.policy.page(cands, k, name, rec.exposure)
         tally.add(c, cands, page, fuse(c.preds, st.policy.weights[name], steps.fusion.mode))
     seconds = time.perf_counter() - t0

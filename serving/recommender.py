@@ -318,6 +318,13 @@ class Recommender:
                           high_quality=b.high_quality[rows], fan_fresh=fan_fresh,
                           new_category=~np.isin(category, seen))
 
+    def affinity(self, st: ServingState, scenario: str, vec: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+        """The candidates' retrieval scores (user vector . item vector) when the scenario's fusion weighs them,
+        else None (no user vector: the popular cold start)."""
+        if vec is None or st.policy.fusion_retrieval_weight(self.settings.policy.for_scenario(scenario)) <= 0:
+            return None
+        return self._item_vectors(st.bundle)[rows] @ vec[0]
+
     def _items(self, b: Bundle, rows: np.ndarray, preds: np.ndarray, scores: np.ndarray,
                reasons: list[list[str]], watch_ms: np.ndarray | None) -> list[ScoredItem]:
         heads = b.heads
@@ -388,8 +395,7 @@ class Recommender:
         cands = self.candidates(st, row, hist, rows, preds, name, None)
         if len(extra):
             cands.exposure_pool = np.arange(len(rows)) >= n_retrieved
-        if vec is not None and st.policy.fusion_retrieval_weight(self.settings.policy.for_scenario(name)) > 0:
-            cands.affinity = self._item_vectors(b)[rows] @ vec[0]
+        cands.affinity = self.affinity(st, name, vec, rows)
         page = st.policy.page(cands, k, name, self.exposure)
         t3 = time.perf_counter()
         sel = rows[page.index]

@@ -45,7 +45,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-users", type=int, default=2000,
                     help="the first N validation users with a positive (time order); 0 = all")
     ap.add_argument("--top", type=int, default=3, help="best mixes by validation Recall@K added to the shortlist")
-    ap.add_argument("--retrieval-weights", default="0,1,2,4,8,16",
+    ap.add_argument("--retrieval-weights", default="0,1,2,4,8,16,32",
                     help="weights of the retrieval score in the page's fusion to try (policy.fusion.retrieval_weight; "
                          "comma-separated); the config's value, when set, is kept instead")
     ap.add_argument("--scenario", default=None)

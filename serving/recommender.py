@@ -19,7 +19,7 @@ from serving.bundle import DAY_MS, Bundle, load_bundle, resolve_bundle
 from serving.candidates import CHANNEL_REASONS, SeenMemory, available_channels, channel_quotas, merge_for_user
 from serving.config import ServeSettings
 from serving.exposure import ExposureTracker, creator_groups, least_exposed_pool, pool_candidates
-from serving.policy import Candidates, FeedPolicy, retrieval_weight
+from serving.policy import Candidates, FeedPolicy, fuse, retrieval_weight, with_affinity
 from serving.results import RequestError, Result, ScoredItem
 
 
@@ -427,10 +427,12 @@ class Recommender:
         rows = np.array(keep, dtype=np.int64)
         row, hist = self.user_lookup(b, user_id)
         preds, watch_ms = self.score(b, user_id, row, hist, rows, context)
-        from serving.policy import fuse
-
         steps = self.settings.policy.for_scenario(name)
         score = fuse(preds, st.policy.weights[name], steps.fusion.mode)
+        if len(rows) > 1 and st.policy.fusion_retrieval_weight(steps) > 0:  # the page's fusion, as in recommend
+            popular = row < 0 and self.settings.serving.cold_start == "popular"
+            vec = None if popular else self._user_vector(b, row, hist)
+            score = with_affinity(score, self.affinity(st, name, vec, rows), st.policy.fusion_retrieval_weight(steps))
         order = np.argsort(-score, kind="stable")
         items = self._items(b, rows[order], preds[order], score[order], [["relevance"] for _ in order],
                             None if watch_ms is None else watch_ms[order])

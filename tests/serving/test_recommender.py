@@ -407,6 +407,10 @@ def test_a_retrieval_weight_orders_the_page_by_the_served_vectors(serving_bundle
         assert aff == sorted(aff, reverse=True)
         ranked = [i.item_id for i in plain.recommend(u, 10).items]
         moved += ranked != [i.item_id for i in heavy.recommend(u, 10).items]
+        # /rank applies the same fusion to the client's candidates
+        given = [i.item_id for i in plain.recommend(u, 20).items]
+        by_rank = [float(vecs[b.item_row[i.item_id]] @ u_vec) for i in heavy.rank(u, given).items]
+        assert by_rank == sorted(by_rank, reverse=True)
     assert moved > 0
     amended = tmp_path / "bundle"
     shutil.copytree(serving_bundle, amended)

@@ -22,7 +22,8 @@ def main() -> int:
     channels.add_arguments(sub.add_parser(
         "channels", help="served feed from the merged candidates vs each channel alone (serving.offline_channels)"))
     choose_channels.add_arguments(sub.add_parser(
-        "choose-channels", help="choose the served channel quotas by the served page on validation, into the bundles"))
+        "choose-channels",
+        help="choose the page's retrieval weight and the channel quotas by the served page on validation, into the bundles"))
     args = ap.parse_args()
     return {"policy": policy.run, "channels": channels.run, "choose-channels": choose_channels.run}[args.command](args)
 

@@ -1,19 +1,26 @@
-"""``python -m evaluation choose-channels``: choose the served candidate quotas by the page the user gets.
+"""``python -m evaluation choose-channels``: choose the page's retrieval weight and the served candidate
+quotas by the page the user gets.
 
     python -m evaluation choose-channels --config configs/kuairand.yaml [--set key=value ...]
-        [--max-users N] [--top N] [--k 20] [--dry-run] [--no-mlflow]
+        [--max-users N] [--top N] [--k 20] [--retrieval-weights 0,1,2,4,8,16,32] [--dry-run] [--no-mlflow]
+
+First the weight of the retrieval score in the page's fusion (``policy.fusion.retrieval_weight``; unless the
+config sets it): each weight is served with the bundle's quotas. Then the quotas, every arm served at the
+chosen weight. Either changes only when its best arm beats the bundle's current setting with evidence (the
+paired user-bootstrap 95% interval of the difference above 0).
 
 Training chooses the quota mix by Recall@K of the merged set on validation (``retrieval.valid.channel_sweep``):
 what the ranker *could* pick. What the user gets is the page the ranker and the feed policy build from it, and
 the two disagree (on the shipped sample the best-recall mix served a page below co-visitation alone). This
 step serves a shortlist of mixes on the validation period through the service's own request path
 (:func:`serving.offline_channels.feed_scores`, the held-out bundle as of the period's start) and keeps the
-one with the best NDCG@k of the primary gain. The shortlist: the mix training chose, each channel alone, the
+one with the best NDCG@k of the primary gain (by the rule above). The shortlist: the mix training chose, each channel alone, the
 ``--top`` best mixes by validation recall, and for each channel the best-recall mix that gives it its largest
 share. Every arm is served with ``serving.fill_from_ann`` as configured, so a channel that finds little for
 a user is topped up from the ANN.
 
-The choice is written into the bundles of ``output_dir`` (``retrieval.json`` channels, re-checksummed by
+The choice is written into the bundles of ``output_dir`` (``retrieval.json`` channels and
+``page_retrieval_weight``, re-checksummed by
 :func:`features.bundle.amend_channel_quotas`; the held-out bundle and the served one), recorded in
 ``metrics.json`` and the manifests as ``retrieval.channels.page_choice``, and the served bundle is registered
 as a new model version (its alias moves under the same gates as the fit's). ``serving.channel_quotas`` in the

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: build features, train both models, evaluate, export, index, bundle and register them
-# (training), choose the served channel quotas on validation (evaluation), then start the MLflow UI and the
-# BentoML service on localhost and send an example request.
+# (training), choose the page's retrieval weight and the channel quotas on validation (evaluation), then
+# start the MLflow UI and the BentoML service on localhost and send an example request.
 #
 #   scripts/main.sh [--config FILE] [--set key=value ...]      (make main CONFIG=... SET="--set ...")
 #   MAIN_SMOKE=1 scripts/main.sh ...   stops both servers after the example request instead of waiting
@@ -37,7 +37,7 @@ HELDOUT=$(sed -n 2p <<< "$FIT_OUT")
 # Training chose the channel quotas by the recall of the merged candidates; the served ones are chosen by the
 # page the user gets on the validation days, written into the bundles and registered as a new version.
 echo
-echo "channel quotas by the served page on the validation days (python -m evaluation choose-channels):"
+echo "retrieval weight and channel quotas by the served page on the validation days (python -m evaluation choose-channels):"
 "$PY" -m evaluation choose-channels "$@"
 
 # What the user gets from the merged candidates against each channel alone: the served page on the test

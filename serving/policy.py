@@ -179,7 +179,6 @@ class FeedPolicy:
                  "boost": float(exposure.boost) if exposure is not None else 0.0}
         return Page(keep[idx], score[idx], fused[idx].astype(np.float64), tags, stats)
 
-
     def fusion_retrieval_weight(self, steps: PolicySteps) -> float:
         return retrieval_weight(steps, self.retrieval_weight)
 

@@ -78,8 +78,8 @@ def _fit(args: argparse.Namespace) -> int:
             bundle = assemble_bundle(cfg, metrics, source)
             reg = log_and_register(cfg, bundle, metrics)
             print(f"bundle: {bundle}")
-            print("  (next: `python -m evaluation choose-channels` with this config chooses the served channel quotas "
-                  "by the page on validation)")
+            print("  (next: `python -m evaluation choose-channels` with this config chooses the page's retrieval "
+                  "weight and the channel quotas by the page on validation)")
             if source is not None:  # the refit saw every day: the policy evaluation needs the held-out models
                 heldout = assemble_bundle(cfg, metrics, None, name=HELDOUT_BUNDLE_DIR)
                 print(f"held-out bundle (evaluate-policy on the valid / test periods): {heldout}")

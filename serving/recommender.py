@@ -429,10 +429,11 @@ class Recommender:
         preds, watch_ms = self.score(b, user_id, row, hist, rows, context)
         steps = self.settings.policy.for_scenario(name)
         score = fuse(preds, st.policy.weights[name], steps.fusion.mode)
-        if len(rows) > 1 and st.policy.fusion_retrieval_weight(steps) > 0:  # the page's fusion, as in recommend
+        weight = st.policy.fusion_retrieval_weight(steps)
+        if len(rows) > 1 and weight > 0:  # the page's fusion, as in recommend
             popular = row < 0 and self.settings.serving.cold_start == "popular"
             vec = None if popular else self._user_vector(b, row, hist)
-            score = with_affinity(score, self.affinity(st, name, vec, rows), st.policy.fusion_retrieval_weight(steps))
+            score = with_affinity(score, self.affinity(st, name, vec, rows), weight)
         order = np.argsort(-score, kind="stable")
         items = self._items(b, rows[order], preds[order], score[order], [["relevance"] for _ in order],
                             None if watch_ms is None else watch_ms[order])

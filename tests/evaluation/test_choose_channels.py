@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.choose_channels import INCUMBENT, choose, shortlist
+from evaluation.choose_channels import INCUMBENT, choose, parse_weights, shortlist
 from features.bundle import amend_channel_quotas, verify_bundle
 from features.contract import BundleError
 from serving.bundle import load_bundle
@@ -60,6 +60,18 @@ def test_choice_is_the_best_arm_by_the_primary_gain_with_a_paired_interval():
     c = choose({**result, "arms": arms_close}, close)
     assert c["leader"] == "covisit" and c["chosen"] == INCUMBENT and c["quotas"] == arms[INCUMBENT]["quotas"]
     assert c["leader_minus_incumbent"]["ci95"][0] <= 0 and c["chosen_minus_incumbent"] is None
+
+
+def test_retrieval_weights_are_parsed_or_refused_with_the_reason():
+    from features.config import ConfigError
+
+    assert parse_weights("0, 1,2.5,") == [0.0, 1.0, 2.5] and parse_weights("") == []
+    with pytest.raises(ConfigError, match="comma-separated numbers"):
+        parse_weights("1,two")
+    with pytest.raises(ConfigError, match="finite and >= 0"):
+        parse_weights("1,-2")
+    with pytest.raises(ConfigError, match="finite and >= 0"):
+        parse_weights("inf")
 
 
 def test_amending_the_quotas_rechecksums_and_leaves_every_other_file(synthetic_bundle: Path, tmp_path: Path):

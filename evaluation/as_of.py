@@ -61,7 +61,7 @@ def as_of(bundle: Bundle, view: Bundle, start: int) -> tuple[Bundle, dict[str, A
     vectors = np.array(np.load(bundle.path / RETRIEVAL / spec.files.item_vectors), dtype=np.float32)
     item_ids = tables.items["item_id"].astype(str).to_numpy()
     if spec.prior is not None and spec.prior.dimension < vectors.shape[1]:
-        vectors[:, spec.prior.dimension] = log_prior(rc, before, item_ids, start)
+        vectors[:, spec.prior.dimension] = log_prior(rc, before, item_ids, start, spec.prior.days)
         note["prior"] = "rebuilt"
     mf = spec.mf
     if mf is not None and mf.weight > 0 and mf.dimensions[1] > mf.dimensions[0]:

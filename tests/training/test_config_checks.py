@@ -22,10 +22,20 @@ from training.config import TrainConfig
     ("fans.follow_signal=watch_time", r"fans\.follow_signal = 'watch_time' is not a declared binary signal"),
     ("data.interactions.duration_column=null", r"watch_time_signal needs data\.interactions\.duration_column"),
     ("quality.score_weights.likes=1", r"quality\.score_weights names 'likes'"),
+    ("retrieval.prior_days=[0, -1]", r"prior_days be \(a list of\) values >= 0, got \[0\.0\], \[0\.0, -1\.0\]"),
+    ("retrieval.prior_days=-2", r"prior_days be \(a list of\) values >= 0"),
+    ("retrieval.prior_days=[]", r"prior_days be \(a list of\) values >= 0"),
+    ("retrieval.prior_days=recent", r"retrieval\.prior_days: 'recent' fits none of"),
 ])
 def test_bad_roles_are_named_at_load_time(synthetic_config, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(synthetic_config, [override], TrainConfig)
+
+
+def test_the_prior_window_is_one_number_or_a_grid(synthetic_config):
+    one = load_config(synthetic_config, ["retrieval.prior_days=3"], TrainConfig).retrieval
+    grid = load_config(synthetic_config, ["retrieval.prior_days=[0, 2, 2, 1]"], TrainConfig).retrieval
+    assert one.prior_day_grid == [3.0] and grid.prior_day_grid == [0.0, 2.0, 1.0]  # config order, once each
 
 
 def test_defaults_follow_the_declared_signals(world, tmp_path):

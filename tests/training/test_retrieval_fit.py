@@ -41,7 +41,7 @@ def _cfg(path: Path, *extra: str) -> TrainConfig:
 @pytest.fixture(scope="module")
 def fitted(synthetic_config: Path, synthetic_tables: FeatureTables, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("retrieval") / "retrieval"
-    metrics = fit_retrieval(_cfg(synthetic_config), synthetic_tables, out, progress=False)
+    metrics = fit_retrieval(_cfg(synthetic_config, "retrieval.prior_days=[0, 2]"), synthetic_tables, out, progress=False)
     return out, metrics
 
 
@@ -54,14 +54,22 @@ def test_fit_writes_the_stage_outputs(fitted, synthetic_tables):
     assert vecs.dtype == np.float32 and vecs.shape == (len(synthetic_tables.items), 17)  # + the prior's dimension
     np.testing.assert_allclose(np.linalg.norm(vecs[:, :16], axis=1), 1.0, atol=1e-5)
     meta = json.loads((out / "retrieval.json").read_text())
-    # The prior column is log(1 + positives) over the whole log; the user side carries the chosen beta.
+    # The prior column is log(1 + positives) over the chosen window at the end of the log (0 = all of it);
+    # the user side carries the chosen beta.
+    days, beta = meta["prior"]["days"], meta["prior"]["beta"]
+    assert metrics["valid"]["prior"] == {"days": days, "beta": beta} and metrics["protocol"]["prior_days"] == days
     log = pd.read_parquet(synthetic_tables.dir / "interactions.parquet")
-    counts = log[log["long_view"] > 0]["item_id"].astype(str).value_counts()
-    expect = np.log1p(synthetic_tables.items["item_id"].astype(str).map(counts).fillna(0).to_numpy())
-    np.testing.assert_allclose(vecs[:, 16], expect, rtol=1e-5)
-    assert meta["prior"]["beta"] in (0.0, 0.1) and meta["embedding_dim"] == 17
+    for window in (days, 2.0):  # the chosen one, and the recent one whatever was chosen (see below)
+        recent = log[log["ts"] >= log["ts"].max() + 1 - window * 86_400_000] if window > 0 else log
+        counts = recent[recent["long_view"] > 0]["item_id"].astype(str).value_counts()
+        expect = np.log1p(synthetic_tables.items["item_id"].astype(str).map(counts).fillna(0).to_numpy())
+        if window == days:
+            np.testing.assert_allclose(vecs[:, 16], expect, rtol=1e-5)
+        else:
+            assert 0 < (expect > 0).sum() < (vecs[:, 16] > 0).sum()  # the recent window really is narrower
+    assert (days, beta) in {(0.0, 0.0), (0.0, 0.1), (2.0, 0.1)} and meta["embedding_dim"] == 17
     assert set(metrics["baselines"]) == {"popularity", "recent_popularity", "mf", "covisit"}
-    assert set(metrics["valid"]["prior_sweep"]) == {"0.0", "0.1"}
+    assert set(metrics["valid"]["prior_sweep"]) == {"0d:0.0", "0d:0.1", "2d:0.1"}
     layout = InputLayout.from_tables(synthetic_tables)
     assert meta["user_tower"]["inputs"][0]["columns"] == layout.user_cat
     assert meta["item_tower"]["inputs"][1]["columns"] == layout.item_num

@@ -183,3 +183,41 @@ def test_history_encoder_matches_a_per_user_loop_over_real_items_only():
     assert torch.isfinite(got).all() and not torch.allclose(got[2], got[3])  # an empty history is finite too
     with pytest.raises(ValueError, match="divisible"):
         HistoryEncoder(9, length, 1, 2, 0.0)
+
+
+def test_prior_sweep_picks_the_window_and_beta_that_rank_the_targets_and_matches_a_plain_loop():
+    """Two prior windows: a long one that knows old hits, a recent one that knows what the period's users
+    turn to. The sweep must score every (window, beta) like a plain ranking and pick the recent window."""
+    from training.retrieval.task import PriorChoice, prior_sweep
+
+    rng = np.random.default_rng(7)
+    n_users, n_items = 60, 80
+    seen = pd.DataFrame({"user_id": rng.integers(0, n_users, 200).astype(str),
+                         "item_id": rng.integers(0, n_items, 200).astype(str)})
+    recent_hits = rng.choice(n_items, 10, replace=False)
+    rows = pd.DataFrame({"user_id": np.repeat(np.arange(n_users), 3).astype(str),
+                         "item_id": rng.choice(recent_hits, 3 * n_users).astype(str), "long_view": True})
+    catalogue = np.array([str(i) for i in range(n_items)])
+    es = make_eval_set(seen, rows, catalogue, "long_view")
+    uv = rng.normal(size=(es.n_users, 4)).astype(np.float32)
+    iv = rng.normal(size=(len(es.candidates), 4)).astype(np.float32)
+    long_window = rng.random(len(es.candidates)).astype(np.float32) * 3  # unrelated to the period
+    recent = np.zeros(len(es.candidates), np.float32)
+    recent[np.isin(catalogue[es.candidates], recent_hits.astype(str))] = 3.0
+    ks = [5, 10]
+    best, sweep = prior_sweep(es, uv, iv, {0.0: long_window, 2.0: recent}, [0.0, 0.5, 4.0], ks, [])
+    # beta 0 is scored once (the window does not matter without a prior), every other pair once
+    assert list(sweep) == [PriorChoice(0.0, 0.0), PriorChoice(0.0, 0.5), PriorChoice(0.0, 4.0),
+                           PriorChoice(2.0, 0.5), PriorChoice(2.0, 4.0)]
+    assert best == PriorChoice(2.0, 4.0)
+    n_pos = np.asarray(es.targets.sum(1)).ravel()
+    for choice, got in sweep.items():
+        prior = {0.0: long_window, 2.0: recent}[choice.days]
+        scores = uv @ iv.T + choice.beta * prior[None, :]
+        want = recall_ndcg(ranked_hits(lambda u: scores[u], es, max(ks)), n_pos, ks, [])
+        assert got == pytest.approx(want)
+    assert sweep[best]["recall@5"] > sweep[PriorChoice(0.0, 4.0)]["recall@5"] + 0.2
+    # One window: the metrics name each pair by its beta alone, as before windows were a grid.
+    assert [c.key(True) for c in sweep][:3] == ["0.0", "0.5", "4.0"] and best.key(False) == "2d:4.0"
+    only, _ = prior_sweep(es, uv, iv, None, [0.0, 0.5], ks, [])
+    assert only == PriorChoice(0.0, 0.0)

@@ -19,7 +19,9 @@ class RetrievalConfig:
     # Popularity prior added back at scoring: u.v + beta * log(1 + positives of the item), folded into
     # one extra dimension on each side; beta is chosen on validation from this grid ([0] = no prior).
     prior_betas: list[float] = field(default_factory=lambda: [0.0])
-    prior_days: float = 0.0  # count the prior over the last N days before the scored period (0 = all)
+    # Count the prior over the last N days before the scored period (0 = every day); a list is a grid chosen
+    # on validation together with beta (a recent window lets the prior follow what is popular now).
+    prior_days: float | list[float] = 0.0
     # Matrix-factorisation dimensions folded into the served vectors: [u, w * mf_user, beta] . [v, mf_item,
     # log pop], the ALS of the tuned MF baseline (fit on every row the bundle knows). w is chosen on
     # validation with beta from this grid ([0] = the two-tower alone); needs baselines.als.
@@ -75,6 +77,12 @@ class RetrievalConfig:
     covisit_top: int = 50  # neighbours kept per item in the served co-visitation table
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
+    @property
+    def prior_day_grid(self) -> list[float]:
+        """The prior's windows to try on validation, in days (0 = every day), in the config's order."""
+        days = self.prior_days if isinstance(self.prior_days, list) else [self.prior_days]
+        return list(dict.fromkeys(float(d) for d in days))
+
     def row_weights(self, rows) -> "np.ndarray":
         """(R,) training weight of each row (a DataFrame with the signal columns); 0 = not an example."""
         import numpy as np
@@ -113,9 +121,9 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.signal_weights names {unknown}, not binary signals; known: {binary_signals}")
         if self.impression_weight < 0 or any(w < 0 for w in self.signal_weights.values()):
             raise ConfigError("retrieval.impression_weight and retrieval.signal_weights must be >= 0")
-        if not self.prior_betas or self.prior_days < 0:
-            raise ConfigError(f"retrieval.prior_betas must list a value and prior_days be >= 0, got "
-                              f"{self.prior_betas}, {self.prior_days}")
+        if not self.prior_betas or not self.prior_day_grid or min(self.prior_day_grid) < 0:
+            raise ConfigError(f"retrieval.prior_betas must list a value and prior_days be (a list of) values >= 0, "
+                              f"got {self.prior_betas}, {self.prior_days}")
         self.baselines.validate()
         if not self.mf_weights or min(self.mf_weights) < 0:
             raise ConfigError(f"retrieval.mf_weights must list values >= 0, got {self.mf_weights}")

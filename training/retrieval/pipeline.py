@@ -37,7 +37,7 @@ from training.retrieval.model import ItemEmbeddings, ItemTower, TwoTower, UserTo
 from training.retrieval.log import load_log, period_rows
 from training.retrieval.rows import item_num_stats, positive_counts, positive_stream, positive_tensors, user_rows
 from training.retrieval.ship import onnx_vectors, retrieval_meta, ship
-from training.retrieval.task import RetrievalTask, Throughput, ValInputs, tower_vectors
+from training.retrieval.task import PriorChoice, RetrievalTask, Throughput, ValInputs, tower_vectors
 from training.retrieval.served_dims import log_prior, mf_fit, with_prior
 from training.retrieval.vectors import choose_mf_weight, with_mf
 from training.stream import stream_callbacks
@@ -80,7 +80,7 @@ def _eval_users(tables: FeatureTables, layout: InputLayout, es: EvalSet, period:
 
 
 def _val_inputs(es: EvalSet, users: pd.DataFrame, layout: InputLayout, feats: ItemFeatures, block: int,
-                prior: np.ndarray | None = None) -> ValInputs:
+                priors: dict[float, np.ndarray] | None = None) -> ValInputs:
     ua = layout.user_arrays(users)
     return ValInputs(
         es,
@@ -88,7 +88,7 @@ def _val_inputs(es: EvalSet, users: pd.DataFrame, layout: InputLayout, feats: It
         torch.from_numpy(ua["history"]),
         torch.from_numpy(feats.cat[es.candidates]),
         torch.from_numpy(np.ascontiguousarray(feats.num[block, es.candidates])),
-        None if prior is None else prior[es.candidates],
+        None if priors is None else {d: p[es.candidates] for d, p in priors.items()},
     )
 
 
@@ -187,9 +187,10 @@ def _train(cfg: TrainConfig, tables: FeatureTables, p: _Periods, out_dir: Path, 
                          "early stopping needs one; widen split.valid_* ")
     val, val_users = None, None
     if val_es is not None:
-        val_prior = log_prior(rc, p.train, feats.item_ids, int(p.split["valid_start"]))
+        val_priors = {d: log_prior(rc, p.train, feats.item_ids, int(p.split["valid_start"]), d)
+                      for d in rc.prior_day_grid}
         val_users = _eval_users(tables, layout, val_es, p.valid)
-        val = _val_inputs(val_es, val_users, layout, feats, p.valid_block, val_prior)
+        val = _val_inputs(val_es, val_users, layout, feats, p.valid_block, val_priors)
     model = build_model(layout, feats, rc, num_mean, num_std)
     task = RetrievalTask(
         model, rc, torch.tensor(feats.cat), torch.from_numpy(feats.num), torch.from_numpy(counts.freq),
@@ -230,7 +231,7 @@ class _Evaluated:
     metrics: dict[str, Any]  # test period: the model, the baselines and the channels
     valid: dict[str, Any]  # validation: what was chosen there and the sweeps
     test_queries: np.ndarray  # the test users' served query vectors (the index's recall queries)
-    beta: float
+    prior: PriorChoice
     mf_weight: float
     quotas: dict[str, int]
     window: int
@@ -250,25 +251,31 @@ def _evaluate(rc: RetrievalConfig, tables: FeatureTables, p: _Periods, model: Tw
     seen = p.rows[p.rows["period"] != "test"]
     test_es = make_eval_set(seen, p.test, feats.item_ids, signal)
     val_base, test_base, tuning = baseline_scorers(rc, p.train, p.valid, seen, feats.item_ids, val_es, test_es, split, seed)
-    mf_val, beta, sweep, mf_sweep = choose_mf_weight(rc, tuning, p.train, feats, tables, layout, val, val_es, uv_val,
-                                                     iv_val, monitor_first, seed)
+    mf_val, prior, sweep, mf_sweep = choose_mf_weight(rc, tuning, p.train, feats, tables, layout, val, val_es, uv_val,
+                                                      iv_val, monitor_first, seed)
     mf_weight = mf_val.weight if mf_val is not None else 0.0
-    val_vectors = with_prior(*with_mf(uv_val, iv_val, mf_val, val.user_cat, val_es.candidates), beta, val.prior)
+    assert val.priors is not None
+    val_vectors = with_prior(*with_mf(uv_val, iv_val, mf_val, val.user_cat, val_es.candidates), prior.beta,
+                             val.priors[prior.days])
     val_metrics, _ = evaluate_all(val_es, *val_vectors, val_base, **kw)
-    val_metrics["prior_sweep"] = {str(b): m for b, m in sweep.items()}
+    one_window = len(rc.prior_day_grid) == 1
+    val_metrics["prior_sweep"] = {c.key(one_window): m for c, m in sweep.items()}
+    val_metrics["prior"] = {"days": prior.days, "beta": prior.beta}
     val_metrics["baseline_sweep"] = tuning
     if mf_sweep:
         val_metrics["mf_weight_sweep"] = mf_sweep
-    test_prior = log_prior(rc, seen, feats.item_ids, int(split["test_start"]))
     test_users = _eval_users(tables, layout, test_es, p.test)
-    test_in = _val_inputs(test_es, test_users, layout, feats, p.test_block, test_prior)
+    test_in = _val_inputs(test_es, test_users, layout, feats, p.test_block,
+                          {d: log_prior(rc, seen, feats.item_ids, int(split["test_start"]), d) for d in rc.prior_day_grid})
+    assert test_in.priors is not None
     uv_tt, iv_tt = tower_vectors(model, test_in)
     mf_test = (mf_fit(rc, seen, feats.item_ids, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], mf_weight, seed)
                if mf_weight > 0 else None)
-    uv, iv = with_prior(*with_mf(uv_tt, iv_tt, mf_test, test_in.user_cat, test_es.candidates), beta, test_in.prior)
-    if mf_test is not None:  # what the MF dimensions add: the towers alone, with their own best beta
-        beta_tt = float(mf_sweep["0.0"]["beta"]) if "0.0" in mf_sweep else beta
-        uv0, iv0 = with_prior(uv_tt, iv_tt, beta_tt, test_in.prior)
+    uv, iv = with_prior(*with_mf(uv_tt, iv_tt, mf_test, test_in.user_cat, test_es.candidates), prior.beta,
+                        test_in.priors[prior.days])
+    if mf_test is not None:  # what the MF dimensions add: the towers alone, with their own best prior
+        alone = mf_sweep.get("0.0", {"beta": prior.beta, "prior_days": prior.days})
+        uv0, iv0 = with_prior(uv_tt, iv_tt, float(alone["beta"]), test_in.priors[float(alone["prior_days"])])
         test_base["two_tower_alone"] = lambda u: uv0[u] @ iv0.T
     metrics, curves = evaluate_all(test_es, uv, iv, test_base, **kw)
     window = int(tuning.get("covisit", {}).get("params", {}).get("window", 10))
@@ -285,7 +292,7 @@ def _evaluate(rc: RetrievalConfig, tables: FeatureTables, p: _Periods, model: Tw
                            "merged_vs_best_single": test_ch.get("vs_best_single")}
     val_metrics["channel_sweep"] = val_ch
     plot_curves(curves, out_dir / "recall_vs_k.png", f"test period: Recall@K ({metrics['test_users']} users)")
-    return _Evaluated(metrics, val_metrics, uv, beta, mf_weight, quotas, window, tuning)
+    return _Evaluated(metrics, val_metrics, uv, prior, mf_weight, quotas, window, tuning)
 
 
 def _mf_scores(vectors: tuple[np.ndarray, np.ndarray], dims: slice | None):
@@ -328,7 +335,7 @@ def fit_retrieval(
     tuning = ev.tuning
     mf_ship = (mf_fit(rc, p.rows, p.feats.item_ids, tables, p.layout.user_cat_sizes[0], tuning["mf"]["params"], ev.mf_weight,
                       seed) if ev.mf_weight > 0 else None)
-    shipped = ship(rc, out_dir, model, ev.beta, p.layout, p.feats, tables, p.rows, t.num_mean, t.num_std, seed,
+    shipped = ship(rc, out_dir, model, ev.prior, p.layout, p.feats, tables, p.rows, t.num_mean, t.num_std, seed,
                    ev.window, lambda: ev.test_queries, "test-period users' query vectors", mf_ship)
     training = {
         "epochs": int(trainer.current_epoch),
@@ -346,12 +353,13 @@ def fit_retrieval(
     baselines = {n: x["params"] for n, x in tuning.items()}
     metrics = {**ev.metrics, "valid": ev.valid, "training": training,
                "protocol": {"signal": rc.positive_signal, "seen_periods": ["train", "valid"],
-                            "evaluated_period": "test", "recent_days": rc.recent_days, "prior_beta": ev.beta,
+                            "evaluated_period": "test", "recent_days": rc.recent_days, "prior_beta": ev.prior.beta,
+                            "prior_days": ev.prior.days,
                             "mf_weight": ev.mf_weight, "baselines": baselines}}
     (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))
     if t.history.rows:
         _plot_history(t.history.rows, out_dir / "val_recall_by_epoch.png", t.task.val_metric)
-    meta = retrieval_meta(rc, shipped, ev.beta, ev.quotas, ev.window, baselines,
+    meta = retrieval_meta(rc, shipped, ev.prior, ev.quotas, ev.window, baselines,
                           {k: v for k, v in training.items() if k != "val_history"}, metrics)
     (out_dir / RETRIEVAL_JSON).write_text(json.dumps(meta, indent=2))
     _log_mlflow(out_dir, metrics, shipped.index, shipped.parity)
@@ -366,7 +374,8 @@ def _refit_outputs(rc: RetrievalConfig, tables: FeatureTables, out_dir: Path, mo
     ``retrieval.json`` carries the held-out metrics."""
     held = refit.held_out
     protocol = held.get("protocol", {})
-    beta = float(protocol.get("prior_beta", 0.0))
+    # a held-out fit from before the window was chosen counted the prior over the config's one window
+    prior = PriorChoice(float(protocol.get("prior_days", rc.prior_day_grid[0])), float(protocol.get("prior_beta", 0.0)))
     baselines = protocol.get("baselines", {})
     window = int(baselines.get("covisit", {}).get("window", 10))
     quotas = held.get("channels", {}).get("quotas", {"ann": rc.channel_total})
@@ -374,16 +383,17 @@ def _refit_outputs(rc: RetrievalConfig, tables: FeatureTables, out_dir: Path, mo
     mf = (mf_fit(rc, rows, feats.item_ids, tables, layout.user_cat_sizes[0], baselines["mf"], mf_weight, seed)
           if mf_weight > 0 else None)
     # The index's recall is measured on the exported user tower's vectors of users' latest rows.
-    shipped = ship(rc, out_dir, model, beta, layout, feats, tables, rows, num_mean, num_std, seed, window,
+    shipped = ship(rc, out_dir, model, prior, layout, feats, tables, rows, num_mean, num_std, seed, window,
                     lambda: onnx_vectors(out_dir / USER_TOWER_ONNX, _refit_queries(tables, rows, layout, 2000, seed)),
                     "refit: users' latest training rows", mf)
     training = {"epochs": refit.epochs, "train_positives": positives,
                 "samples_per_s": round(throughput.samples_per_s, 1), "wall_seconds": round(train_seconds, 1)}
-    meta = retrieval_meta(rc, shipped, beta, quotas, window, baselines, training, held)
+    meta = retrieval_meta(rc, shipped, prior, quotas, window, baselines, training, held)
     meta["refit"] = {"epochs": refit.epochs, "rows": len(rows)}
     (out_dir / RETRIEVAL_JSON).write_text(json.dumps(meta, indent=2))
     report = {"training": training, "index_recall_vs_exact": shipped.index.recall_vs_exact,
-              "parity_max_abs_diff": max(shipped.parity.values()), "prior_beta": beta, "mf_weight": mf_weight}
+              "parity_max_abs_diff": max(shipped.parity.values()), "prior_beta": prior.beta,
+              "prior_days": prior.days, "mf_weight": mf_weight}
     log_to_run({"refit/retrieval/samples_per_s": training["samples_per_s"],
                 "refit/retrieval/index_recall_vs_exact": shipped.index.recall_vs_exact},
                [out_dir / RETRIEVAL_JSON], "refit/retrieval")

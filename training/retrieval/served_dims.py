@@ -16,10 +16,10 @@ from training.retrieval.config import RetrievalConfig
 from training.retrieval.metrics import weighted_counts
 
 
-def log_prior(rc: RetrievalConfig, seen: pd.DataFrame, item_ids: np.ndarray, end_ts: int) -> np.ndarray:
-    """(catalogue,) log(1 + training weight of the item's rows), over the last ``prior_days`` before
-    ``end_ts`` (all seen rows when 0): the popularity the logQ correction took out of u.v."""
-    from_ts = int(end_ts - rc.prior_days * DAY_MS) if rc.prior_days > 0 else None
+def log_prior(rc: RetrievalConfig, seen: pd.DataFrame, item_ids: np.ndarray, end_ts: int, days: float) -> np.ndarray:
+    """(catalogue,) log(1 + training weight of the item's rows), over the last ``days`` before ``end_ts``
+    (all seen rows when 0): the popularity the logQ correction took out of u.v."""
+    from_ts = int(end_ts - days * DAY_MS) if days > 0 else None
     return np.log1p(weighted_counts(seen, item_ids, rc.row_weights(seen), from_ts)).astype(np.float32)
 
 

@@ -22,6 +22,7 @@ from training.retrieval.data import InputLayout, ItemFeatures
 from training.retrieval.index import build_and_measure
 from training.retrieval.model import PriorUserTower, TwoTower
 from training.retrieval.served_dims import MFDims, log_prior
+from training.retrieval.task import PriorChoice
 
 PARITY_TOL = 1e-4
 
@@ -61,14 +62,14 @@ class Shipped:
     mf_weight: float = 0.0
 
 
-def ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, beta: float, layout: InputLayout, feats: ItemFeatures,
+def ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, prior: PriorChoice, layout: InputLayout, feats: ItemFeatures,
           tables: FeatureTables, rows: pd.DataFrame, num_mean: np.ndarray, num_std: np.ndarray, seed: int,
           window: int, queries: Callable[[], np.ndarray], query_source: str, mf: MFDims | None = None) -> Shipped:
     """Export the towers (the user tower carrying the prior's beta and the MF user factors), the catalogue
     vectors, the channel tables and the index; ``queries()`` (called after the export) gives the
     index-recall query vectors."""
     user_make, item_make = random_inputs(layout, num_mean, num_std, seed)
-    user_tower = PriorUserTower(model.user_tower, beta, torch.from_numpy(mf.table) if mf else None).eval()
+    user_tower = PriorUserTower(model.user_tower, prior.beta, torch.from_numpy(mf.table) if mf else None).eval()
     if mf is not None:  # also inside the user tower graph; this copy is for eager re-use (bench/naive_path.py)
         np.save(out_dir / MF_USER_FACTORS, mf.table)
     export_onnx(user_tower, user_make(2), out_dir / USER_TOWER_ONNX, ["user_vec"])
@@ -79,8 +80,8 @@ def ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, beta: float, layou
         "item_tower": check_parity(model.item_tower, out_dir / ITEM_TOWER_ONNX, item_make).require(
             "item tower", PARITY_TOL).max_abs_diff,
     }
-    # Served vectors: the prior counted over every row of the bundle's data (what serving knows).
-    serve_prior = log_prior(rc, rows, feats.item_ids, int(rows["ts"].max()) + 1)
+    # Served vectors: the prior counted over the chosen window at the end of the bundle's data (what serving knows).
+    serve_prior = log_prior(rc, rows, feats.item_ids, int(rows["ts"].max()) + 1, prior.days)
     item_vectors = np.hstack([onnx_vectors(out_dir / ITEM_TOWER_ONNX, layout.item_arrays(tables.items)),
                               mf.items if mf else np.zeros((len(tables.items), 0), np.float32),
                               serve_prior.reshape(-1, 1)]).astype(np.float32)
@@ -97,7 +98,7 @@ def ship(rc: RetrievalConfig, out_dir: Path, model: TwoTower, beta: float, layou
                     mf.weight if mf else 0.0)
 
 
-def retrieval_meta(rc: RetrievalConfig, shipped: Shipped, beta: float, quotas: dict, window: int, baselines: dict,
+def retrieval_meta(rc: RetrievalConfig, shipped: Shipped, prior: PriorChoice, quotas: dict, window: int, baselines: dict,
           training: dict, metrics: dict) -> dict:
     """``retrieval.json``: what serving needs to run the towers, the index and the channels, and the metrics."""
     index = shipped.index
@@ -115,7 +116,7 @@ def retrieval_meta(rc: RetrievalConfig, shipped: Shipped, beta: float, quotas: d
         index=IndexSpec(FAISS_INDEX, index.factory, "inner_product", index.ntotal, index.search_params, other={
             "rows": "same as item_vectors", f"recall@{index.k}_vs_exact": index.recall_vs_exact,
             "recall_queries": index.queries, "recall_query_source": shipped.query_source}),
-        prior=Prior(beta, rc.embedding_dim + shipped.mf_dim, rc.prior_days, "beta (constant)",
+        prior=Prior(prior.beta, rc.embedding_dim + shipped.mf_dim, prior.days, "beta (constant)",
                     "log(1 + training weight of the item's rows)"),
         mf=MatrixFactors(shipped.mf_weight, [rc.embedding_dim, rc.embedding_dim + shipped.mf_dim],
                          "weight x ALS user factors by user_id_idx (0 for unknown users)", "ALS item factors",

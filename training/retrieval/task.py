@@ -24,21 +24,38 @@ class ValInputs:
     history: torch.Tensor  # (U, L)
     item_cat: torch.Tensor  # (N, m) candidates
     item_num: torch.Tensor  # (N, n)
-    prior: np.ndarray | None = None  # (N,) log popularity of the candidates, for u.v + beta * prior
+    # days -> (N,) log popularity of the candidates over that window (0 = every day), for u.v + beta * prior
+    priors: dict[float, np.ndarray] | None = None
 
 
-def prior_sweep(es: EvalSet, uv: np.ndarray, iv: np.ndarray, prior: np.ndarray | None, betas: list[float],
-                recall_ks: list[int], ndcg_ks: list[int]) -> tuple[float, dict[float, dict[str, float]]]:
-    """Metrics of u.v + beta * prior for each beta; returns the beta with the best first-K recall and all."""
+@dataclass(frozen=True)
+class PriorChoice:
+    days: float  # the prior's window (0 = every day)
+    beta: float
+
+    def key(self, one_window: bool) -> str:
+        """Its name in the metrics' ``prior_sweep``: the beta alone when only one window was tried."""
+        return str(self.beta) if one_window else f"{self.days:g}d:{self.beta}"
+
+
+def prior_sweep(es: EvalSet, uv: np.ndarray, iv: np.ndarray, priors: dict[float, np.ndarray] | None,
+                betas: list[float], recall_ks: list[int],
+                ndcg_ks: list[int]) -> tuple[PriorChoice, dict[PriorChoice, dict[str, float]]]:
+    """Metrics of u.v + beta * prior for each window and beta; returns the pair with the best first-K recall
+    (on a tie the smaller beta, then the earlier window) and all of them."""
     kmax = max(recall_ks + ndcg_ks)
     n_pos = np.asarray(es.targets.sum(axis=1)).ravel()
-    out = {}
-    for beta in (betas if prior is not None else [0.0]):
-        add = 0.0 if prior is None or beta == 0 else (beta * prior).astype(np.float32)[None, :]
-        hits = ranked_hits(lambda u: uv[u] @ iv.T + add, es, kmax)
-        out[float(beta)] = recall_ndcg(hits, n_pos, recall_ks, ndcg_ks)
+    out: dict[PriorChoice, dict[str, float]] = {}
+    for w, (days, prior) in enumerate((priors or {0.0: None}).items()):
+        for beta in (betas if prior is not None else [0.0]):
+            if beta == 0 and w > 0:  # no prior: every window ranks alike, the first one stands for them
+                continue
+            add = 0.0 if prior is None or beta == 0 else (beta * prior).astype(np.float32)[None, :]
+            hits = ranked_hits(lambda u: uv[u] @ iv.T + add, es, kmax)
+            out[PriorChoice(float(days), float(beta))] = recall_ndcg(hits, n_pos, recall_ks, ndcg_ks)
     key = f"recall@{recall_ks[0]}"
-    best = max(out, key=lambda b: (out[b][key], -abs(b)))
+    order = {c: i for i, c in enumerate(out)}
+    best = max(out, key=lambda c: (out[c][key], -abs(c.beta), -order[c]))
     return best, out
 
 
@@ -119,12 +136,13 @@ class RetrievalTask(L.LightningModule):
             return
         uv, iv = tower_vectors(self.model, self.val)
         ks = [self.cfg.monitor_k] + [k for k in self.cfg.eval_ks if k != self.cfg.monitor_k]
-        beta, sweep = prior_sweep(self.val.es, uv, iv, self.val.prior, self.cfg.prior_betas, ks, self.cfg.ndcg_ks)
+        best, sweep = prior_sweep(self.val.es, uv, iv, self.val.priors, self.cfg.prior_betas, ks, self.cfg.ndcg_ks)
         # Each rank of a distributed fit ranks the whole validation set, so the values agree (sync_dist: a
         # mean of equal values), and so do early stopping and the checkpoint choice.
-        for name, value in sweep[beta].items():  # the epoch is judged with its best prior weight
+        for name, value in sweep[best].items():  # the epoch is judged with its best prior
             self.log(f"retrieval/val_{name.replace('@', '_at_')}", value, sync_dist=True)
-        self.log("retrieval/val_prior_beta", beta, sync_dist=True)
+        self.log("retrieval/val_prior_beta", best.beta, sync_dist=True)
+        self.log("retrieval/val_prior_days", best.days, sync_dist=True)
 
 
 class Throughput(L.Callback):

@@ -15,7 +15,7 @@ from training.retrieval.config import RetrievalConfig
 from training.retrieval.data import InputLayout, ItemFeatures
 from training.retrieval.metrics import EvalSet
 from training.retrieval.served_dims import MFDims, mf_fit
-from training.retrieval.task import ValInputs, prior_sweep
+from training.retrieval.task import PriorChoice, ValInputs, prior_sweep
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +31,25 @@ def with_mf(uv: np.ndarray, iv: np.ndarray, mf: MFDims | None, user_cat: torch.T
 
 def choose_mf_weight(rc: RetrievalConfig, tuning: dict, train: pd.DataFrame, feats: ItemFeatures, tables: FeatureTables,
               layout: InputLayout, val: ValInputs, es: EvalSet, uv: np.ndarray, iv: np.ndarray, ks: list[int],
-              seed: int) -> tuple[MFDims | None, float, dict, dict]:
-    """(the MF dimensions at the chosen weight, None for weight 0; prior beta; the prior sweep at that
-    weight; recall@k by weight): chosen together on validation, MF fitted on the train period with the
-    tuned baseline's settings."""
+              seed: int) -> tuple[MFDims | None, PriorChoice, dict, dict]:
+    """(the MF dimensions at the chosen weight, None for weight 0; the prior's window and beta; the prior
+    sweep at that weight; recall@k by weight): chosen together on validation, MF fitted on the train period
+    with the tuned baseline's settings."""
     key = f"recall@{ks[0]}"
     weights = sorted(set(rc.mf_weights)) if "mf" in tuning else [0.0]
     if weights == [0.0]:
-        beta, sweep = prior_sweep(es, uv, iv, val.prior, list(rc.prior_betas), ks, [])
-        return None, beta, sweep, {}
+        prior, sweep = prior_sweep(es, uv, iv, val.priors, list(rc.prior_betas), ks, [])
+        return None, prior, sweep, {}
     unit = mf_fit(rc, train, feats.item_ids, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], 1.0, seed)
     best, by_weight = None, {}
     for w in weights:
         mf = MFDims(w, unit.table * np.float32(w), unit.items) if w > 0 else None
-        beta, sweep = prior_sweep(es, *with_mf(uv, iv, mf, val.user_cat, es.candidates), val.prior,
-                                  list(rc.prior_betas), ks, [])
-        by_weight[str(w)] = {"beta": beta, key: sweep[beta][key]}
-        log.info("MF weight %s: beta %s, valid %s %.4f", w, beta, key, sweep[beta][key])
-        if best is None or sweep[beta][key] > best[2][best[1]][key]:
-            best = (mf, beta, sweep)
+        prior, sweep = prior_sweep(es, *with_mf(uv, iv, mf, val.user_cat, es.candidates), val.priors,
+                                   list(rc.prior_betas), ks, [])
+        by_weight[str(w)] = {"beta": prior.beta, "prior_days": prior.days, key: sweep[prior][key]}
+        log.info("MF weight %s: prior %s days, beta %s, valid %s %.4f", w, prior.days, prior.beta, key,
+                 sweep[prior][key])
+        if best is None or sweep[prior][key] > best[2][best[1]][key]:
+            best = (mf, prior, sweep)
     assert best is not None
     return best[0], best[1], best[2], by_weight

@@ -82,10 +82,13 @@ def top_k_stable(s: np.ndarray, k: int) -> np.ndarray:
     if k >= s.shape[1]:
         return np.argsort(neg, axis=1, kind="stable")[:, :k]
     kth = np.partition(neg, k - 1, axis=1)[:, k - 1 : k]  # (c, 1) the k-th best score
-    better = neg < kth
-    ties = neg == kth
-    room = k - better.sum(axis=1, keepdims=True)
-    sel = better | (ties & (np.cumsum(ties, axis=1) <= room))  # exactly k per row, tied ones by position
+    sel = neg <= kth
+    over = np.flatnonzero(sel.sum(axis=1) > k)  # rows whose ties at the k-th score run past k
+    if len(over):  # keep the tied ones by position, exactly k per row
+        n, t = neg[over], kth[over]
+        ties = n == t
+        room = k - (n < t).sum(axis=1, keepdims=True)
+        sel[over] = (n < t) | (ties & (np.cumsum(ties, axis=1) <= room))
     cols = np.nonzero(sel)[1].reshape(len(s), k)  # ascending column within each row
     order = np.argsort(np.take_along_axis(neg, cols, axis=1), axis=1, kind="stable")
     return np.take_along_axis(cols, order, axis=1)
@@ -104,7 +107,9 @@ def ranked_hits(
     out = np.zeros((es.n_users, kmax), dtype=bool)
     for lo in range(0, es.n_users, chunk):
         users = np.arange(lo, min(lo + chunk, es.n_users))
-        s = np.array(score_chunk(users), dtype=np.float64, copy=True)
+        s = np.array(score_chunk(users), copy=True)  # float32 scores stay float32: the same order, half the traffic
+        if not np.issubdtype(s.dtype, np.floating):
+            s = s.astype(np.float64)
         ex = es.exclude[users]
         ex_rows = np.repeat(np.arange(len(users)), np.diff(ex.indptr))
         s[ex_rows, ex.indices] = -np.inf

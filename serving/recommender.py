@@ -172,14 +172,21 @@ class Recommender:
         row, hist = self.user_lookup(st.bundle, user_id)
         return self.search(st, row, hist, n)[0]
 
+    def query_vector(self, b: Bundle, row: int, hist: np.ndarray) -> np.ndarray | None:
+        """The user's served query vector, or None on the popular cold-start path (an unknown user with
+        ``serving.cold_start: popular``)."""
+        if row < 0 and self.settings.serving.cold_start == "popular":
+            return None
+        return self._user_vector(b, row, hist)
+
     def search(self, st: ServingState, row: int, hist: np.ndarray, n: int) -> tuple[np.ndarray, bool, np.ndarray | None]:
         """Retrieval top-``n`` rows, cold flag, and the user vector (None for the popular cold-start path)."""
         b = st.bundle
         cold = row < 0
-        if cold and self.settings.serving.cold_start == "popular":
+        vec = self.query_vector(b, row, hist)
+        if vec is None:
             pop = b.popular[st.servable[b.popular]]
             return pop[:n], True, None
-        vec = self._user_vector(b, row, hist)
         _, ids = b.index.search(vec, min(n, b.n_items))
         ids = ids[0]
         return ids[ids >= 0].astype(np.int64), cold, vec
@@ -431,9 +438,7 @@ class Recommender:
         score = fuse(preds, st.policy.weights[name], steps.fusion.mode)
         weight = st.policy.fusion_retrieval_weight(steps)
         if len(rows) > 1 and weight > 0:  # the page's fusion, as in recommend
-            popular = row < 0 and self.settings.serving.cold_start == "popular"
-            vec = None if popular else self._user_vector(b, row, hist)
-            score = with_affinity(score, self.affinity(st, name, vec, rows), weight)
+            score = with_affinity(score, self.affinity(st, name, self.query_vector(b, row, hist), rows), weight)
         order = np.argsort(-score, kind="stable")
         items = self._items(b, rows[order], preds[order], score[order], [["relevance"] for _ in order],
                             None if watch_ms is None else watch_ms[order])

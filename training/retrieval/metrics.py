@@ -161,13 +161,18 @@ def popularity_scores(
 
 
 def weighted_counts(seen: pd.DataFrame, catalogue_item_ids: np.ndarray, weight: np.ndarray,
-                    from_ts: int | None = None) -> np.ndarray:
-    """(catalogue,) sum of ``weight`` over the seen rows of each item (rows with ts >= ``from_ts`` if given)."""
+                    starts: list[int | None]) -> list[np.ndarray]:
+    """Per start, (catalogue,) sum of ``weight`` over the seen rows of each item with ts >= start (None: every
+    row); the rows are mapped to the catalogue once for all starts."""
     pos = pd.Index(np.asarray(catalogue_item_ids).astype(str)).get_indexer(seen["item_id"].astype(str))
-    ok = pos >= 0
-    if from_ts is not None:
-        ok &= seen["ts"].to_numpy() >= from_ts
-    return np.bincount(pos[ok], weights=np.asarray(weight, np.float64)[ok], minlength=len(catalogue_item_ids))
+    known = pos >= 0
+    weight = np.asarray(weight, np.float64)
+    ts = seen["ts"].to_numpy()
+    out = []
+    for start in starts:
+        ok = known if start is None else known & (ts >= start)
+        out.append(np.bincount(pos[ok], weights=weight[ok], minlength=len(catalogue_item_ids)))
+    return out
 
 
 CURVE_KS = [1, 5, 10, 20, 50, 100, 150, 200]

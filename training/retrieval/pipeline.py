@@ -38,7 +38,7 @@ from training.retrieval.log import load_log, period_rows
 from training.retrieval.rows import item_num_stats, positive_counts, positive_stream, positive_tensors, user_rows
 from training.retrieval.ship import onnx_vectors, retrieval_meta, ship
 from training.retrieval.task import PriorChoice, RetrievalTask, Throughput, ValInputs, tower_vectors
-from training.retrieval.served_dims import log_prior, mf_fit, with_prior
+from training.retrieval.served_dims import log_priors, mf_fit, with_prior
 from training.retrieval.vectors import choose_mf_weight, with_mf
 from training.stream import stream_callbacks
 from training.tracking import active_run_logger, log_to_run, metric_key, metric_tree
@@ -187,8 +187,7 @@ def _train(cfg: TrainConfig, tables: FeatureTables, p: _Periods, out_dir: Path, 
                          "early stopping needs one; widen split.valid_* ")
     val, val_users = None, None
     if val_es is not None:
-        val_priors = {d: log_prior(rc, p.train, feats.item_ids, int(p.split["valid_start"]), d)
-                      for d in rc.prior_day_grid}
+        val_priors = log_priors(rc, p.train, feats.item_ids, int(p.split["valid_start"]), rc.prior_day_grid)
         val_users = _eval_users(tables, layout, val_es, p.valid)
         val = _val_inputs(val_es, val_users, layout, feats, p.valid_block, val_priors)
     model = build_model(layout, feats, rc, num_mean, num_std)
@@ -265,8 +264,10 @@ def _evaluate(rc: RetrievalConfig, tables: FeatureTables, p: _Periods, model: Tw
     if mf_sweep:
         val_metrics["mf_weight_sweep"] = mf_sweep
     test_users = _eval_users(tables, layout, test_es, p.test)
+    alone = mf_sweep.get("0.0", {"beta": prior.beta, "prior_days": prior.days})  # the towers' own best prior
+    windows = list(dict.fromkeys([prior.days, float(alone["prior_days"])]))
     test_in = _val_inputs(test_es, test_users, layout, feats, p.test_block,
-                          {d: log_prior(rc, seen, feats.item_ids, int(split["test_start"]), d) for d in rc.prior_day_grid})
+                          log_priors(rc, seen, feats.item_ids, int(split["test_start"]), windows))
     assert test_in.priors is not None
     uv_tt, iv_tt = tower_vectors(model, test_in)
     mf_test = (mf_fit(rc, seen, feats.item_ids, tables, layout.user_cat_sizes[0], tuning["mf"]["params"], mf_weight, seed)
@@ -274,7 +275,6 @@ def _evaluate(rc: RetrievalConfig, tables: FeatureTables, p: _Periods, model: Tw
     uv, iv = with_prior(*with_mf(uv_tt, iv_tt, mf_test, test_in.user_cat, test_es.candidates), prior.beta,
                         test_in.priors[prior.days])
     if mf_test is not None:  # what the MF dimensions add: the towers alone, with their own best prior
-        alone = mf_sweep.get("0.0", {"beta": prior.beta, "prior_days": prior.days})
         uv0, iv0 = with_prior(uv_tt, iv_tt, float(alone["beta"]), test_in.priors[float(alone["prior_days"])])
         test_base["two_tower_alone"] = lambda u: uv0[u] @ iv0.T
     metrics, curves = evaluate_all(test_es, uv, iv, test_base, **kw)

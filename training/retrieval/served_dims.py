@@ -16,11 +16,19 @@ from training.retrieval.config import RetrievalConfig
 from training.retrieval.metrics import weighted_counts
 
 
+def log_priors(rc: RetrievalConfig, seen: pd.DataFrame, item_ids: np.ndarray, end_ts: int,
+               days: list[float]) -> dict[float, np.ndarray]:
+    """Per window in ``days``, (catalogue,) log(1 + training weight of the item's rows) over the last that many
+    days before ``end_ts`` (all seen rows for 0): the popularity the logQ correction took out of u.v. The
+    rows' weights and items are read once for every window."""
+    starts = [int(end_ts - d * DAY_MS) if d > 0 else None for d in days]
+    counts = weighted_counts(seen, item_ids, rc.row_weights(seen), starts)
+    return {float(d): np.log1p(c).astype(np.float32) for d, c in zip(days, counts)}
+
+
 def log_prior(rc: RetrievalConfig, seen: pd.DataFrame, item_ids: np.ndarray, end_ts: int, days: float) -> np.ndarray:
-    """(catalogue,) log(1 + training weight of the item's rows), over the last ``days`` before ``end_ts``
-    (all seen rows when 0): the popularity the logQ correction took out of u.v."""
-    from_ts = int(end_ts - days * DAY_MS) if days > 0 else None
-    return np.log1p(weighted_counts(seen, item_ids, rc.row_weights(seen), from_ts)).astype(np.float32)
+    """:func:`log_priors` for one window."""
+    return log_priors(rc, seen, item_ids, end_ts, [days])[float(days)]
 
 
 def with_prior(uv: np.ndarray, iv: np.ndarray, beta: float, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -142,14 +142,19 @@ def test_onnx_parity(arch, levels, tmp_path: Path):
     assert report.max_abs_diff < 1e-4
 
 
-@pytest.mark.parametrize("arch,levels", [("mmoe", 1), ("ple", 2)])
-def test_request_graph_equals_the_scorer_on_one_users_candidates(arch, levels, tmp_path: Path):
+@pytest.mark.parametrize("arch,levels,const_cat,const_num", [
+    # user, its two attributes, hour; the fan flag (per user here)
+    ("mmoe", 1, [0, 1, 2, 6], [3]), ("ple", 2, [0, 1, 2, 6], [3]),
+    # every narrow column the request's (a width group without a candidate column), no request numeric
+    ("mmoe", 1, [0, 1, 2, 5, 6], []),
+    # nothing shared but the history
+    ("ple", 1, [], [])])
+def test_request_graph_equals_the_scorer_on_one_users_candidates(arch, levels, const_cat, const_num, tmp_path: Path):
     torch.manual_seed(4)
     model = Ranker(make_spec(arch, levels))
     model.numeric.set_statistics(NumericNormalizer.statistics(num_reference()))
     scorer = RankerScorer(model, 3, wtq_fixture(), duration_position=4).eval()
     scorer.calib_scale.copy_(torch.tensor([1.2, 0.8, 1.0, 1.1]))
-    const_cat, const_num = [0, 1, 2, 6], [3]  # user, its two attributes, hour; the fan flag (per user here)
     request = RequestScorer(scorer, const_cat, const_num).eval()
     make = request_shaped(random_inputs(layout(), num_reference(), seed=5), const_cat, const_num)
     with torch.inference_mode():
@@ -160,10 +165,16 @@ def test_request_graph_equals_the_scorer_on_one_users_candidates(arch, levels, t
     # Exported, the request graph keeps parity with the full scorer on request-shaped inputs.
     path = export_onnx(request, make(4), tmp_path / "request.onnx", scorer.output_names)
     assert check_parity(scorer, path, make, batch_sizes=(1, 9, 300)).ok(1e-4)
-    # Rows that do not share the user's columns are not what it computes: the full graph stays for those.
+    # Rows that do not share the user's history are not what it computes: the full graph stays for those.
     mixed = random_inputs(layout(), num_reference(), seed=6)(40)
     with torch.inference_mode():
         assert not np.allclose(request(*mixed.values())[0].numpy(), scorer(*mixed.values())[0].numpy(), atol=1e-4)
+
+
+def test_request_graph_refuses_a_request_constant_item_column():
+    scorer = RankerScorer(Ranker(make_spec("mmoe")), 3, wtq_fixture(), duration_position=4).eval()
+    with pytest.raises(ValueError, match="item id column cannot be request-constant"):
+        RequestScorer(scorer, [0, 3], [])
 
 
 def test_shared_history_pools_equal_the_broadcast_pools():

@@ -76,35 +76,67 @@ def _truth(b: Bundle, log: pd.DataFrame, signals: list[str]) -> tuple[pd.DataFra
 
 
 class _ScoreMemo:
-    """One user's ranker predictions, shared by every arm. The ranker scores each (user, item, context) row
-    on its own, whichever channel brought the item, so an item several arms retrieve is scored once."""
+    """One user's ranker predictions and retrieved candidates, shared by every arm. The ranker scores each
+    (user, item, context) row on its own, whichever channel brought the item, so an item several arms
+    retrieve is scored once; arms whose serving settings are equal (the retrieval-weight arms differ only in
+    the policy) retrieve once."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.pos: dict[int, int] = {}  # catalogue row -> its row in preds / watch
+        self.pos: np.ndarray | None = None  # (N,) catalogue row -> its row in preds / watch, -1: not scored
+        self.scored: list[np.ndarray] = []  # the rows set in ``pos`` (reset per user without touching all N)
         self.preds: np.ndarray | None = None
         self.watch: np.ndarray | None = None
+        self.merged_key: tuple | None = None
+        self.merged: list[tuple[Any, tuple]] = []  # (serving settings, what Recommender._merged returned)
+        self.vector: tuple[tuple, np.ndarray | None] | None = None  # (key, the user's query vector)
 
     def get(self, rec: Recommender, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
             context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
         key = (user_id, tuple(sorted((context or {}).items())))
+        if self.pos is None or len(self.pos) != b.n_items:
+            self.pos, self.scored = np.full(b.n_items, -1, np.int64), []
         if key != self.key:
-            self.key, self.pos, self.preds, self.watch = key, {}, None, None
-        new = np.array([r for r in dict.fromkeys(rows.tolist()) if r not in self.pos], np.int64)
+            for done in self.scored:
+                self.pos[done] = -1
+            self.key, self.scored, self.preds, self.watch = key, [], None, None
+        fresh = rows[self.pos[rows] < 0]
+        _, first = np.unique(fresh, return_index=True)
+        new = fresh[np.sort(first)]  # in order of first appearance
         if len(new):
             preds, watch = Recommender.score(rec, b, user_id, row, hist, new, context)
-            self.pos.update(zip(new.tolist(), range(len(self.pos), len(self.pos) + len(new))))
+            n_before = 0 if self.preds is None else len(self.preds)
+            self.pos[new] = np.arange(n_before, n_before + len(new))
+            self.scored.append(new)
             self.preds = preds if self.preds is None else np.concatenate([self.preds, preds])
             if watch is not None:
                 self.watch = watch if self.watch is None else np.concatenate([self.watch, watch])
         if self.preds is None:
             return np.zeros((0, len(b.heads)), np.float32), None
-        at = np.fromiter((self.pos[r] for r in rows.tolist()), np.int64, len(rows))
+        at = self.pos[rows]
         return self.preds[at], None if self.watch is None else self.watch[at]
+
+    def query_vector(self, key: tuple, compute) -> np.ndarray | None:
+        """The user's query vector (``key``: bundle, user row and cold-start rule), computed once for every arm."""
+        if self.vector is None or self.vector[0] != key:
+            self.vector = (key, compute())
+        return self.vector[1]
+
+    def retrieved(self, key: tuple, serving: Any, merge) -> tuple:
+        """``merge()``'s result for this user (``key``) and serving settings, computed once per distinct settings."""
+        if key != self.merged_key:
+            self.merged_key, self.merged = key, []
+        for settings, result in self.merged:
+            if settings == serving:
+                return result
+        result = merge()
+        self.merged.append((serving, result))
+        return result
 
 
 class _ArmRecommender(Recommender):
-    """One arm's :class:`Recommender`: its own quotas and exposure tracker, the ranker predictions shared."""
+    """One arm's :class:`Recommender`: its own quotas and exposure tracker; the user's query vector, the ranker
+    predictions and (for equal serving settings) the retrieved candidates shared."""
 
     def __init__(self, bundle: Bundle, settings: ServeSettings, memo: _ScoreMemo):
         super().__init__(bundle, settings)
@@ -113,6 +145,17 @@ class _ArmRecommender(Recommender):
     def score(self, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
               context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
         return self.memo.get(self, b, user_id, row, hist, rows, context)
+
+    def query_vector(self, b: Bundle, row: int, hist: np.ndarray) -> np.ndarray | None:
+        return self.memo.query_vector((id(b), row, self.settings.serving.cold_start),
+                                      lambda: super(_ArmRecommender, self).query_vector(b, row, hist))
+
+    def _merged(self, st: Any, row: int, hist: np.ndarray, blocked: np.ndarray,
+                n_mine: int) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray | None]:
+        # What is blocked depends on the user and the bundle alone here (no client exclusions offline).
+        key = (id(st.bundle), row, n_mine, int(blocked.sum()))
+        return self.memo.retrieved(key, self.settings.serving,
+                                   lambda: super(_ArmRecommender, self)._merged(st, row, hist, blocked, n_mine))
 
 
 def feed_by_channel(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int = 20,

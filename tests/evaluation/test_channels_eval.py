@@ -21,7 +21,7 @@ from features.metrics import ndcg
 from serving.bundle import Bundle, load_bundle
 from serving.config import ServeSettings, ServingConfig
 from serving.offline_cases import period_log, period_view
-from serving.offline_channels import SERVED, channel_arms, feed_by_channel
+from serving.offline_channels import SERVED, channel_arms, feed_by_channel, page_scores, with_retrieval_weight
 from serving.recommender import Recommender
 
 K = 10
@@ -125,6 +125,36 @@ def test_every_arm_serves_through_the_request_path_and_is_scored_like_a_plain_lo
     assert v["ci95"][0] <= v["difference"] <= v["ci95"][1]
     best = out["arms"][v["channel"]][f"ndcg@{K}_long_view"]
     assert v["difference"] == pytest.approx(out["arms"][SERVED][f"ndcg@{K}_long_view"] - best, abs=1e-4)
+
+
+def test_arms_sharing_retrieval_serve_what_each_would_serve_alone(view: Bundle, test_log: pd.DataFrame):
+    """Arms with equal serving settings share the user's retrieval and every arm the ranker's scores; each
+    arm's pages must still be what its own Recommender serves, user after user, in a plain loop."""
+    base = ServeSettings(ServingConfig(candidates=60, evaluation_gains=["long_view", "click"]))
+    arms = {"w0": with_retrieval_weight(base, 0.0), "w8": with_retrieval_weight(base, 8.0),
+            "covisit_w8": with_retrieval_weight(
+                ServeSettings(dataclasses.replace(base.serving, channel_quotas={"covisit": 60}), base.policy), 8.0)}
+    out, per_user = page_scores(view, arms, test_log, K, max_users=USERS)
+    log = test_log.sort_values("ts", kind="stable")
+    known = log[log["item_id"].astype(str).isin(set(view.item_row)) & log["user_id"].astype(str).isin(set(view.user_row))]
+    hits = known.groupby(known["user_id"].astype(str), sort=False)[["long_view", "click"]].max().max(axis=1)
+    users = [u for u in dict.fromkeys(known["user_id"].astype(str)) if hits[u] > 0][:USERS]
+    assert out["users"] == len(users)
+    pages = {}
+    for name, settings in arms.items():
+        rec = Recommender(view, settings)
+        want = []
+        for user in users:
+            mine = known[known["user_id"].astype(str) == user]
+            best = mine.groupby(mine["item_id"].astype(str))["long_view"].max()
+            first = mine.iloc[0]
+            ctx = {n: str(first[n]) for _, n in view.request_cat if n != "user_id" and n in log}
+            page = rec.recommend(user, K, context=ctx).items
+            pages.setdefault(name, []).append([i.item_id for i in page])
+            gains = np.array([[float(best.get(i.item_id, 0.0) > 0) for i in page]])
+            want.append(ndcg(gains, (best.to_numpy()[None] > 0).astype(float), K)[0] if best.max() > 0 else np.nan)
+        np.testing.assert_allclose(per_user[name], np.array(want), atol=1e-6)
+    assert pages["w0"] != pages["w8"]  # the weight changes pages: the arms are not one arm three times
 
 
 def test_channels_cli_writes_json_plot_and_an_mlflow_run(synthetic_bundle: Path, tmp_path: Path,

@@ -376,6 +376,7 @@ class RequestScorer(nn.Module):
         n_num = ranker.spec.n_num
         const_num_set = set(const_num)
         self.register_buffer("const_num", torch.tensor(sorted(const_num_set), dtype=torch.long))
+        self.has_const_num = bool(const_num_set)  # a Python flag: the graph's shape, fixed at export
         # Every row's numerics are normalised whole: a request column's weight rows are 0 on the candidate side
         # (it enters once, on the request side), which is cheaper than gathering the candidate columns.
         unused = [len(var_dims) + i for i in sorted(const_num_set)]
@@ -418,7 +419,7 @@ class RequestScorer(nn.Module):
         mean, target = emb.shared_pools(hist[:1], hist_e, var[emb.item_group][:, self.item_at])  # (1, d), (n, d)
         x_var = torch.cat([e.flatten(1) for e in var.values()] + [target, ranker.numeric(num)], dim=1)
         request_num = ([ranker.numeric(num[:1].index_select(1, self.const_num), self.const_num)]
-                       if len(self.const_num) else [])  # an empty index would export a mistyped constant
+                       if self.has_const_num else [])  # an empty index would export a mistyped constant
         x_const = torch.cat(const + [mean] + request_num, dim=1)
         y = x_var @ self.w_var + (x_const @ self.w_const + self.b0)  # (n, K * H + G * K)
         kh = self.n_experts * self.hidden

@@ -15,6 +15,7 @@ Endpoints: POST /recommend, /rank, /bundle, /admin/block, /admin/reload; GET /bu
 
 from __future__ import annotations
 
+import gc
 import hmac
 import json
 import logging
@@ -82,6 +83,17 @@ def _body(result: Result, **extra: Any) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
+def settle_heap() -> None:
+    """Collect once, then move every object alive now (the bundle's id maps and tables, the libraries' own)
+    out of the garbage collector's reach, so a later full collection walks only what requests allocated
+    since. In a serving worker a full collection over everything took up to 121 ms (full-slice bundle, a
+    stall the request behind it waits out). Called after every bundle load: unfreezing first lets a replaced
+    bundle's cycles be collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 WORKERS = int(os.environ.get("FEEDSTACK_WORKERS", "1"))  # worker processes of this service
 
 _CLIENT = (400, 413, 415, 422, 503)
@@ -135,6 +147,7 @@ class Feedstack:
             # Stay up but not ready: /readyz says 503 and an admin reload can bring a good bundle.
             self.load_error = public(str(e), self.bundle_root)
             log.error("no bundle loaded from %s: %s", self.source, e)
+        settle_heap()
 
     def _install_guard_hooks(self) -> None:
         """What serving.guard needs from this worker's service: endpoints, token check, spec, counters."""
@@ -332,6 +345,7 @@ class Feedstack:
             log.warning("reload of %s refused: %s", bundle or self.source, e)
             return _error(422, public(f"bundle refused: {e}; still serving {serving}", self.bundle_root), "bundle",
                           ctx)  # type: ignore[return-value]
+        settle_heap()  # one full collection per reload (tens of ms) for none per request
         self.health.reset()
         self.metrics.reloads.labels(outcome="ok").inc()
         self.metrics.set_bundle(new_version, previous)

@@ -3,8 +3,10 @@ loopback port for the module, plus the same app in process through ``to_asgi()``
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -149,7 +151,10 @@ def test_same_app_in_process_via_to_asgi_starts_unready_and_recovers(serving_bun
         assert r.status_code == 503 and "bundle directory not found: missing" in r.json()["error"]
         assert str(tmp_path) not in r.text
         assert c.post("/admin/reload", json={"bundle": str(serving_bundle)}).status_code == 401
+        gc.unfreeze()
         assert c.post("/admin/reload", json={"bundle": str(serving_bundle)}, headers=AUTH).status_code == 200
+        assert gc.get_freeze_count() > 0  # the loaded bundle is out of the collector's walk
+        gc.unfreeze()
         assert c.get("/readyz").status_code == 200
         r = c.post("/recommend", json={"user_id": some_user, "k": 4})
         assert r.status_code == 200 and len(r.json()["items"]) == 4
@@ -200,3 +205,23 @@ def test_block_reaches_every_worker(serving_bundle: Path, tmp_path: Path, some_u
         assert again["filtered_item_ids"] == [item]
         kept = client.post("/admin/block", json={}, headers=AUTH).json()["blocked_creators"]
         assert len([c for c in kept if c.startswith("fuzz-creator-")]) == 30
+
+
+def test_settle_heap_keeps_collections_off_what_is_loaded_and_frees_a_replaced_bundle():
+    from serving.service import settle_heap
+
+    class Table:
+        pass
+
+    old = Table()
+    old.me = old  # a cycle: only the collector frees it, as it would a bundle's
+    ref = weakref.ref(old)
+    try:
+        settle_heap()
+        del old
+        gc.collect()
+        assert ref() is not None  # frozen: a full collection does not walk (nor free) it
+        settle_heap()  # the next load unfreezes first: the replaced one goes
+        assert ref() is None
+    finally:
+        gc.unfreeze()

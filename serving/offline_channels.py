@@ -75,11 +75,11 @@ def _truth(b: Bundle, log: pd.DataFrame, signals: list[str]) -> tuple[pd.DataFra
     return df, report
 
 
-class _ScoreMemo:
-    """One user's ranker predictions and retrieved candidates, shared by every arm. The ranker scores each
-    (user, item, context) row on its own, whichever channel brought the item, so an item several arms
-    retrieve is scored once; arms whose serving settings are equal (the retrieval-weight arms differ only in
-    the policy) retrieve once."""
+class _UserMemo:
+    """What every arm shares for one user: the ranker's predictions, the query vector and the retrieved
+    candidates. The ranker scores each (user, item, context) row on its own, whichever channel brought the
+    item, so an item several arms retrieve is scored once; arms whose serving settings are equal (the
+    retrieval-weight arms differ only in the policy) retrieve once."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
@@ -138,7 +138,7 @@ class _ArmRecommender(Recommender):
     """One arm's :class:`Recommender`: its own quotas and exposure tracker; the user's query vector, the ranker
     predictions and (for equal serving settings) the retrieved candidates shared."""
 
-    def __init__(self, bundle: Bundle, settings: ServeSettings, memo: _ScoreMemo):
+    def __init__(self, bundle: Bundle, settings: ServeSettings, memo: _UserMemo):
         super().__init__(bundle, settings)
         self.memo = memo
 
@@ -203,7 +203,7 @@ def page_scores(view: Bundle, arm_settings: dict[str, ServeSettings], log: pd.Da
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    memo = _ScoreMemo()
+    memo = _UserMemo()
     recs = {a: _ArmRecommender(view, s, memo) for a, s in arm_settings.items()}
     arms = {a: s.serving.channel_quotas for a, s in arm_settings.items()}
     signals = list(gain_names(next(iter(recs.values())))[:-1])

@@ -333,8 +333,9 @@ class RequestScorer(nn.Module):
     and only the candidate's own columns are handled per row. Same inputs and outputs as the scorer; rows
     that do not share them get row 0's.
 
-    The first level's expert and gate weights are one matrix per side (candidate, request), so that level is
-    two GEMMs: on the full slice's ranker 29 of 35 categorical and 11 of 66 numeric columns are the request's."""
+    The first level's expert and gate weights are split by side (candidate, request): the request's side is
+    one row, the bias of the candidates' two GEMMs (experts, gates). On the full slice's ranker 29 of 35
+    categorical and 11 of 66 numeric columns are the request's."""
 
     def __init__(self, scorer: RankerScorer, const_cat: list[int], const_num: list[int]):
         super().__init__()
@@ -397,7 +398,8 @@ class RequestScorer(nn.Module):
 
         w_var = side(var_dims)
         w_var[unused] = 0.0
-        self.register_buffer("w_var", w_var)
+        self.register_buffer("w_var_experts", w_var[:, : k * h].contiguous())
+        self.register_buffer("w_var_gates", w_var[:, k * h :].contiguous())
         self.register_buffer("w_const", side(const_dims))
         gate_bias = (level.gates.bias.detach() + level.gates.mask_add).reshape(1, n_gates * k)  # (G, 1, K) -> (1, G*K)
         self.register_buffer("b0", torch.cat([b0.permute(1, 0, 2).reshape(1, k * h), gate_bias], dim=1).contiguous())
@@ -421,13 +423,17 @@ class RequestScorer(nn.Module):
         request_num = ([ranker.numeric(num[:1].index_select(1, self.const_num), self.const_num)]
                        if self.has_const_num else [])  # an empty index would export a mistyped constant
         x_const = torch.cat(const + [mean] + request_num, dim=1)
-        y = x_var @ self.w_var + (x_const @ self.w_const + self.b0)  # (n, K * H + G * K)
+        # The request's row is each GEMM's bias (addmm exports as Gemm, which ONNX Runtime fuses with the ReLU):
+        # no broadcast Add and no split over the candidates' rows.
         kh = self.n_experts * self.hidden
-        e = torch.relu(y[:, :kh]).reshape(-1, self.n_experts, self.hidden).transpose(0, 1)  # (K, n, H)
+        request = x_const @ self.w_const + self.b0  # (1, K * H + G * K)
+        experts = torch.addmm(request[:, :kh], x_var, self.w_var_experts)  # (n, K * H)
+        gates = torch.addmm(request[:, kh:], x_var, self.w_var_gates)  # (n, G * K)
+        e = torch.relu(experts).reshape(-1, self.n_experts, self.hidden).transpose(0, 1)  # (K, n, H)
         level = ranker.levels[0]
         for w, b in zip(list(level.experts.weights)[1:], list(level.experts.biases)[1:]):
             e = torch.relu(torch.matmul(e, w) + b)
-        g = torch.softmax(y[:, kh:].reshape(-1, self.n_gates, self.n_experts), dim=-1)  # (n, G, K)
+        g = torch.softmax(gates.reshape(-1, self.n_gates, self.n_experts), dim=-1)  # (n, G, K)
         x = torch.matmul(g, e.transpose(0, 1)).transpose(0, 1)  # (G, n, H)
         for lvl in list(ranker.levels)[1:]:
             x = lvl(x)

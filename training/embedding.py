@@ -20,10 +20,15 @@ class OffsetEmbedding(nn.Module):
         self.table = nn.Embedding(int(sum(sizes)), dim)
         nn.init.normal_(self.table.weight, std=0.05)
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
+    def rows(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Table rows of ``x``; with ``columns`` (positions among this table's columns), ``x`` holds only
+        those columns, in that order."""
+        offsets, sizes = self.offsets, self.sizes
+        if columns is not None:
+            offsets, sizes = offsets.index_select(0, columns), sizes.index_select(0, columns)
         if self.oov_to_zero:
-            x = torch.where((x < 0) | (x >= self.sizes), torch.zeros_like(x), x)
-        return x + self.offsets
+            x = torch.where((x < 0) | (x >= sizes), torch.zeros_like(x), x)
+        return x + offsets
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.table(self.rows(x))
+    def forward(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        return self.table(self.rows(x, columns))

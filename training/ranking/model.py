@@ -355,17 +355,14 @@ class RequestScorer(nn.Module):
         start = 0
         for g, w in enumerate(emb.widths):
             cols = getattr(emb, f"cols_{g}").tolist()
-            table = emb.tables[g]
             for side, keep, dims, groups in (("var", False, var_dims, self.var_groups),
                                              ("const", True, const_dims, self.const_groups)):
                 js = [j for j, c in enumerate(cols) if (c in const_cat_set) == keep]
                 if not js:
                     continue
                 groups.append(g)
-                at = torch.tensor(js, dtype=torch.long)
                 self.register_buffer(f"{side}_cols_{g}", torch.tensor([cols[j] for j in js], dtype=torch.long))
-                self.register_buffer(f"{side}_offsets_{g}", table.offsets.index_select(0, at).clone())
-                self.register_buffer(f"{side}_sizes_{g}", table.sizes.index_select(0, at).clone())
+                self.register_buffer(f"{side}_at_{g}", torch.tensor(js, dtype=torch.long))  # within the group
                 dims += [start + j * w + d for j in js for d in range(w)]
                 if g == emb.item_group and not keep:
                     self.item_at = js.index(emb.item_column)  # its position among the group's candidate columns
@@ -408,8 +405,7 @@ class RequestScorer(nn.Module):
     def _embed(self, cat: torch.Tensor, side: str, g: int) -> torch.Tensor:
         """(B, k, w): one side's columns of width group ``g`` (out-of-vocabulary ids read their row 0)."""
         x = cat.index_select(1, getattr(self, f"{side}_cols_{g}"))
-        x = torch.where((x < 0) | (x >= getattr(self, f"{side}_sizes_{g}")), torch.zeros_like(x), x)
-        return self.scorer.ranker.embedding.tables[g].table(x + getattr(self, f"{side}_offsets_{g}"))
+        return self.scorer.ranker.embedding.tables[g](x, getattr(self, f"{side}_at_{g}"))
 
     def forward(self, cat: torch.Tensor, hist: torch.Tensor, num: torch.Tensor,
                 gbdt_margin: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:

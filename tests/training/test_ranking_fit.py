@@ -215,3 +215,30 @@ def test_hybrid_ranker_ships_its_trees_in_the_graph(synthetic_config: Path, synt
     for h in ("click", "long_view"):  # the trees rank on their own, and are not the blend
         assert got["baselines"]["gbdt"][h]["auc"] > 0.6
         assert got["baselines"]["gbdt"][h]["auc"] != got["model"][h]["auc"]
+
+
+def test_hybrid_max_trees_caps_the_served_trees_not_the_baseline(synthetic_config: Path,
+                                                                  synthetic_tables: FeatureTables, tmp_path: Path):
+    """``ranking.hybrid_max_trees``: each blended head's node in the served graph holds at most that many trees,
+    the GBDT baseline keeps every tree it fitted, and a later log is not judged against the cut trees as if
+    they were the baseline."""
+    import onnx
+
+    cfg = config(synthetic_config, "ranking.max_epochs=1", "ranking.single_task_baselines=false",
+                 "ranking.hybrid_min_gain=-1", "ranking.hybrid_min_positives=0", "ranking.hybrid_max_trees=2")
+    report = fit_ranking(cfg, synthetic_tables, tmp_path, progress=False)
+    meta = json.loads((tmp_path / "ranking.json").read_text())
+    served = meta["hybrid"]["gbdt_rounds"]
+    assert meta["hybrid"]["max_trees"] == 2 and {"click", "long_view"} <= set(served)
+    assert all(1 <= r <= 2 for r in served.values())
+    assert max(report["training"]["gbdt"]["rounds"].values()) > 2  # the baseline kept its trees
+    for node in onnx.load(str(tmp_path / meta["onnx"])).graph.node:
+        if node.op_type == "TreeEnsemble":
+            roots = next(a for a in node.attribute if a.name == "tree_roots")
+            assert len(roots.ints) <= 2
+    assert report["parity_max_scaled_diff"] < 1e-4
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "ranking").symlink_to(tmp_path)
+    rows, tables = _later_rows(cfg, synthetic_tables, bundle, bundle)
+    assert "gbdt" not in (evaluate_ranking(bundle, rows, tables, cfg).get("baselines") or {})

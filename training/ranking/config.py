@@ -73,6 +73,10 @@ class RankingConfig:
     # (paired user-bootstrap 95% interval above zero): on a few dozen positives the mean gain is mostly noise,
     # and every blended head's trees cost serving time.
     hybrid_min_positives: int = 300
+    # At most this many trees per blended head (each head's first trees; null: every tree its GBDT uses), a
+    # dial between the request graph's latency and the blend's AUC (README: "The trees' budget"). The GBDT
+    # baseline keeps every tree: it is judged as fitted.
+    hybrid_max_trees: int | None = None
     # Heads with fewer test positives get a user-bootstrap 95% interval of their AUC.
     rare_head_positives: int = 300
     bootstrap_samples: int = 200
@@ -98,6 +102,8 @@ class RankingConfig:
         for name in ("hybrid_min_positives", "gbdt_max_categorical"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ranking.{name} must be >= 0, got {getattr(self, name)}")
+        if self.hybrid_max_trees is not None and self.hybrid_max_trees < 1:
+            raise ConfigError(f"ranking.hybrid_max_trees must be >= 1 or null, got {self.hybrid_max_trees}")
         if self.task_experts < 0:
             raise ConfigError(f"ranking.task_experts must be >= 0, got {self.task_experts}")
 

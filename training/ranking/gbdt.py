@@ -8,7 +8,7 @@ The user's history sequence is the one ranker input it does not read: trees take
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,21 @@ def fit_gbdt(rc: RankingConfig, inputs: dict[str, dict[str, np.ndarray]], labels
     seconds = time.perf_counter() - t0
     return GbdtResult(boosters, used, margins, round(seconds, 2), round(work / seconds, 1) if seconds > 0 else 0.0,
                       names)
+
+
+def capped(result: GbdtResult, max_trees: int | None, inputs: dict[str, dict[str, np.ndarray]]) -> GbdtResult:
+    """The hybrid's view of the GBDT: each head's first ``max_trees`` trees (None: every tree it uses), with
+    the margins of every period it has recomputed for the heads that lose trees."""
+    if max_trees is None or all(r <= max_trees for r in result.rounds.values()):
+        return result
+    rounds = {h: min(r, max_trees) for h, r in result.rounds.items()}
+    cut = [h for h in rounds if rounds[h] < result.rounds[h]]
+    margins = {}
+    for period, per_head in result.margins.items():
+        x = gbdt_matrix(inputs[period])
+        margins[period] = {**per_head, **{h: result.boosters[h].predict(x, num_iteration=rounds[h], raw_score=True)
+                                          .astype(np.float32) for h in cut if h in per_head}}
+    return replace(result, rounds=rounds, margins=margins)
 
 
 def gbdt_margins(result: GbdtResult, heads: list[str], inputs: dict[str, np.ndarray]) -> np.ndarray:

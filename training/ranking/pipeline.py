@@ -30,7 +30,7 @@ from training.onnx_export import OPSET, ParityReport
 from training.ranking.data import FeatureLayout
 from training.ranking.evaluate import build_report, score_bundle
 from training.ranking.export import ExportedGraphs, blended_trees, export_checked, export_graphs, input_specs
-from training.ranking.gbdt import GbdtResult, fit_gbdt, save_boosters
+from training.ranking.gbdt import GbdtResult, capped, fit_gbdt, save_boosters
 from training.ranking.hybrid import HeadBlend, fit_blend, logistic
 from training.ranking.metrics import auc
 from training.ranking.model import Ranker, RankerScorer, RankerSpec, embedding_dims
@@ -293,6 +293,7 @@ def _ranking_spec(cfg: TrainConfig, data: RankingData, heads: list[tuple[str, st
             # many trees; the refit retrains those trees on every day.
             # (The refit reuses the held-out fit's choice, so its "heads" is empty.)
             "hybrid": {"enabled": bool(rc.hybrid), "gbdt_rounds": dict(trees.rounds) if trees else {},
+                       "max_trees": rc.hybrid_max_trees,
                        "gbdt_files": save_boosters(trees, out_dir) if trees else {},
                        "gbdt_features": trees.feature_names if trees else [],
                        "heads": {h: b.to_json() for h, b in blends.items()}},
@@ -375,10 +376,12 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         gbdt = _fit_gbdt(cfg, data, heads)
     elif refit is not None and rc.hybrid and refit.gbdt_rounds:
         gbdt = _fit_gbdt(cfg, data, heads, rounds=refit.gbdt_rounds)
+    # What the hybrid blends: each head's first hybrid_max_trees trees (the baseline keeps all of them).
+    offered = capped(gbdt, rc.hybrid_max_trees, data.inputs) if rc.hybrid and gbdt is not None else None
     scorer, logits_valid, blends = _scorer(task, heads, data, list(range(len(heads))),
-                                           refit.calibration if refit else None, gbdt if rc.hybrid else None, cfg.seed,
+                                           refit.calibration if refit else None, offered, cfg.seed,
                                            rc.hybrid_min_gain, rc.hybrid_min_positives, rc.bootstrap_samples)
-    trees = blended_trees(scorer, gbdt) if rc.hybrid else None
+    trees = blended_trees(scorer, offered) if rc.hybrid else None
     graphs = export_graphs(scorer, data, out_dir, cfg.seed, trees, rc.parity_tolerance)
     # Single-task baselines exist to be compared on the test period: not in the refit.
     singles = (_fit_single_tasks(cfg, data, heads, out_dir, progress)

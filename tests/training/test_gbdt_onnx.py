@@ -131,17 +131,18 @@ def test_a_head_whose_deep_logit_would_enter_reversed_serves_its_gbdt_alone():
     assert blend.valid_auc_blend == blend.valid_auc_gbdt > blend.valid_auc_deep
 
 
-def test_capped_trees_keep_each_heads_first_trees_and_their_margins():
-    """The hybrid's tree budget: heads over the cap lose their later trees (margins recomputed from the
-    first ``max_trees``), heads under it and the uncapped result are left as they were."""
-    from training.ranking.gbdt import GbdtResult, capped
+def test_with_rounds_keeps_the_named_heads_first_trees_and_their_margins():
+    """The hybrid's trees under a budget: a head cut to n trees gets the margins of its first n (recomputed),
+    a head left whole keeps its margins, a head not named is dropped."""
+    from training.ranking.gbdt import GbdtResult, with_rounds
 
     cat, num, y = _world(3000, 3)
     inputs = {p: {"cat": c, "num": n} for p, (c, n, _) in (("valid", _world(800, 4)), ("test", _world(700, 5)))}
     x = np.concatenate([cat.astype(np.float32), num], axis=1)
     params = {"objective": "binary", "verbosity": -1, "num_leaves": 7, "min_data_in_leaf": 20, "seed": 0}
-    boosters = {"click": lgb.train(params, lgb.Dataset(x, y), 30), "like": lgb.train(params, lgb.Dataset(x, 1 - y), 4)}
-    rounds = {"click": 25, "like": 4}
+    boosters = {"click": lgb.train(params, lgb.Dataset(x, y), 30), "like": lgb.train(params, lgb.Dataset(x, 1 - y), 4),
+                "hate": lgb.train(params, lgb.Dataset(x, y), 3)}
+    rounds = {"click": 25, "like": 4, "hate": 3}
 
     def margins(b: lgb.Booster, p: str, n: int) -> np.ndarray:
         xp = np.concatenate([inputs[p]["cat"].astype(np.float32), inputs[p]["num"]], axis=1)
@@ -149,10 +150,11 @@ def test_capped_trees_keep_each_heads_first_trees_and_their_margins():
 
     full = GbdtResult(boosters, rounds, {p: {h: margins(b, p, rounds[h]) for h, b in boosters.items()}
                                          for p in inputs}, 1.0, 1.0, [])
-    assert capped(full, None, inputs) is full and capped(full, 25, inputs) is full
-    cut = capped(full, 6, inputs)
-    assert cut.rounds == {"click": 6, "like": 4} and full.rounds == rounds
+    cut = with_rounds(full, {"click": 6, "like": 4}, inputs)
+    assert cut.rounds == {"click": 6, "like": 4} and set(cut.boosters) == {"click", "like"}
+    assert full.rounds == rounds and set(full.boosters) == set(rounds)
     for p in inputs:
+        assert set(cut.margins[p]) == {"click", "like"}
         np.testing.assert_allclose(cut.margins[p]["click"], margins(boosters["click"], p, 6), atol=1e-6)
         assert np.abs(cut.margins[p]["click"] - full.margins[p]["click"]).max() > 1e-3
         assert cut.margins[p]["like"] is full.margins[p]["like"]

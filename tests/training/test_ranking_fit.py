@@ -219,23 +219,26 @@ def test_hybrid_ranker_ships_its_trees_in_the_graph(synthetic_config: Path, synt
 
 def test_hybrid_max_trees_caps_the_served_trees_not_the_baseline(synthetic_config: Path,
                                                                   synthetic_tables: FeatureTables, tmp_path: Path):
-    """``ranking.hybrid_max_trees``: each blended head's node in the served graph holds at most that many trees,
-    the GBDT baseline keeps every tree it fitted, and a later log is not judged against the cut trees as if
-    they were the baseline."""
+    """``ranking.hybrid_max_trees``: the served graph holds at most that many trees in all, each blended head's
+    count the one chosen on validation; the GBDT baseline keeps every tree it fitted, and a later log is not
+    judged against the cut trees as if they were the baseline."""
     import onnx
 
     cfg = config(synthetic_config, "ranking.max_epochs=1", "ranking.single_task_baselines=false",
-                 "ranking.hybrid_min_gain=-1", "ranking.hybrid_min_positives=0", "ranking.hybrid_max_trees=2")
+                 "ranking.hybrid_min_gain=-1", "ranking.hybrid_min_positives=0", "ranking.hybrid_max_trees=6")
     report = fit_ranking(cfg, synthetic_tables, tmp_path, progress=False)
     meta = json.loads((tmp_path / "ranking.json").read_text())
     served = meta["hybrid"]["gbdt_rounds"]
-    assert meta["hybrid"]["max_trees"] == 2 and {"click", "long_view"} <= set(served)
-    assert all(1 <= r <= 2 for r in served.values())
-    assert max(report["training"]["gbdt"]["rounds"].values()) > 2  # the baseline kept its trees
+    assert meta["hybrid"]["max_trees"] == 6 and served and sum(served.values()) <= 6
+    assert sum(report["training"]["gbdt"]["rounds"].values()) > 6  # the baseline kept its trees
+    chosen = report["hybrid_budget"]["chosen"]
+    assert all(chosen[h] == n for h, n in served.items())
+    assert {h: b["used"] for h, b in report["hybrid"].items() if h in chosen} == {h: h in served for h in chosen}
+    trees = {}
     for node in onnx.load(str(tmp_path / meta["onnx"])).graph.node:
         if node.op_type == "TreeEnsemble":
-            roots = next(a for a in node.attribute if a.name == "tree_roots")
-            assert len(roots.ints) <= 2
+            trees[node.name] = len(next(a for a in node.attribute if a.name == "tree_roots").ints)
+    assert sorted(trees.values()) == sorted(served.values())
     assert report["parity_max_scaled_diff"] < 1e-4
     bundle = tmp_path / "bundle"
     bundle.mkdir()

@@ -73,9 +73,9 @@ class RankingConfig:
     # (paired user-bootstrap 95% interval above zero): on a few dozen positives the mean gain is mostly noise,
     # and every blended head's trees cost serving time.
     hybrid_min_positives: int = 300
-    # At most this many trees per blended head (each head's first trees; null: every tree its GBDT uses), a
-    # dial between the request graph's latency and the blend's AUC (README: "The trees' budget"). The GBDT
-    # baseline keeps every tree: it is judged as fitted.
+    # At most this many trees in the served graph, all blended heads together (null: every tree each GBDT
+    # uses): each head's first trees, counts chosen on validation (training/ranking/tree_budget.py). A dial
+    # between the request graph's latency and the blend's AUC; the GBDT baseline keeps every tree.
     hybrid_max_trees: int | None = None
     # Heads with fewer test positives get a user-bootstrap 95% interval of their AUC.
     rare_head_positives: int = 300

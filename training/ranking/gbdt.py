@@ -82,19 +82,17 @@ def fit_gbdt(rc: RankingConfig, inputs: dict[str, dict[str, np.ndarray]], labels
                       names)
 
 
-def capped(result: GbdtResult, max_trees: int | None, inputs: dict[str, dict[str, np.ndarray]]) -> GbdtResult:
-    """The hybrid's view of the GBDT: each head's first ``max_trees`` trees (None: every tree it uses), with
-    the margins of every period it has recomputed for the heads that lose trees."""
-    if max_trees is None or all(r <= max_trees for r in result.rounds.values()):
-        return result
-    rounds = {h: min(r, max_trees) for h, r in result.rounds.items()}
+def with_rounds(result: GbdtResult, rounds: dict[str, int], inputs: dict[str, dict[str, np.ndarray]]) -> GbdtResult:
+    """The heads ``rounds`` names, each cut to its first ``rounds[head]`` trees, with the margins of every
+    period the result has recomputed where trees were cut (the hybrid's trees under its budget)."""
+    rounds = {h: int(n) for h, n in rounds.items() if h in result.boosters}
     cut = [h for h in rounds if rounds[h] < result.rounds[h]]
     margins = {}
     for period, per_head in result.margins.items():
-        x = gbdt_matrix(inputs[period])
-        margins[period] = {**per_head, **{h: result.boosters[h].predict(x, num_iteration=rounds[h], raw_score=True)
-                                          .astype(np.float32) for h in cut if h in per_head}}
-    return replace(result, rounds=rounds, margins=margins)
+        x = gbdt_matrix(inputs[period]) if cut else None
+        margins[period] = {h: (result.boosters[h].predict(x, num_iteration=rounds[h], raw_score=True).astype(np.float32)
+                               if h in cut else m) for h, m in per_head.items() if h in rounds}
+    return replace(result, boosters={h: result.boosters[h] for h in rounds}, rounds=rounds, margins=margins)
 
 
 def gbdt_margins(result: GbdtResult, heads: list[str], inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -30,13 +30,15 @@ from training.onnx_export import OPSET, ParityReport
 from training.ranking.data import FeatureLayout
 from training.ranking.evaluate import build_report, score_bundle
 from training.ranking.export import ExportedGraphs, blended_trees, export_checked, export_graphs, input_specs
-from training.ranking.gbdt import GbdtResult, capped, fit_gbdt, save_boosters
+from training.ranking.config import RankingConfig
+from training.ranking.gbdt import GbdtResult, fit_gbdt, gbdt_matrix, save_boosters, with_rounds
 from training.ranking.hybrid import HeadBlend, fit_blend, logistic
 from training.ranking.metrics import auc
 from training.ranking.model import Ranker, RankerScorer, RankerSpec, embedding_dims
 from training.ranking.outputs import jsonable, log_mlflow, markdown, per_head_table, reliability_plot
 from training.ranking.prepared import RankingData
 from training.ranking.task import MONITOR, KeepBest, RankingTask
+from training.ranking.tree_budget import TreeBudget, choose_tree_counts
 from training.refit import RefitPlan
 from training.stream import stream_callbacks
 from training.tracking import active_run_logger
@@ -145,6 +147,23 @@ def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: RankingData, 
                 a, b = platt(logits[:, t], y[:, t])
                 scorer.calib_scale[t], scorer.calib_bias[t] = a, b
     return scorer, logits, blends
+
+
+def _within_budget(task: RankingTask, data: RankingData, heads: list[tuple[str, str]], gbdt: GbdtResult,
+                   rc: RankingConfig, seed: int) -> tuple[GbdtResult, TreeBudget | None]:
+    """The GBDT the hybrid may blend: every tree, or under ``hybrid_max_trees`` each head's first trees as
+    :mod:`training.ranking.tree_budget` chooses on validation (the baseline keeps every tree)."""
+    if rc.hybrid_max_trees is None or sum(gbdt.rounds.values()) <= rc.hybrid_max_trees:
+        return gbdt, None
+    x_valid = gbdt_matrix(data.inputs["valid"])
+    index = {n: t for t, (n, _) in enumerate(heads)}
+    budget = choose_tree_counts(
+        valid_logits(task.model, data), lambda h, n: gbdt.boosters[h].predict(x_valid, num_iteration=n, raw_score=True),
+        data.labels["valid"], data.rows["valid"]["user_id"].to_numpy(),
+        [(index[h], h, r) for h, r in gbdt.rounds.items()], rc.hybrid_max_trees, rc.hybrid_min_positives, seed,
+        rc.hybrid_min_gain)
+    log.info("hybrid trees within %d: %s", rc.hybrid_max_trees, budget.chosen)
+    return with_rounds(gbdt, budget.chosen, data.inputs), budget
 
 
 def _fit_main(cfg: TrainConfig, data: RankingData, heads: list[tuple[str, str]], out_dir: Path, resume: bool,
@@ -257,7 +276,8 @@ def _fit_single_tasks(cfg: TrainConfig, data: RankingData, heads: list[tuple[str
 
 def _ranking_spec(cfg: TrainConfig, data: RankingData, heads: list[tuple[str, str]], scorer: RankerScorer,
                   graphs: ExportedGraphs, trees: GbdtResult | None, blends: dict, singles: _SingleTasks,
-                  train_info: dict[str, Any], out_dir: Path, refit: RefitPlan | None) -> RankingSpec:
+                  train_info: dict[str, Any], out_dir: Path, refit: RefitPlan | None,
+                  budget: TreeBudget | None = None) -> RankingSpec:
     rc = cfg.ranking
     parity = graphs.parity
     spec = RankingSpec(
@@ -293,7 +313,7 @@ def _ranking_spec(cfg: TrainConfig, data: RankingData, heads: list[tuple[str, st
             # many trees; the refit retrains those trees on every day.
             # (The refit reuses the held-out fit's choice, so its "heads" is empty.)
             "hybrid": {"enabled": bool(rc.hybrid), "gbdt_rounds": dict(trees.rounds) if trees else {},
-                       "max_trees": rc.hybrid_max_trees,
+                       "max_trees": rc.hybrid_max_trees, "budget": budget.to_json() if budget else None,
                        "gbdt_files": save_boosters(trees, out_dir) if trees else {},
                        "gbdt_features": trees.feature_names if trees else [],
                        "heads": {h: b.to_json() for h, b in blends.items()}},
@@ -330,6 +350,8 @@ def _test_report(cfg: TrainConfig, data: RankingData, heads: list[tuple[str, str
         report["validation"]["gbdt"] = _valid_aucs(heads, yv, gbdt.scores("valid"))
     if blends:
         report["hybrid"] = {h: b.to_json() for h, b in blends.items()}
+    if (meta.get("hybrid") or {}).get("budget"):
+        report["hybrid_budget"] = meta["hybrid"]["budget"]
     gbdt_info = ({"gbdt": {"fit_seconds": gbdt.fit_seconds, "samples_per_s": gbdt.samples_per_s,
                            "rounds": gbdt.rounds, "features": len(gbdt.feature_names)}} if gbdt else {})
     report["training"] = {**train_info, **gbdt_info, "single_task_seconds": round(singles.seconds, 1),
@@ -376,8 +398,8 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         gbdt = _fit_gbdt(cfg, data, heads)
     elif refit is not None and rc.hybrid and refit.gbdt_rounds:
         gbdt = _fit_gbdt(cfg, data, heads, rounds=refit.gbdt_rounds)
-    # What the hybrid blends: each head's first hybrid_max_trees trees (the baseline keeps all of them).
-    offered = capped(gbdt, rc.hybrid_max_trees, data.inputs) if rc.hybrid and gbdt is not None else None
+    offered, budget = (_within_budget(task, data, heads, gbdt, rc, cfg.seed) if rc.hybrid and gbdt is not None
+                       and refit is None else (gbdt if rc.hybrid else None, None))
     scorer, logits_valid, blends = _scorer(task, heads, data, list(range(len(heads))),
                                            refit.calibration if refit else None, offered, cfg.seed,
                                            rc.hybrid_min_gain, rc.hybrid_min_positives, rc.bootstrap_samples)
@@ -386,7 +408,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
     # Single-task baselines exist to be compared on the test period: not in the refit.
     singles = (_fit_single_tasks(cfg, data, heads, out_dir, progress)
                if rc.single_task_baselines and refit is None else _SingleTasks())
-    spec = _ranking_spec(cfg, data, heads, scorer, graphs, trees, blends, singles, train_info, out_dir, refit)
+    spec = _ranking_spec(cfg, data, heads, scorer, graphs, trees, blends, singles, train_info, out_dir, refit, budget)
     meta = jsonable(spec.to_json())
     (out_dir / RANKING_JSON).write_text(json.dumps(meta, indent=1))
     if refit is not None:

@@ -24,7 +24,8 @@ class RefitPlan:
     epochs: int  # train exactly this many epochs (no validation, no early stopping)
     held_out: dict[str, Any] = field(default_factory=dict)  # the held-out fit's metrics, carried into the meta
     calibration: dict[str, list[float]] | None = None  # ranking: scale / bias (/ gbdt_weight) per head, from validation
-    gbdt_rounds: dict[str, int] | None = None  # ranking, hybrid: trees per head whose GBDT the served graph blends in
+    gbdt_rounds: dict[str, int] | None = None  # ranking, hybrid: trees to fit per head whose GBDT the graph blends in
+    gbdt_served: dict[str, int] | None = None  # ranking, hybrid: of those, the first trees served (the trees' budget)
 
 
 def refit_config(cfg: TrainConfig) -> TrainConfig:
@@ -52,9 +53,11 @@ def ranking_plan(metrics: dict[str, Any], ranking_meta: dict[str, Any]) -> Refit
     calibration = {"scale": list(calib["scale"]), "bias": list(calib["bias"])}
     if "gbdt_weight" in calib:
         calibration["gbdt_weight"] = list(calib["gbdt_weight"])
-    rounds = (ranking_meta.get("hybrid") or {}).get("gbdt_rounds") or None
+    hybrid = ranking_meta.get("hybrid") or {}
+    served = {h: int(r) for h, r in (hybrid.get("gbdt_rounds") or {}).items()}
+    fitted = {h: int(r) for h, r in (hybrid.get("baseline_rounds") or {}).items()} or served
     return RefitPlan(epochs=_epochs("ranking", metrics, "best_epoch"), held_out=metrics, calibration=calibration,
-                     gbdt_rounds={h: int(r) for h, r in rounds.items()} if rounds else None)
+                     gbdt_rounds=fitted or None, gbdt_served=served if served != fitted else None)
 
 
 def run_refit(cfg: TrainConfig, metrics: dict[str, Any], progress: bool = True) -> Path:

@@ -220,8 +220,9 @@ def test_hybrid_ranker_ships_its_trees_in_the_graph(synthetic_config: Path, synt
 def test_hybrid_max_trees_caps_the_served_trees_not_the_baseline(synthetic_config: Path,
                                                                   synthetic_tables: FeatureTables, tmp_path: Path):
     """``ranking.hybrid_max_trees``: the served graph holds at most that many trees in all, each blended head's
-    count the one chosen on validation; the GBDT baseline keeps every tree it fitted, and a later log is not
-    judged against the cut trees as if they were the baseline."""
+    count the one chosen on validation; the GBDT baseline keeps every tree it fitted, in the bundle too, so a
+    later log is judged against the GBDT as fitted, not the cut trees."""
+    import lightgbm as lgb
     import onnx
 
     cfg = config(synthetic_config, "ranking.max_epochs=1", "ranking.single_task_baselines=false",
@@ -243,5 +244,11 @@ def test_hybrid_max_trees_caps_the_served_trees_not_the_baseline(synthetic_confi
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "ranking").symlink_to(tmp_path)
+    fitted = report["training"]["gbdt"]["rounds"]
+    assert meta["hybrid"]["baseline_rounds"] == {h: fitted[h] for h in served}
+    assert any(fitted[h] > n for h, n in served.items())
+    for h, rel in meta["hybrid"]["gbdt_files"].items():
+        assert lgb.Booster(model_file=str(tmp_path / rel)).num_trees() == fitted[h]
     rows, tables = _later_rows(cfg, synthetic_tables, bundle, bundle)
-    assert "gbdt" not in (evaluate_ranking(bundle, rows, tables, cfg).get("baselines") or {})
+    later = evaluate_ranking(bundle, rows, tables, cfg)
+    assert set(later["baselines"]["gbdt"]) == set(served)

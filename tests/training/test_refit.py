@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +17,7 @@ from features.config import load_config
 from features.tables import FeatureTables
 from training.bundle import assemble_bundle
 from training.config import TrainConfig
-from training.refit import RefitPlan, ranking_plan, refit_config, retrieval_plan, run_refit
+from training.refit import ranking_plan, refit_config, retrieval_plan, run_refit
 
 
 LATE_ITEMS = 5
@@ -41,10 +42,11 @@ def refitted(synthetic_config: Path, synthetic_bundle: Path, synthetic_tables: F
     late = set(int(i) for i in later.index[:LATE_ITEMS])
     log[~(log[item_col].isin(late) & (log[ts_col] < valid_start))].to_csv(log_path, index=False)
     (out / "ranking").mkdir()
-    # The held-out fit as a hybrid ranker blending 5 trees into click (whatever the synthetic fit chose).
+    # The held-out fit as a hybrid ranker blending the first 5 of click's 8 trees (a trees' budget cut them;
+    # whatever the synthetic fit chose).
     meta = json.loads((Path(synthetic_bundle).parent / "ranking" / "ranking.json").read_text())
     meta["calibration"]["gbdt_weight"] = [0.5 if h["name"] == "click" else 0.0 for h in meta["heads"]]
-    meta["hybrid"] = {"gbdt_rounds": {"click": 5}}
+    meta["hybrid"] = {"gbdt_rounds": {"click": 5}, "baseline_rounds": {"click": 8}}
     (out / "ranking" / "ranking.json").write_text(json.dumps(meta))
     cfg = load_config(synthetic_config, [f"output_dir={out / 'run'}", f"data.dir={data}",
                                          "ranking.single_task_baselines=false"], TrainConfig)
@@ -62,7 +64,9 @@ def test_refit_retrains_the_blended_trees_on_every_row(refitted):
 
     source, *_ = refitted
     meta = json.loads((source / "ranking" / "ranking.json").read_text())
-    assert meta["hybrid"]["gbdt_rounds"] == {"click": 5}
+    assert meta["hybrid"]["gbdt_rounds"] == {"click": 5} and meta["hybrid"]["baseline_rounds"] == {"click": 8}
+    # the bundle keeps the GBDT as fitted (all 8 trees: the baseline a later log is judged against)
+    assert lgb.Booster(model_file=str(source / "ranking" / meta["hybrid"]["gbdt_files"]["click"])).num_trees() == 8
     weight = dict(zip([h["name"] for h in meta["heads"]], meta["calibration"]["gbdt_weight"]))
     assert weight["click"] == 0.5 and not any(w for h, w in weight.items() if h != "click")
     for f in (meta["onnx"], meta["request_onnx"]):
@@ -100,6 +104,12 @@ def test_plans_take_the_best_epoch_and_the_calibration():
                      {"calibration": {"scale": [1.5, 2.0], "bias": [0.1, -0.2], "gbdt_weight": [0.4, 0.0]},
                       "hybrid": {"gbdt_rounds": {"click": 37}}})
     assert h.epochs == 3 and h.calibration["gbdt_weight"] == [0.4, 0.0] and h.gbdt_rounds == {"click": 37}
+    assert h.gbdt_served is None
+    # under a trees' budget: fit every tree the held-out GBDT had, serve the first ones it served
+    cut = ranking_plan({"training": {"best_epoch": 2}},
+                       {"calibration": {"scale": [1.0], "bias": [0.0], "gbdt_weight": [0.4]},
+                        "hybrid": {"gbdt_rounds": {"click": 11}, "baseline_rounds": {"click": 68}}})
+    assert cut.gbdt_rounds == {"click": 68} and cut.gbdt_served == {"click": 11}
     with pytest.raises(ValueError, match="recorded no 'best_epoch'"):
         retrieval_plan({"training": {}})
 

@@ -215,15 +215,15 @@ def bundle_gbdt(ranking_dir: Path, meta: dict[str, Any], inputs: dict[str, np.nd
     """head -> (N,) probabilities of the bundle's own LightGBM models on ``inputs``: the trees of the hybrid
     ranker, each the GBDT baseline of its head (same features, same days, early-stopped on validation; in a
     refit bundle retrained on every day with those tree counts). So a later log is judged against the plain
-    GBDT too (``ranking.baselines.gbdt``, ``vs_gbdt``). Empty for a bundle without trees, and for one whose
-    trees were cut to ``ranking.hybrid_max_trees``: those are not the baseline as fitted."""
+    GBDT too (``ranking.baselines.gbdt``, ``vs_gbdt``): every tree each was fitted to, where the graph serves
+    only the first (``ranking.hybrid_max_trees``). Empty for a bundle without trees."""
     from training.ranking.gbdt import gbdt_margins, load_boosters
 
     hybrid = meta.get("hybrid") or {}
     files = hybrid.get("gbdt_files") or {}
-    if not files or hybrid.get("max_trees") is not None:
+    if not files:
         return {}
-    trees = load_boosters(ranking_dir, files, hybrid["gbdt_rounds"])
+    trees = load_boosters(ranking_dir, files, hybrid.get("baseline_rounds") or hybrid["gbdt_rounds"])
     margins = gbdt_margins(trees, list(files), inputs)
     trees.margins = {"later": {h: margins[:, t] for t, h in enumerate(files)}}
     return trees.scores("later")

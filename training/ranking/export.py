@@ -73,7 +73,8 @@ def blended_trees(scorer: RankerScorer, gbdt: GbdtResult | None) -> GbdtResult |
         return None
     return GbdtResult({h: b for h, b in gbdt.boosters.items() if h in used},
                       {h: r for h, r in gbdt.rounds.items() if h in used}, {}, gbdt.fit_seconds, gbdt.samples_per_s,
-                      gbdt.feature_names)
+                      gbdt.feature_names,
+                      {h: r for h, r in gbdt.baseline_rounds.items() if h in used} if gbdt.baseline_rounds else None)
 
 
 def input_specs(data: RankingData) -> tuple[CatInput, HistInput, NumInput]:

@@ -26,6 +26,9 @@ class GbdtResult:
     fit_seconds: float
     samples_per_s: float  # train rows x boosting rounds per second, over all heads
     feature_names: list[str]
+    # The trees each head was fitted to, where ``rounds`` (what the hybrid serves) cuts them: the bundle keeps
+    # every fitted tree, so the GBDT baseline stays what was fitted (None: ``rounds`` is what was fitted).
+    baseline_rounds: dict[str, int] | None = None
 
     def scores(self, period: str) -> dict[str, np.ndarray]:
         """head -> (N,) probabilities."""
@@ -92,7 +95,9 @@ def with_rounds(result: GbdtResult, rounds: dict[str, int], inputs: dict[str, di
         x = gbdt_matrix(inputs[period]) if cut else None
         margins[period] = {h: (result.boosters[h].predict(x, num_iteration=rounds[h], raw_score=True).astype(np.float32)
                                if h in cut else m) for h, m in per_head.items() if h in rounds}
-    return replace(result, boosters={h: result.boosters[h] for h in rounds}, rounds=rounds, margins=margins)
+    fitted = result.baseline_rounds or result.rounds
+    return replace(result, boosters={h: result.boosters[h] for h in rounds}, rounds=rounds, margins=margins,
+                   baseline_rounds={h: fitted[h] for h in rounds})
 
 
 def gbdt_margins(result: GbdtResult, heads: list[str], inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -125,12 +130,14 @@ class WithTrees(torch.nn.Module):
 
 
 def save_boosters(result: GbdtResult, out_dir: Path) -> dict[str, str]:
-    """LightGBM text models under ``out_dir/gbdt/``; head -> path relative to ``out_dir``."""
+    """LightGBM text models under ``out_dir/gbdt/`` with every fitted tree (``baseline_rounds``; the hybrid
+    reads the first ``rounds``); head -> path relative to ``out_dir``."""
     (out_dir / "gbdt").mkdir(parents=True, exist_ok=True)
+    fitted = result.baseline_rounds or result.rounds
     files = {}
     for head, booster in result.boosters.items():
         rel = f"gbdt/{head}.txt"
-        booster.save_model(str(out_dir / rel), num_iteration=result.rounds[head])
+        booster.save_model(str(out_dir / rel), num_iteration=fitted[head])
         files[head] = rel
     return files
 

@@ -314,6 +314,8 @@ def _ranking_spec(cfg: TrainConfig, data: RankingData, heads: list[tuple[str, st
             # (The refit reuses the held-out fit's choice, so its "heads" is empty.)
             "hybrid": {"enabled": bool(rc.hybrid), "gbdt_rounds": dict(trees.rounds) if trees else {},
                        "max_trees": rc.hybrid_max_trees, "budget": budget.to_json() if budget else None,
+                       # what each saved GBDT was fitted to (the baseline), where the graph serves fewer
+                       "baseline_rounds": dict(trees.baseline_rounds or trees.rounds) if trees else {},
                        "gbdt_files": save_boosters(trees, out_dir) if trees else {},
                        "gbdt_features": trees.feature_names if trees else [],
                        "heads": {h: b.to_json() for h, b in blends.items()}},
@@ -398,8 +400,11 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         gbdt = _fit_gbdt(cfg, data, heads)
     elif refit is not None and rc.hybrid and refit.gbdt_rounds:
         gbdt = _fit_gbdt(cfg, data, heads, rounds=refit.gbdt_rounds)
-    offered, budget = (_within_budget(task, data, heads, gbdt, rc, cfg.seed) if rc.hybrid and gbdt is not None
-                       and refit is None else (gbdt if rc.hybrid else None, None))
+    offered, budget = gbdt if rc.hybrid else None, None
+    if offered is not None and refit is None:
+        offered, budget = _within_budget(task, data, heads, offered, rc, cfg.seed)
+    elif offered is not None and refit.gbdt_served:  # the held-out fit's cut, on trees refitted to its full counts
+        offered = with_rounds(offered, refit.gbdt_served, data.inputs)
     scorer, logits_valid, blends = _scorer(task, heads, data, list(range(len(heads))),
                                            refit.calibration if refit else None, offered, cfg.seed,
                                            rc.hybrid_min_gain, rc.hybrid_min_positives, rc.bootstrap_samples)

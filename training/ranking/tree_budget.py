@@ -14,6 +14,7 @@ heads leave, and still take the blend only where its gain is distinguishable (th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -61,9 +62,9 @@ def allocate(options: dict[str, list[tuple[int, float]]], budget: int) -> dict[s
     return {h: n for h, n in best[spent][1].items() if n > 0}
 
 
-def choose_tree_counts(logits: np.ndarray, margins_at, y: np.ndarray, users: np.ndarray,
-                       heads: list[tuple[int, str, int]], budget: int, min_positives: int, seed: int,
-                       min_gain: float = 0.0) -> TreeBudget:
+def choose_tree_counts(logits: np.ndarray, margins_at: Callable[[str, int], np.ndarray], y: np.ndarray,
+                       users: np.ndarray, heads: list[tuple[int, str, int]], budget: int, min_positives: int,
+                       seed: int, min_gain: float = 0.0) -> TreeBudget:
     """``heads``: (column in ``logits``/``y``, name, the GBDT's tree count) of each head with a GBDT;
     ``margins_at(name, n)``: that head's validation margins from its first ``n`` trees."""
     gains: dict[str, list[tuple[int, float]]] = {}

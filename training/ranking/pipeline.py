@@ -110,14 +110,15 @@ def _valid_aucs(heads: list[tuple[str, str]], y: np.ndarray, scores: dict[str, n
 
 def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: RankingData, columns: list[int],
             calibration: dict[str, list[float]] | None = None, gbdt: GbdtResult | None = None,
-            seed: int = 0, min_gain: float = 0.0, min_positives: int = 0,
-            interval_samples: int = 200) -> tuple[RankerScorer, np.ndarray, dict[str, HeadBlend]]:
+            seed: int = 0, min_gain: float = 0.0, min_positives: int = 0, interval_samples: int = 200,
+            logits: np.ndarray | None = None) -> tuple[RankerScorer, np.ndarray, dict[str, HeadBlend]]:
     """The export wrapper, with binary heads calibrated on the validation period (the watch head predicts a
     quantile and is left as is): Platt scaling of the deep logit or, given ``gbdt`` (the hybrid ranker),
     the head's blend with its GBDT margin where that wins out of sample (on heads with fewer than
     ``min_positives`` validation positives, distinguishably: see :func:`fit_blend`). Also returns the validation
     logits (N_valid, T) and the blends fitted. With a held-out fit's ``calibration`` (the refit, which has
-    no validation period) that calibration is used and the logits are empty."""
+    no validation period) that calibration is used and the logits are empty. ``logits``: the validation
+    logits when the caller has them already."""
     w = [t for t, (_, k) in enumerate(heads) if k == "watch_time"]
     scorer = RankerScorer(task.model, w[0] if w else None, data.wtq, data.layout.duration_position).eval()
     if calibration is not None:
@@ -127,7 +128,7 @@ def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: RankingData, 
                 if key in calibration:
                     buf.copy_(torch.tensor(calibration[key], dtype=buf.dtype))
         return scorer, np.zeros((0, len(heads)), np.float32), {}
-    logits = valid_logits(task.model, data)
+    logits = valid_logits(task.model, data) if logits is None else logits
     y = data.labels["valid"][:, columns]
     users = data.rows["valid"]["user_id"].to_numpy()
     blends: dict[str, HeadBlend] = {}
@@ -149,7 +150,7 @@ def _scorer(task: RankingTask, heads: list[tuple[str, str]], data: RankingData, 
     return scorer, logits, blends
 
 
-def _within_budget(task: RankingTask, data: RankingData, heads: list[tuple[str, str]], gbdt: GbdtResult,
+def _within_budget(logits: np.ndarray, data: RankingData, heads: list[tuple[str, str]], gbdt: GbdtResult,
                    rc: RankingConfig, seed: int) -> tuple[GbdtResult, TreeBudget | None]:
     """The GBDT the hybrid may blend: every tree, or under ``hybrid_max_trees`` each head's first trees as
     :mod:`training.ranking.tree_budget` chooses on validation (the baseline keeps every tree)."""
@@ -158,7 +159,7 @@ def _within_budget(task: RankingTask, data: RankingData, heads: list[tuple[str, 
     x_valid = gbdt_matrix(data.inputs["valid"])
     index = {n: t for t, (n, _) in enumerate(heads)}
     budget = choose_tree_counts(
-        valid_logits(task.model, data), lambda h, n: gbdt.boosters[h].predict(x_valid, num_iteration=n, raw_score=True),
+        logits, lambda h, n: gbdt.boosters[h].predict(x_valid, num_iteration=n, raw_score=True),
         data.labels["valid"], data.rows["valid"]["user_id"].to_numpy(),
         [(index[h], h, r) for h, r in gbdt.rounds.items()], rc.hybrid_max_trees, rc.hybrid_min_positives, seed,
         rc.hybrid_min_gain)
@@ -400,14 +401,15 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         gbdt = _fit_gbdt(cfg, data, heads)
     elif refit is not None and rc.hybrid and refit.gbdt_rounds:
         gbdt = _fit_gbdt(cfg, data, heads, rounds=refit.gbdt_rounds)
-    offered, budget = gbdt if rc.hybrid else None, None
+    offered, budget, logits = gbdt if rc.hybrid else None, None, None
     if offered is not None and refit is None:
-        offered, budget = _within_budget(task, data, heads, offered, rc, cfg.seed)
+        logits = valid_logits(task.model, data)
+        offered, budget = _within_budget(logits, data, heads, offered, rc, cfg.seed)
     elif offered is not None and refit.gbdt_served:  # the held-out fit's cut, on trees refitted to its full counts
         offered = with_rounds(offered, refit.gbdt_served, data.inputs)
     scorer, logits_valid, blends = _scorer(task, heads, data, list(range(len(heads))),
                                            refit.calibration if refit else None, offered, cfg.seed,
-                                           rc.hybrid_min_gain, rc.hybrid_min_positives, rc.bootstrap_samples)
+                                           rc.hybrid_min_gain, rc.hybrid_min_positives, rc.bootstrap_samples, logits)
     trees = blended_trees(scorer, offered) if rc.hybrid else None
     graphs = export_graphs(scorer, data, out_dir, cfg.seed, trees, rc.parity_tolerance)
     # Single-task baselines exist to be compared on the test period: not in the refit.

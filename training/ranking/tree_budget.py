@@ -34,7 +34,7 @@ class TreeBudget:
 
 
 def tree_grid(rounds: int) -> list[int]:
-    """1, 2, 3, 5, 8, 12, ... (x1.4 each step) below ``rounds``, and ``rounds`` itself."""
+    """1, 2, 3, 4, 5, 8, 11, 15, ... (x1.4 each step, rounded) below ``rounds``, and ``rounds`` itself."""
     grid, x = set(), 1.0
     while x < rounds:
         grid.add(int(round(x)))

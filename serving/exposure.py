@@ -201,8 +201,11 @@ def least_exposed_pool(tracker: ExposureTracker, groups: tuple[np.ndarray, np.nd
         cre, e = cre[e < mean], e[e < mean]
     cre = cre[np.lexsort((cre, e))]
     cre = cre[: int(np.searchsorted(np.cumsum(counts[cre]), size)) + 1]
-    out = (np.concatenate([rows[ptr[c]:ptr[c] + counts[c]] for c in cre.tolist()])
-           if len(cre) else np.zeros(0, np.int64))
+    # Each chosen creator's first counts[c] rows, gathered at once (a loop over creators took ~2 ms on the
+    # request that rebuilds the pool, a p99 spike).
+    take = counts[cre]
+    first = np.repeat(ptr[cre] - np.cumsum(take) + take, take)
+    out = rows[first + np.arange(len(first))]
     return out[:size]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from features.config import ConfigError
 from features.synthetic import World
-from serving.exposure import ExposureTracker, gini
+from serving.exposure import ExposureTracker, creator_groups, gini, least_exposed_pool
 from serving.policy import Candidates, FeedPolicy, fuse
 from serving.policy_config import (
     DiversityStep, ExplorationStep, ExposureControl, ExposureStep, FansFirstStep, PolicyConfig, QualityStep, load_policy,
@@ -83,6 +83,25 @@ def test_exposure_decays_with_the_configured_half_life():
         t.record(np.array([2]))
     assert t.exposure()[0] == pytest.approx(0.5, rel=1e-9)
     assert t.exposure()[1] == 0
+
+
+def test_least_exposed_pool_matches_a_plain_loop():
+    rng = np.random.default_rng(3)
+    n_items, n_creators = 400, 60
+    item_creator = rng.integers(0, n_creators, n_items)
+    servable = rng.random(n_items) > 0.2
+    groups = creator_groups(servable, item_creator, n_creators)
+    for size, per_creator in ((25, 1), (70, 3), (10_000, 2)):
+        t = ExposureTracker(n_creators, ExposureControl(update_every=1000, pool_size=size, pool_per_creator=per_creator))
+        for _ in range(300):
+            t.record(rng.integers(0, n_creators, 5) ** 2 % n_creators)  # skewed: some creators far above the mean
+        e, mean = t.exposure(), t.mean_exposure()
+        want = []
+        for c in sorted(range(n_creators), key=lambda c: (e[c], c)):
+            mine = [r for r in range(n_items) if servable[r] and item_creator[r] == c][:per_creator]
+            if mine and e[c] < mean and len(want) < size:
+                want += mine
+        assert least_exposed_pool(t, groups).tolist() == want[:size]
 
 
 # --------------------------------------------------------------------------- steps

@@ -82,7 +82,9 @@ def _body(result: Result, **extra: Any) -> Response:
               "reasons": i.reasons, "watch_time_ms": i.watch_time_ms} for i in result.items]
     body = {"items": items, "bundle_version": result.bundle_version, "scenario": result.scenario,
             "cold_start": result.cold_start, "candidates": result.candidates, **extra}
-    return Response(orjson.dumps(body), media_type="application/json")
+    # OPT_SERIALIZE_NUMPY: a numpy scalar that reaches the body (np.float64 is a float to json.dumps, not to
+    # orjson) is written as its number instead of failing the request.
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 def settle_heap() -> None:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 TOKEN = "test-admin-token"
@@ -225,3 +226,20 @@ def test_settle_heap_keeps_collections_off_what_is_loaded_and_frees_a_replaced_b
         assert ref() is None
     finally:
         gc.unfreeze()
+
+
+def test_response_body_is_the_json_of_the_result_numpy_scalars_included():
+    from serving.results import Result, ScoredItem
+    from serving.service import _body
+
+    items = [ScoredItem("i1", "c1", np.float64(1.25), {"click": np.float32(0.5), "hate": 0.015625}, ["relevance"],
+                        np.float64(1234.5)),
+             ScoredItem("i2", "c2", -0.5, {"click": 0.25, "hate": 0.0}, ["exploration", "channel:ann"], None)]
+    r = Result(items, "v1", "feed", np.bool_(False), np.int64(2), unknown_item_ids=["x"])
+    body = json.loads(_body(r, unknown_item_ids=r.unknown_item_ids).body)
+    assert body == {"items": [
+        {"item_id": "i1", "creator_id": "c1", "score": 1.25, "predictions": {"click": 0.5, "hate": 0.015625},
+         "reasons": ["relevance"], "watch_time_ms": 1234.5},
+        {"item_id": "i2", "creator_id": "c2", "score": -0.5, "predictions": {"click": 0.25, "hate": 0.0},
+         "reasons": ["exploration", "channel:ann"], "watch_time_ms": None}],
+        "bundle_version": "v1", "scenario": "feed", "cold_start": False, "candidates": 2, "unknown_item_ids": ["x"]}

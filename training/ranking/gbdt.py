@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -85,13 +85,17 @@ def fit_gbdt(rc: RankingConfig, inputs: dict[str, dict[str, np.ndarray]], labels
                       names)
 
 
-def with_rounds(result: GbdtResult, rounds: dict[str, int], inputs: dict[str, dict[str, np.ndarray]]) -> GbdtResult:
-    """The heads ``rounds`` names, each cut to its first ``rounds[head]`` trees, with the margins of every
-    period the result has recomputed where trees were cut (the hybrid's trees under its budget)."""
+def with_rounds(result: GbdtResult, rounds: dict[str, int], inputs: dict[str, dict[str, np.ndarray]],
+                periods: Collection[str] | None = None) -> GbdtResult:
+    """The heads ``rounds`` names, each cut to its first ``rounds[head]`` trees (the hybrid's trees under its
+    budget), with the margins of ``periods`` (None: every period the result has) recomputed where trees were
+    cut; other periods' margins are left out."""
     rounds = {h: int(n) for h, n in rounds.items() if h in result.boosters}
     cut = [h for h in rounds if rounds[h] < result.rounds[h]]
     margins = {}
     for period, per_head in result.margins.items():
+        if periods is not None and period not in periods:
+            continue
         x = gbdt_matrix(inputs[period]) if cut else None
         margins[period] = {h: (result.boosters[h].predict(x, num_iteration=rounds[h], raw_score=True).astype(np.float32)
                                if h in cut else m) for h, m in per_head.items() if h in rounds}

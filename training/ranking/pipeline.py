@@ -164,7 +164,7 @@ def _within_budget(logits: np.ndarray, data: RankingData, heads: list[tuple[str,
         [(index[h], h, r) for h, r in gbdt.rounds.items()], rc.hybrid_max_trees, rc.hybrid_min_positives, seed,
         rc.hybrid_min_gain)
     log.info("hybrid trees within %d: %s", rc.hybrid_max_trees, budget.chosen)
-    return with_rounds(gbdt, budget.chosen, data.inputs), budget
+    return with_rounds(gbdt, budget.chosen, data.inputs, periods=("valid",)), budget  # the blend reads validation
 
 
 def _fit_main(cfg: TrainConfig, data: RankingData, heads: list[tuple[str, str]], out_dir: Path, resume: bool,
@@ -406,7 +406,7 @@ def fit_ranking(cfg: TrainConfig, tables: FeatureTables, out_dir: Path, resume: 
         logits = valid_logits(task.model, data)
         offered, budget = _within_budget(logits, data, heads, offered, rc, cfg.seed)
     elif offered is not None and refit.gbdt_served:  # the held-out fit's cut, on trees refitted to its full counts
-        offered = with_rounds(offered, refit.gbdt_served, data.inputs)
+        offered = with_rounds(offered, refit.gbdt_served, data.inputs, periods=())  # calibration comes from the plan
     scorer, logits_valid, blends = _scorer(task, heads, data, list(range(len(heads))),
                                            refit.calibration if refit else None, offered, cfg.seed,
                                            rc.hybrid_min_gain, rc.hybrid_min_positives, rc.bootstrap_samples, logits)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from evaluation.channels import bar_plot
-from features.cli_common import add_config_args
+from features.cli_common import add_config_args, user_count
 from features.config import ConfigError, load_config
 from features.contract import BUNDLE_DIR, HELDOUT_BUNDLE_DIR, MANIFEST
 from features.metrics import paired_difference
@@ -49,7 +49,7 @@ INCUMBENT = "served"  # serving.offline_channels' arm for the bundle's own quota
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     add_config_args(ap)
     ap.add_argument("--k", type=int, default=20, help="page length the NDCG is taken at")
-    ap.add_argument("--max-users", type=int, default=2000,
+    ap.add_argument("--max-users", type=user_count, default=2000,
                     help="the first N validation users with a positive (time order); 0 = all")
     ap.add_argument("--top", type=int, default=3, help="best mixes by validation Recall@K added to the shortlist")
     ap.add_argument("--retrieval-weights", default="0,1,2,4,8,16,32,64,128",
@@ -84,9 +84,10 @@ def shortlist(sweep: dict[str, Any] | None, top: int) -> dict[str, dict[str, int
     return out
 
 
-def weight_arms(settings: Any, quotas: dict[str, int], weights: list[float]) -> dict[str, Any]:
-    """Arm name -> serving settings: the incumbent weight (the bundle's, as ``INCUMBENT``) and each weight tried,
-    all with ``quotas``."""
+def weight_arms(settings: Any, quotas: dict[str, int], weights: list[float],
+                incumbent_weight: float) -> dict[str, Any]:
+    """Arm name -> serving settings: the incumbent weight (the bundle's, as ``INCUMBENT``) and each other weight
+    tried, all with ``quotas`` (the incumbent's weight is not served twice)."""
     import dataclasses
 
     from serving.config import ServeSettings
@@ -95,7 +96,8 @@ def weight_arms(settings: Any, quotas: dict[str, int], weights: list[float]) -> 
     fixed = ServeSettings(dataclasses.replace(settings.serving, channel_quotas=dict(quotas)), settings.policy)
     arms = {INCUMBENT: fixed}
     for w in weights:
-        arms[f"retrieval_weight_{w:g}"] = with_retrieval_weight(fixed, w)
+        if w != incumbent_weight:
+            arms[f"retrieval_weight_{w:g}"] = with_retrieval_weight(fixed, w)
     return arms
 
 
@@ -162,13 +164,14 @@ def run(args: argparse.Namespace) -> int:
     sweep = bundle.manifest.metrics.get("retrieval", {}).get("valid", {}).get("channel_sweep")
     incumbent = {c: q for c, q in (bundle.channel_quotas or {}).items() if q > 0}
     log, view, _ = own_period(bundle, "valid", as_of)
-    users = args.max_users or None
+    users = args.max_users
     # First the retrieval score's weight in the page's fusion, with the bundle's quotas; then the quotas, served
     # with the chosen weight.
     weight_choice = None
     if settings.policy.fusion.retrieval_weight is None and weights:
         served = channel_arms(view, settings)[INCUMBENT]
-        wres, wper = page_scores(view, weight_arms(settings, served, weights), log, args.k, args.scenario, users,
+        arms = weight_arms(settings, served, weights, view.page_retrieval_weight)
+        wres, wper = page_scores(view, arms, log, args.k, args.scenario, users,
                                  progress=not args.no_progress)
         weight_choice = choose(wres, wper, cfg.seed)
         weight_choice["seconds"] = wres["seconds"]
@@ -262,5 +265,5 @@ def parse_weights(text: str) -> list[float]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.k <= 0 or args.top < 0 or (args.max_users is not None and args.max_users < 0):
-        raise ConfigError("--k must be > 0, --top and --max-users >= 0")
+    if args.k <= 0 or args.top < 0:
+        raise ConfigError("--k must be > 0 and --top >= 0")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from features.cli_common import user_count
 from features.config import apply_overrides, from_dict, load_config
 
 
@@ -23,7 +24,8 @@ def add_common_arguments(ap: argparse.ArgumentParser, out_default: str) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--scenario", default=None)
-    ap.add_argument("--max-users", type=int, default=None, help="the first N evaluated users (time order)")
+    ap.add_argument("--max-users", type=user_count, default=None,
+                    help="the first N evaluated users (time order); 0 or omitted = all")
     ap.add_argument("--no-mlflow", action="store_true")
 
 

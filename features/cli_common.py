@@ -19,6 +19,18 @@ def add_config_args(p: argparse.ArgumentParser, default: str = "configs/kuairand
     )
 
 
+def user_count(text: str) -> int | None:
+    """``--max-users``: the first N users, 0 for all of them (None); a negative or non-integer count is an
+    argument error rather than an empty evaluation."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of users (0 = all), got '{text}'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a number of users >= 0 (0 = all), got {n}")
+    return n or None
+
+
 def config_from_args(args: argparse.Namespace, cls: type[T] = Config) -> T:  # type: ignore[assignment]
     return load_config(args.config, args.overrides, cls)
 

@@ -44,7 +44,7 @@ echo "retrieval weight and channel quotas by the served page on the validation d
 # days, through the service's request path (python -m evaluation channels; MLflow run "evaluate-channels").
 echo
 echo "served feed by candidate source (test period, $HELDOUT):"
-"$PY" -m evaluation channels --bundle "$HELDOUT" --period test --max-users "${MAIN_CHANNEL_USERS:-1000}" \
+"$PY" -m evaluation channels --bundle "$HELDOUT" --period test --max-users "${MAIN_CHANNEL_USERS:-0}" \
   --out "$(dirname "$HELDOUT")/channels_eval.json"
 
 pids=()

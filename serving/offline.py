@@ -83,6 +83,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import pandas as pd
 
+from features.cli_common import user_count
 from features.metrics import ndcg as shared_ndcg
 from features.metrics import position_discount
 from serving.bundle import Bundle, load_bundle
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period", choices=("valid", "test"), default="test")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--scenario", default=None)
-    ap.add_argument("--max-users", type=int, default=None)
+    ap.add_argument("--max-users", type=user_count, default=None, help="the first N users (time order); 0 = all")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     bundle = load_bundle(args.bundle)

@@ -135,7 +135,10 @@ def test_choose_channels_cli_writes_the_choice_into_the_bundle_and_registers_it(
     # First the retrieval score's weight in the page's fusion: every weight tried, the choice written into
     # the bundle, and every quota arm served with it.
     wc = choice["retrieval_weight_choice"]
-    assert {f"retrieval_weight_{w}" for w in (0, 1, 2, 4, 8, 16)} <= set(wc["arms"])
+    before = load_bundle(synthetic_bundle).page_retrieval_weight  # served as the incumbent, not twice
+    assert wc["arms"][INCUMBENT]["retrieval_weight"] == before
+    assert {f"retrieval_weight_{w}" for w in (0, 1, 2, 4, 8, 16) if w != before} <= set(wc["arms"])
+    assert f"retrieval_weight_{before:g}" not in wc["arms"]
     assert load_bundle(out / "bundle").page_retrieval_weight == wc["retrieval_weight"]
     assert {m["retrieval_weight"] for m in choice["arms"].values()} == {wc["retrieval_weight"]}
     assert verify_bundle(out / "bundle")["metrics"]["retrieval"]["channels"]["page_choice"] == choice

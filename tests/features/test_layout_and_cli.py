@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from features.build import build_features
@@ -99,3 +100,26 @@ def test_id_positions_follow_the_tables_they_index(synthetic_tables):
     assert tables.positions("users", pd.Series([user])).tolist() == [len(tables.users) - 1]
     tables.items = tables.items.iloc[::-1].reset_index(drop=True)  # a new table: the cached index must not answer
     assert tables.positions("items", ids).tolist() == [len(items) - 4, -1, len(items) - 1, len(items) - 4]
+
+
+def test_max_users_zero_means_all_and_a_negative_count_is_refused(capsys):
+    import argparse
+
+    from evaluation.choose_channels import add_arguments
+    from evaluation.common import add_common_arguments
+    from serving.offline import main as policy_main
+
+    common = argparse.ArgumentParser()
+    add_common_arguments(common, "out.json")
+    choose = argparse.ArgumentParser()
+    add_arguments(choose)
+    assert common.parse_args(["--bundle", "b", "--max-users", "0"]).max_users is None  # was 0 users: an empty table
+    assert common.parse_args(["--bundle", "b", "--max-users", "15"]).max_users == 15
+    assert choose.parse_args(["--max-users", "0"]).max_users is None
+    assert choose.parse_args([]).max_users == 2000
+    for parser, argv in ((common, ["--bundle", "b"]), (choose, []), (None, ["--bundle", "b"])):
+        for bad in ("-3", "many"):
+            with pytest.raises(SystemExit) as e:
+                (parser.parse_args if parser else policy_main)(argv + ["--max-users", bad])
+            assert e.value.code == 2
+            assert "--max-users" in capsys.readouterr().err

@@ -21,7 +21,9 @@ import numpy as np
 from evaluation.common import add_common_arguments, read_log
 from features.config import ConfigError, load_raw
 from evaluation.as_of import as_of
-from serving.offline_channels import SERVED, feed_by_channel
+from features.candidates import CHANNELS
+from features.metrics import paired_difference
+from serving.offline_channels import SERVED, feed_scores
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -57,10 +59,42 @@ def verdict(result: dict[str, Any]) -> str:
     v = result.get("served_vs_best_single")
     if not v:
         return "served vs best single channel: no user with a positive"
+    lines = [_versus(v, f"the best single channel ({v['channel']})")]
+    w = result.get("served_vs_validation_single")
+    if w:
+        lines.append(_versus(w, f"the single channel that led validation ({w['channel']}, "
+                                f"{w['valid_metric']} {w['valid']:.4f} there)"))
+    return "\n".join(lines)
+
+
+def _versus(v: dict[str, Any], what: str) -> str:
     lo, hi = v["ci95"]
     word = "above" if lo > 0 else "below" if hi < 0 else "not distinguishable from"
-    return (f"served feed {v['metric']} minus the best single channel ({v['channel']}): {v['difference']:+.4f} "
-            f"[{lo:+.4f}, {hi:+.4f}] (paired user bootstrap): {word} it")
+    return (f"served feed {v['metric']} minus {what}: {v['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+            f"(paired user bootstrap): {word} it")
+
+
+def versus_validation_single(metrics: dict[str, Any], result: dict[str, Any], per_user: dict[str, np.ndarray],
+                             seed: int = 0) -> dict[str, Any] | None:
+    """The served arm minus the single channel that served the best page on validation (the bundle's
+    ``retrieval.channels.page_choice``, written by ``choose-channels``), on this log's users. The best single
+    channel *of this log* (``served_vs_best_single``) is picked on the numbers it is compared with, so among
+    channels that tie it lands above the served arm more often than not; a channel picked on validation is
+    the alternative one could actually have served. None without a recorded choice."""
+    choice = metrics.get("retrieval", {}).get("channels", {}).get("page_choice")
+    if not choice:
+        return None
+    metric = choice["metric"]
+    valid = {a: m[metric] for a, m in choice["arms"].items() if a in CHANNELS and m.get(metric) is not None}
+    if not valid:
+        return None
+    pick = max(valid, key=lambda a: valid[a])
+    defined = np.isfinite(per_user[SERVED])
+    if pick not in per_user or not defined.any():
+        return None
+    diff = paired_difference(per_user[SERVED][defined], per_user[pick][defined], seed)
+    return {"channel": pick, "metric": result["served_vs_best_single"]["metric"], "valid_metric": metric,
+            "valid": float(valid[pick]), **diff}
 
 
 def bar_plot(result: dict[str, Any], path: Path) -> Path:
@@ -108,8 +142,12 @@ def run(args: argparse.Namespace) -> int:
         view, data = bundle, {"source": args.log, "period": None, "later_log_report": report}
     else:
         log, view, data = own_period(bundle, args.period, as_of)
-    result = feed_by_channel(view, settings, log, args.k, args.scenario, args.max_users,
-                             progress=not args.no_progress, mixes=mixes)
+    result, per_user = feed_scores(view, settings, log, args.k, args.scenario, args.max_users,
+                                   progress=not args.no_progress, mixes=mixes)
+    if "served_vs_best_single" in result:
+        picked = versus_validation_single(bundle.manifest.metrics, result, per_user)
+        if picked:
+            result["served_vs_validation_single"] = picked
     result["data"].update(data)
     result["bundle"] = {"path": str(bundle_dir), "version": bundle.version, "git_revision": bundle.manifest.git_revision}
     out = Path(args.out)
@@ -135,11 +173,11 @@ def _log_mlflow(result: dict[str, Any], out: Path, plot: Path) -> None:
         for arm, m in result["arms"].items():
             mlflow.log_metrics({f"{arm}.{key.replace('@', '_at_')}": float(v) for key, v in m.items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        v = result.get("served_vs_best_single")
-        if v:
-            mlflow.log_metrics({"served_vs_best_single.difference": v["difference"],
-                                "served_vs_best_single.ci95_low": v["ci95"][0],
-                                "served_vs_best_single.ci95_high": v["ci95"][1]})
+        for name in ("served_vs_best_single", "served_vs_validation_single"):
+            v = result.get(name)
+            if v:
+                mlflow.log_metrics({f"{name}.difference": v["difference"], f"{name}.ci95_low": v["ci95"][0],
+                                    f"{name}.ci95_high": v["ci95"][1]})
         mlflow.log_artifact(str(out))
         mlflow.log_artifact(str(plot))
         with tempfile.TemporaryDirectory() as d:

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from evaluation.as_of import as_of
+from features.bundle import amend_channel_quotas
 from features.candidates import build_channel_tables
 from features.metrics import ndcg
 from serving.bundle import Bundle, load_bundle
@@ -162,7 +163,16 @@ def test_channels_cli_writes_json_plot_and_an_mlflow_run(synthetic_bundle: Path,
     # Explicit, and restored after: MLflow's set_tracking_uri also sets the variable for child processes.
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    r = subprocess.run([sys.executable, "-m", "evaluation", "channels", "--bundle", str(synthetic_bundle),
+    # A choice recorded by choose-channels on validation, where trending led the single channels (though it
+    # was not served): the test compares the served page with it as well as with the test's own best.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(synthetic_bundle, bundle)
+    metric = "ndcg@20_long_view"
+    arms = {"served": 0.05, "ann": 0.04, "covisit": 0.03, "trending": 0.06, "mf": None, "ann400+covisit100": 0.07}
+    record = {"metric": metric, "arms": {a: {"quotas": {}, metric: v} for a, v in arms.items()}}
+    amend_channel_quotas(bundle, load_bundle(synthetic_bundle).channel_quotas, "test",
+                         lambda m: m.setdefault("retrieval", {}).setdefault("channels", {}).update(page_choice=record))
+    r = subprocess.run([sys.executable, "-m", "evaluation", "channels", "--bundle", str(bundle),
                         "--out", "out/channels.json", "--k", "10", "--max-users", "15", "--no-progress",
                         "--mix", "half:ann=250,covisit=250"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -173,6 +183,11 @@ def test_channels_cli_writes_json_plot_and_an_mlflow_run(synthetic_bundle: Path,
     assert result["data"]["as_of"]["rows_before"] > 0 and "mf" in result["data"]["as_of"]
     assert (tmp_path / "out" / "channels.png").stat().st_size > 1000
     assert "minus the best single channel" in r.stdout
+    picked = result["served_vs_validation_single"]
+    assert picked["channel"] == "trending" and picked["valid"] == 0.06  # a mix's lead is no single channel's
+    assert picked["difference"] == pytest.approx(result["arms"]["served"]["ndcg@10_long_view"]
+                                                 - result["arms"]["trending"]["ndcg@10_long_view"], abs=1e-9)
+    assert "the single channel that led validation (trending" in r.stdout
     import mlflow
 
     mlflow.set_tracking_uri(store)

@@ -2,7 +2,7 @@
 quotas by the page the user gets.
 
     python -m evaluation choose-channels --config configs/kuairand.yaml [--set key=value ...]
-        [--max-users N] [--top N] [--k 20] [--retrieval-weights 0,0.25,0.5,1,2,4,8,16,32,64,128] [--dry-run] [--no-mlflow]
+        [--max-users N] [--top N] [--k 20] [--retrieval-weights 0,1,2,4,8,16,32,64,128] [--dry-run] [--no-mlflow]
 
 First the weight of the retrieval score in the page's fusion (``policy.fusion.retrieval_weight``; unless the
 config sets it): each weight is served with the bundle's quotas. Then the quotas, every arm served at the
@@ -52,7 +52,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-users", type=user_count, default=2000,
                     help="the first N validation users with a positive (time order); 0 = all")
     ap.add_argument("--top", type=int, default=3, help="best mixes by validation Recall@K added to the shortlist")
-    ap.add_argument("--retrieval-weights", default="0,0.25,0.5,1,2,4,8,16,32,64,128",
+    ap.add_argument("--retrieval-weights", default="0,1,2,4,8,16,32,64,128",
                     help="weights of the retrieval score in the page's fusion to try (policy.fusion.retrieval_weight; "
                          "comma-separated); the config's value, when set, is kept instead")
     ap.add_argument("--scenario", default=None)

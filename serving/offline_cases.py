@@ -45,14 +45,23 @@ def period_log(bundle: Bundle, period: str = "test") -> pd.DataFrame:
     return log
 
 
-def period_view(bundle: Bundle, log: pd.DataFrame) -> tuple[Bundle, dict[str, int]]:
-    """``bundle`` with user history, item aggregates and fan relations as of the start of ``log``'s period.
+def period_view(bundle: Bundle, log: pd.DataFrame, later: pd.DataFrame | None = None
+                ) -> tuple[Bundle, dict[str, int]]:
+    """``bundle`` with every input the ranker reads per user, item, creator or pair as of the start of
+    ``log``'s period: user history, user and item aggregates, fan relations and the behaviour tables (user x
+    creator, item and creator x context).
 
-    Uses the time-correct values stored on each user's / item's / (user, creator)'s first row of ``log``.
-    ONNX sessions and the index are shared, not copied.
+    The bundle's tables are the end-of-data snapshot, which counts the period's own outcomes (and those of
+    any later period). Each row of the bundle's log carries its block's time-correct values, so a key's first
+    row from the period's start on (``log``, then ``later``: the rows after the period) holds its values as of
+    that start; a key with no such row had no impression since the start, and its snapshot values are already
+    those of the start. ONNX sessions and the index are shared, not copied.
     """
     log = log.sort_values("ts", kind="stable")
-    note = {"users": 0, "items": 0, "fan_pairs": 0, "fan_pairs_not_in_snapshot": 0}
+    rows = log if later is None or not len(later) else pd.concat([log, later.sort_values("ts", kind="stable")],
+                                                                ignore_index=True)
+    note = {"users": 0, "items": 0, "fan_pairs": 0, "fan_pairs_not_in_snapshot": 0, "user_aggregates": 0,
+            "behaviour_tables": 0}
     history = bundle.history
     if "history" in log:
         first = log.drop_duplicates("user_id")
@@ -61,11 +70,22 @@ def period_view(bundle: Bundle, log: pd.DataFrame) -> tuple[Bundle, dict[str, in
         history = bundle.history.copy()
         history[urow[ok]] = np.stack(first["history"].to_numpy()[ok]).astype(np.int64)
         note["users"] = int(ok.sum())
+    user_cols = bundle.user_cols
+    present_users = [c for c in bundle.user_num_cols if c in rows]
+    if present_users:
+        first = rows.drop_duplicates("user_id")
+        urow = np.array([bundle.user_row.get(str(u), -1) for u in first["user_id"]])
+        ok = urow >= 0
+        user_cols = dict(bundle.user_cols)
+        for c in present_users:
+            user_cols[c] = np.array(bundle.user_cols[c], copy=True)
+            user_cols[c][urow[ok]] = first[c].to_numpy()[ok]
+        note["user_aggregates"] = int(ok.sum())
     item_num = bundle.item_num
     item_cols = [s.split(":", 1)[1] for s in bundle.ranking.num.sources if s.startswith("items:")]
-    present = [j for j, c in enumerate(item_cols) if c in log]
+    present = [j for j, c in enumerate(item_cols) if c in rows]
     if present:
-        first = log.drop_duplicates("item_id")
+        first = rows.drop_duplicates("item_id")
         irow = np.array([bundle.item_row.get(str(i), -1) for i in first["item_id"]])
         ok = irow >= 0
         item_num = bundle.item_num.copy()
@@ -73,10 +93,10 @@ def period_view(bundle: Bundle, log: pd.DataFrame) -> tuple[Bundle, dict[str, in
         item_num[np.ix_(irow[ok], present)] = vals
         note["items"] = int(ok.sum())
     fan_values = bundle.fan_values
-    fan_cols = [c for c in bundle.fan_columns if c in log]
-    if fan_cols and "creator_id" in log:
+    fan_cols = [c for c in bundle.fan_columns if c in rows]
+    if fan_cols and "creator_id" in rows:
         fan_values = bundle.fan_values.copy()
-        pairs = log.drop_duplicates(["user_id", "creator_id"])
+        pairs = rows.drop_duplicates(["user_id", "creator_id"])
         cidx = pd.Index(bundle.creator_ids)
         creators = cidx.get_indexer(pairs["creator_id"].astype(str))
         vals = pairs[fan_cols].to_numpy(np.float32)
@@ -92,10 +112,22 @@ def period_view(bundle: Bundle, log: pd.DataFrame) -> tuple[Bundle, dict[str, in
                 note["fan_pairs"] += 1
             elif v.any():  # a relation the snapshot lost (an iron fan who lapsed later): left out, counted
                 note["fan_pairs_not_in_snapshot"] += 1
+    behaviour = bundle.behaviour
+    if behaviour is not None:
+        user_ids = np.array(sorted(bundle.user_row, key=bundle.user_row.__getitem__), dtype=object)
+        behaviour = behaviour.as_of(rows, user_ids, bundle.creator_ids, bundle.item_ids)
+        note["behaviour_tables"] = 1 + len(behaviour.contexts) if behaviour.pairs is not None else len(behaviour.contexts)
     start = float(log["ts"].min())
-    view = dataclasses.replace(bundle, history=history, item_num=item_num, fan_values=fan_values,
+    view = dataclasses.replace(bundle, history=history, user_cols=user_cols, item_num=item_num,
+                               fan_values=fan_values, behaviour=behaviour,
                                data_end_ms=min(bundle.data_end_ms, start) if bundle.data_end_ms else start)
     return view, note
+
+
+def rows_after(bundle: Bundle, log: pd.DataFrame) -> pd.DataFrame:
+    """The bundle's own rows after ``log``'s last (a later period's), for :func:`period_view`."""
+    path = bundle.path / "features" / "interactions.parquet"
+    return pd.read_parquet(path, filters=[("ts", ">", int(log["ts"].max()))]) if path.exists() else log.iloc[:0]
 
 
 def own_period(bundle: Bundle, period: str, retrieval_as_of: Callable[[Bundle, Bundle, int], tuple[Bundle, dict[str, Any]]]
@@ -104,7 +136,7 @@ def own_period(bundle: Bundle, period: str, retrieval_as_of: Callable[[Bundle, B
     ``retrieval_as_of(bundle, view, start)`` when given: ``evaluation.as_of``, which needs the training code,
     so it is passed in) and the data report of both."""
     log = period_log(bundle, period)
-    view, note = period_view(bundle, log)
+    view, note = period_view(bundle, log, rows_after(bundle, log))
     data: dict[str, Any] = {"source": f"{bundle.path}/features/interactions.parquet", "period": period,
                             "period_view": note}
     if retrieval_as_of is not None:

@@ -259,6 +259,19 @@ class Recommender:
     def _rank(self, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
               context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:
         """(n, T) head predictions for catalogue rows ``rows``, and (n,) expected watch time in ms (or None)."""
+        k = b.ranking
+        cat, num = self.ranker_inputs(b, user_id, row, rows, context)
+        hist_mat = np.ascontiguousarray(np.broadcast_to(hist, (len(rows), len(hist))))
+        outputs = [k.scores.name] + ([k.watch_time.name] if k.watch_time else [])
+        out = b.ranker.run(outputs, {k.cat.name: cat, k.hist.name: hist_mat, k.num.name: num})
+        # The ranker emits watch time in seconds (float32 ms would lose the parity tolerance to rounding).
+        watch_ms = np.asarray(out[1], dtype=np.float64).reshape(-1) * 1000.0 if k.watch_time else None
+        return np.asarray(out[0], dtype=np.float32), watch_ms
+
+    def ranker_inputs(self, b: Bundle, user_id: str, row: int, rows: np.ndarray,
+                      context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+        """The ranker's ``cat`` (n, C) and ``num`` (n, N) inputs for catalogue rows ``rows`` (sources in
+        ``ranking.json`` order), from the bundle's tables."""
         n = len(rows)
         k = b.ranking
         cat = np.zeros((n, len(k.cat.sources)), dtype=np.int64)
@@ -287,12 +300,7 @@ class Recommender:
                     num[np.ix_(np.flatnonzero(hit), b.fan_num_pos)] = vals[:, b.fan_num_which]
         if b.behaviour is not None:
             b.behaviour.fill(num, row, rows, b.item_creator, context)
-        hist_mat = np.ascontiguousarray(np.broadcast_to(hist, (n, len(hist))))
-        outputs = [k.scores.name] + ([k.watch_time.name] if k.watch_time else [])
-        out = b.ranker.run(outputs, {k.cat.name: cat, k.hist.name: hist_mat, k.num.name: num})
-        # The ranker emits watch time in seconds (float32 ms would lose the parity tolerance to rounding).
-        watch_ms = np.asarray(out[1], dtype=np.float64).reshape(-1) * 1000.0 if k.watch_time else None
-        return np.asarray(out[0], dtype=np.float32), watch_ms
+        return cat, num
 
     def score(self, b: Bundle, user_id: str, row: int, hist: np.ndarray, rows: np.ndarray,
                context: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray | None]:

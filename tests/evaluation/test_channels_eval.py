@@ -218,3 +218,37 @@ def test_offline_evaluation_runs_without_torch(synthetic_bundle: Path):
     res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)})
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("period", ["valid", "test"])
+def test_the_period_view_gives_the_ranker_the_inputs_it_was_trained_on(bundle: Bundle, period: str):
+    """Every per-user, per-item, per-pair and per-context aggregate the ranker reads (user and item rates,
+    fan relations, user x creator and item / creator x context behaviour) is, in the period view, what the
+    training rows of that period carried: as of the period's start. The shipped tables count the period's
+    own outcomes (for the validation period the test period's too): served from them, the ranker found the
+    user's period positives through the user x creator counts, and the offline page measured that."""
+    from serving.offline_cases import rows_after
+
+    log = period_log(bundle, period)
+    view, _ = period_view(bundle, log, rows_after(bundle, log))
+    rec = Recommender(view, ServeSettings())
+    sources = view.ranking.num.sources
+    cols = [s.rsplit(":", 1)[1] for s in sources]
+    assert any(s.startswith("user_creator:") for s in sources) and any(s.startswith("users:") for s in sources)
+    ctx_names = [n for _, n in view.request_cat if n != "user_id" and n in log]
+    sample = log.sample(min(len(log), 300), random_state=0)
+    shipped_differs = 0
+    for _, r in sample.iterrows():
+        user, item = str(r["user_id"]), str(r["item_id"])
+        row = view.user_row.get(user, -1)
+        if row < 0 or item not in view.item_row:
+            continue
+        ctx = {n: str(r[n]) for n in ctx_names}
+        rows = np.array([view.item_row[item]])
+        _, num = rec.ranker_inputs(view, user, row, rows, ctx)
+        want = r[cols].to_numpy(np.float32)
+        np.testing.assert_allclose(num[0], want, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   err_msg=f"user {user}, item {item}: {sources}")
+        _, shipped = Recommender(bundle, ServeSettings()).ranker_inputs(bundle, user, row, rows, ctx)
+        shipped_differs += not np.allclose(shipped[0], want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert shipped_differs > 0  # the snapshot does differ: the check above is not comparing equal tables

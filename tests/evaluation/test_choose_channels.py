@@ -137,7 +137,7 @@ def test_choose_channels_cli_writes_the_choice_into_the_bundle_and_registers_it(
     wc = choice["retrieval_weight_choice"]
     before = load_bundle(synthetic_bundle).page_retrieval_weight  # served as the incumbent, not twice
     assert wc["arms"][INCUMBENT]["retrieval_weight"] == before
-    assert {f"retrieval_weight_{w:g}" for w in (0, 0.25, 0.5, 1, 2, 4, 8, 16) if w != before} <= set(wc["arms"])
+    assert {f"retrieval_weight_{w:g}" for w in (0, 1, 2, 4, 8, 16) if w != before} <= set(wc["arms"])
     assert f"retrieval_weight_{before:g}" not in wc["arms"]
     assert load_bundle(out / "bundle").page_retrieval_weight == wc["retrieval_weight"]
     assert {m["retrieval_weight"] for m in choice["arms"].values()} == {wc["retrieval_weight"]}

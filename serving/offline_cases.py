@@ -60,7 +60,7 @@ def period_view(bundle: Bundle, log: pd.DataFrame, later: pd.DataFrame | None = 
     log = log.sort_values("ts", kind="stable")
     rows = log if later is None or not len(later) else pd.concat([log, later.sort_values("ts", kind="stable")],
                                                                 ignore_index=True)
-    note = {"users": 0, "items": 0, "fan_pairs": 0, "fan_pairs_not_in_snapshot": 0, "user_aggregates": 0,
+    note = {"users": 0, "items": 0, "creators": 0, "fan_pairs": 0, "fan_pairs_not_in_snapshot": 0, "user_aggregates": 0,
             "behaviour_tables": 0}
     history = bundle.history
     if "history" in log:
@@ -85,13 +85,28 @@ def period_view(bundle: Bundle, log: pd.DataFrame, later: pd.DataFrame | None = 
     item_cols = [s.split(":", 1)[1] for s in bundle.ranking.num.sources if s.startswith("items:")]
     present = [j for j, c in enumerate(item_cols) if c in rows]
     if present:
+        item_num = bundle.item_num.copy()
+        # The creator's aggregates ride on every item of the creator: an item without a row since the start
+        # still changes with its creator's other items, so those are keyed by creator (features/quality.py
+        # names them creator_*).
+        by_creator = [j for j in present if item_cols[j].startswith("creator_")]
+        by_item = [j for j in present if j not in by_creator]
         first = rows.drop_duplicates("item_id")
         irow = np.array([bundle.item_row.get(str(i), -1) for i in first["item_id"]])
         ok = irow >= 0
-        item_num = bundle.item_num.copy()
-        vals = first[[item_cols[j] for j in present]].to_numpy(np.float32)[ok]
-        item_num[np.ix_(irow[ok], present)] = vals
+        item_num[np.ix_(irow[ok], by_item)] = first[[item_cols[j] for j in by_item]].to_numpy(np.float32)[ok]
         note["items"] = int(ok.sum())
+        if by_creator and "creator_id" in rows:
+            first = rows.drop_duplicates("creator_id")
+            code = pd.Index(bundle.creator_ids).get_indexer(first["creator_id"].astype(str))
+            ok = code >= 0
+            vals = np.full((len(bundle.creator_ids), len(by_creator)), np.nan, np.float32)
+            vals[code[ok]] = first[[item_cols[j] for j in by_creator]].to_numpy(np.float32)[ok]
+            seen = np.zeros(len(bundle.creator_ids), bool)
+            seen[code[ok]] = True
+            items = np.flatnonzero(seen[bundle.item_creator])
+            item_num[np.ix_(items, by_creator)] = vals[bundle.item_creator[items]]
+            note["creators"] = int(ok.sum())
     fan_values = bundle.fan_values
     fan_cols = [c for c in bundle.fan_columns if c in rows]
     if fan_cols and "creator_id" in rows:

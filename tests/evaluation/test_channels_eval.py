@@ -235,6 +235,8 @@ def test_the_period_view_gives_the_ranker_the_inputs_it_was_trained_on(bundle: B
     sources = view.ranking.num.sources
     cols = [s.rsplit(":", 1)[1] for s in sources]
     assert any(s.startswith("user_creator:") for s in sources) and any(s.startswith("users:") for s in sources)
+    creator_pos = [j for j, s in enumerate(sources) if s.startswith("items:creator_")]
+    assert creator_pos
     ctx_names = [n for _, n in view.request_cat if n != "user_id" and n in log]
     sample = log.sample(min(len(log), 300), random_state=0)
     shipped_differs = 0
@@ -251,4 +253,9 @@ def test_the_period_view_gives_the_ranker_the_inputs_it_was_trained_on(bundle: B
                                    err_msg=f"user {user}, item {item}: {sources}")
         _, shipped = Recommender(bundle, ServeSettings()).ranker_inputs(bundle, user, row, rows, ctx)
         shipped_differs += not np.allclose(shipped[0], want, rtol=1e-5, atol=1e-6, equal_nan=True)
+        # The creator's aggregates are the creator's, also on its items nobody was shown since the start.
+        siblings = np.flatnonzero(view.item_creator == view.item_creator[rows[0]])
+        _, other = rec.ranker_inputs(view, user, row, siblings[siblings != rows[0]][:3], ctx)
+        np.testing.assert_allclose(other[:, creator_pos], np.broadcast_to(want[creator_pos], (len(other), len(creator_pos))),
+                                   rtol=1e-5, atol=1e-6, equal_nan=True)
     assert shipped_differs > 0  # the snapshot does differ: the check above is not comparing equal tables

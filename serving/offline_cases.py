@@ -11,7 +11,9 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from features.config import QualityConfig, from_dict
 from features.contract import HELDOUT_BUNDLE_DIR
+from features.quality import high_quality_creators
 from serving.bundle import Bundle
 from serving.recommender import Recommender
 
@@ -107,6 +109,7 @@ def period_view(bundle: Bundle, log: pd.DataFrame, later: pd.DataFrame | None = 
             items = np.flatnonzero(seen[bundle.item_creator])
             item_num[np.ix_(items, by_creator)] = vals[bundle.item_creator[items]]
             note["creators"] = int(ok.sum())
+    high_quality = _high_quality(bundle, item_num, item_cols) if present else bundle.high_quality
     fan_values = bundle.fan_values
     fan_cols = [c for c in bundle.fan_columns if c in rows]
     if fan_cols and "creator_id" in rows:
@@ -134,9 +137,21 @@ def period_view(bundle: Bundle, log: pd.DataFrame, later: pd.DataFrame | None = 
         note["behaviour_tables"] = 1 + len(behaviour.contexts) if behaviour.pairs is not None else len(behaviour.contexts)
     start = float(log["ts"].min())
     view = dataclasses.replace(bundle, history=history, user_cols=user_cols, item_num=item_num,
-                               fan_values=fan_values, behaviour=behaviour,
+                               high_quality=high_quality, fan_values=fan_values, behaviour=behaviour,
                                data_end_ms=min(bundle.data_end_ms, start) if bundle.data_end_ms else start)
     return view, note
+
+
+def _high_quality(bundle: Bundle, item_num: np.ndarray, item_cols: list[str]) -> np.ndarray:
+    """The items' high-quality creator flags recomputed from the creator aggregates in ``item_num`` (the
+    feature build's rule, features/quality.py), or the bundle's where the ranker reads no creator score."""
+    if "creator_n" not in item_cols or "creator_quality" not in item_cols or not len(item_num):
+        return bundle.high_quality
+    codes, first = np.unique(bundle.item_creator, return_index=True)
+    creators = pd.DataFrame({c: item_num[first, item_cols.index(c)] for c in ("creator_n", "creator_quality")})
+    flags = np.zeros(len(bundle.creator_ids), dtype=bool)
+    flags[codes] = high_quality_creators(creators, from_dict(QualityConfig, bundle.manifest.config.get("quality") or {}))
+    return flags[bundle.item_creator]
 
 
 def rows_after(bundle: Bundle, log: pd.DataFrame) -> pd.DataFrame:

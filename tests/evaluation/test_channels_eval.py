@@ -259,3 +259,10 @@ def test_the_period_view_gives_the_ranker_the_inputs_it_was_trained_on(bundle: B
         np.testing.assert_allclose(other[:, creator_pos], np.broadcast_to(want[creator_pos], (len(other), len(creator_pos))),
                                    rtol=1e-5, atol=1e-6, equal_nan=True)
     assert shipped_differs > 0  # the snapshot does differ: the check above is not comparing equal tables
+    # The policy's high-quality creator flags follow the same as-of creator aggregates, by the build's rule
+    # (which, applied to the shipped aggregates, gives the shipped flags).
+    from serving.offline_cases import _high_quality
+
+    items = [s.split(":", 1)[1] for s in sources if s.startswith("items:")]
+    np.testing.assert_array_equal(_high_quality(bundle, bundle.item_num, items), bundle.high_quality)
+    np.testing.assert_array_equal(view.high_quality, _high_quality(bundle, view.item_num, items))

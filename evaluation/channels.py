@@ -22,8 +22,7 @@ from evaluation.common import add_common_arguments, read_log
 from features.config import ConfigError, load_raw
 from evaluation.as_of import as_of
 from features.candidates import CHANNELS
-from features.metrics import paired_difference
-from serving.offline_channels import SERVED, feed_scores
+from serving.offline_channels import SERVED, feed_scores, served_minus
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -89,10 +88,9 @@ def versus_validation_single(metrics: dict[str, Any], result: dict[str, Any], pe
     if not valid:
         return None
     pick = max(valid, key=lambda a: valid[a])
-    defined = np.isfinite(per_user[SERVED])
-    if pick not in per_user or not defined.any():
+    diff = served_minus(per_user, pick, seed)
+    if diff is None:
         return None
-    diff = paired_difference(per_user[SERVED][defined], per_user[pick][defined], seed)
     return {"channel": pick, "metric": result["served_vs_best_single"]["metric"], "valid_metric": metric,
             "valid": float(valid[pick]), **diff}
 

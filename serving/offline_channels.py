@@ -178,13 +178,22 @@ def feed_scores(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int
                                 log, k, scenario, max_users, progress)
     primary = out["gains"][0]
     singles = [a for a in arms if a in CHANNELS]
-    defined = np.isfinite(per_user[SERVED])
-    if singles and defined.any():
+    if singles:
         best = max(singles, key=lambda a: out["arms"][a][f"ndcg@{k}_{primary}"] or 0.0)
-        diff = paired_difference(per_user[SERVED][defined], per_user[best][defined], seed)
-        out["served_vs_best_single"] = {"channel": best, "metric": f"ndcg@{k}_{primary}", **diff,
-                                        "at_least_as_good": bool(diff["difference"] >= 0)}
+        diff = served_minus(per_user, best, seed)
+        if diff is not None:
+            out["served_vs_best_single"] = {"channel": best, "metric": f"ndcg@{k}_{primary}", **diff,
+                                            "at_least_as_good": bool(diff["difference"] >= 0)}
     return out, per_user
+
+
+def served_minus(per_user: dict[str, np.ndarray], arm: str, seed: int = 0) -> dict[str, Any] | None:
+    """The served arm's per-user NDCG minus ``arm``'s, over the users where it is defined, with a paired
+    user-bootstrap interval (None: no such user, or no such arm)."""
+    defined = np.isfinite(per_user[SERVED])
+    if arm not in per_user or not defined.any():
+        return None
+    return paired_difference(per_user[SERVED][defined], per_user[arm][defined], seed)
 
 
 def with_retrieval_weight(settings: ServeSettings, weight: float) -> ServeSettings:

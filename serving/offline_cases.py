@@ -65,8 +65,8 @@ def period_view(bundle: Bundle, log: pd.DataFrame, later: pd.DataFrame | None = 
     note = {"users": 0, "items": 0, "creators": 0, "fan_pairs": 0, "fan_pairs_not_in_snapshot": 0, "user_aggregates": 0,
             "behaviour_tables": 0}
     history = bundle.history
-    if "history" in log:
-        first = log.drop_duplicates("user_id")
+    if "history" in rows:
+        first = rows.drop_duplicates("user_id")
         urow = np.array([bundle.user_row.get(str(u), -1) for u in first["user_id"]])
         ok = urow >= 0
         history = bundle.history.copy()

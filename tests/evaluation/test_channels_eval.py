@@ -259,6 +259,18 @@ def test_the_period_view_gives_the_ranker_the_inputs_it_was_trained_on(bundle: B
         np.testing.assert_allclose(other[:, creator_pos], np.broadcast_to(want[creator_pos], (len(other), len(creator_pos))),
                                    rtol=1e-5, atol=1e-6, equal_nan=True)
     assert shipped_differs > 0  # the snapshot does differ: the check above is not comparing equal tables
+    # The history too: each user's first row from the start on, also for a user with no row in the period
+    # but rows after it (here: one user's period rows left out), whose shipped history knows those later rows.
+    later = rows_after(bundle, log)
+    if len(later):
+        gone = str(later["user_id"].value_counts().index[0])
+        without, _ = period_view(bundle, log[log["user_id"].astype(str) != gone], later)
+        mine = later[later["user_id"].astype(str) == gone].sort_values("ts", kind="stable")
+        row = bundle.user_row[gone]
+        np.testing.assert_array_equal(without.history[row], np.asarray(mine["history"].iloc[0], np.int64))
+        assert not np.array_equal(bundle.history[row], without.history[row])
+    for _, r in log.drop_duplicates("user_id").head(100).iterrows():
+        np.testing.assert_array_equal(view.history[view.user_row[str(r["user_id"])]], np.asarray(r["history"], np.int64))
     # The policy's high-quality creator flags follow the same as-of creator aggregates, by the build's rule
     # (which, applied to the shipped aggregates, gives the shipped flags).
     from serving.offline_cases import _high_quality

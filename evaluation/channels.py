@@ -47,10 +47,11 @@ def parse_mixes(specs: list[str]) -> dict[str, dict[str, int]]:
 def table(result: dict[str, Any]) -> str:
     k, gains = result["k"], result["gains"]
     cols = [f"{m}@{k}_{g}" for g in gains for m in ("ndcg", "recall")]
+    cols.append("creator_gini_catalogue")
     lines = ["| candidates | quotas | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for a, m in result["arms"].items():
         quotas = ", ".join(f"{c} {q}" for c, q in m["quotas"].items() if q)
-        lines.append(f"| {a} | {quotas} | " + " | ".join("" if m[c] is None else f"{m[c]:.4f}" for c in cols) + " |")
+        lines.append(f"| {a} | {quotas} | " + " | ".join("" if m.get(c) is None else f"{m[c]:.4f}" for c in cols) + " |")
     return "\n".join(lines)
 
 

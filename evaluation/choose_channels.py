@@ -19,6 +19,10 @@ one with the best NDCG@k of the primary gain (by the rule above). The shortlist:
 share. Every arm is served with ``serving.fill_from_ann`` as configured, so a channel that finds little for
 a user is topped up from the ANN.
 
+Each arm also reports the Gini of creator exposure over the catalogue on its pages (the feed policy runs in
+every arm): the retrieval weight that wins NDCG also decides how far the policy's exposure boost reaches
+(docs/policy_eval.md), and the choice does not look at it, so it is printed where the choice is made.
+
 The choice is written into the bundles of ``output_dir`` (``retrieval.json`` channels and
 ``page_retrieval_weight``, re-checksummed by
 :func:`features.bundle.amend_channel_quotas`; the held-out bundle and the served one), recorded in
@@ -127,13 +131,15 @@ def choose(result: dict[str, Any], per_user: dict[str, np.ndarray], seed: int = 
 
 def table(choice: dict[str, Any]) -> str:
     metric = choice["metric"]
-    lines = [f"| arm | quotas | retrieval weight | {metric} (valid) |", "|---|---|---|---|"]
+    lines = [f"| arm | quotas | retrieval weight | {metric} (valid) | creator Gini |", "|---|---|---|---|---|"]
     for a, m in sorted(choice["arms"].items(), key=lambda x: -(x[1][metric] or 0.0)):
         quotas = ", ".join(f"{c} {q}" for c, q in m["quotas"].items() if q)
         mark = "**" if a == choice["chosen"] else ""
         value = "" if m[metric] is None else f"{m[metric]:.4f}"
         w = m.get("retrieval_weight")
-        lines.append(f"| {mark}{a}{mark} | {quotas} | {'' if w is None else f'{w:g}'} | {mark}{value}{mark} |")
+        g = m.get("creator_gini_catalogue")
+        lines.append(f"| {mark}{a}{mark} | {quotas} | {'' if w is None else f'{w:g}'} | {mark}{value}{mark} | "
+                     f"{'' if g is None else f'{g:.3f}'} |")
     return "\n".join(lines)
 
 

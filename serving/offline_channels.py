@@ -37,6 +37,7 @@ from features.metrics import ndcg, paired_difference
 from serving.bundle import Bundle
 from serving.candidates import available_channels, channel_quotas
 from serving.config import ServeSettings
+from serving.exposure import gini
 from serving.offline_cases import gain_names
 from serving.recommender import Recommender
 
@@ -236,6 +237,8 @@ def page_scores(view: Bundle, arm_settings: dict[str, ServeSettings], log: pd.Da
     G = len(signals)
     scores = {a: {"ndcg": np.full((len(users), G), np.nan), "recall": np.full((len(users), G), np.nan)} for a in arms}
     reasons: dict[str, dict[str, int]] = {a: {} for a in arms}
+    creator_slots = {a: np.zeros(len(view.creator_ids), np.int64) for a in arms}
+    creator_code = {c: j for j, c in enumerate(view.creator_ids.tolist())}
     # Redirected to a log file, a bar redrawn 10 times a second is megabytes of noise: redraw every 15 s there.
     bar = tqdm(users, desc=f"channels: {len(arms)} arms", unit="user", disable=not progress,
                mininterval=0.1 if sys.stderr.isatty() else 15.0)
@@ -257,6 +260,7 @@ def page_scores(view: Bundle, arm_settings: dict[str, ServeSettings], log: pd.Da
             for item in res.items:
                 tag = item.reasons[-1]
                 reasons[a][tag] = reasons[a].get(tag, 0) + 1
+                creator_slots[a][creator_code[item.creator_id]] += 1
     out: dict[str, Any] = {"protocol": "serving.offline_channels (see its docstring)", "k": k, "gains": signals,
                            "candidates": next(iter(arm_settings.values())).serving.candidates, "users": int(len(users)), "data": report,
                            "arms": {}}
@@ -269,6 +273,9 @@ def page_scores(view: Bundle, arm_settings: dict[str, ServeSettings], log: pd.Da
             m[f"users_{s}"] = int(defined.sum())
         slots = max(1, sum(reasons[a].values()))
         m["channel_share"] = {t: round(n / slots, 4) for t, n in sorted(reasons[a].items())}
+        # What the page's settings do to creator exposure (the feed policy's fairness measure, over every
+        # catalogue creator): a fusion that wins NDCG by serving everyone the same creators shows here.
+        m["creator_gini_catalogue"] = round(gini(creator_slots[a]), 4)
         m["retrieval_weight"] = recs[a].state.policy.fusion_retrieval_weight(
             arm_settings[a].policy.for_scenario(recs[a].scenario_name(recs[a].state, scenario)))
         out["arms"][a] = m

@@ -21,6 +21,7 @@ from features.candidates import build_channel_tables
 from features.metrics import ndcg
 from serving.bundle import Bundle, load_bundle
 from serving.config import ServeSettings, ServingConfig
+from serving.exposure import gini
 from serving.offline_cases import period_log, period_view
 from serving.offline_channels import SERVED, channel_arms, feed_by_channel, page_scores, with_retrieval_weight
 from serving.recommender import Recommender
@@ -141,7 +142,7 @@ def test_arms_sharing_retrieval_serve_what_each_would_serve_alone(view: Bundle, 
     hits = known.groupby(known["user_id"].astype(str), sort=False)[["long_view", "click"]].max().max(axis=1)
     users = [u for u in dict.fromkeys(known["user_id"].astype(str)) if hits[u] > 0][:USERS]
     assert out["users"] == len(users)
-    pages = {}
+    pages, creators = {}, {}
     for name, settings in arms.items():
         rec = Recommender(view, settings)
         want = []
@@ -152,9 +153,13 @@ def test_arms_sharing_retrieval_serve_what_each_would_serve_alone(view: Bundle, 
             ctx = {n: str(first[n]) for _, n in view.request_cat if n != "user_id" and n in log}
             page = rec.recommend(user, K, context=ctx).items
             pages.setdefault(name, []).append([i.item_id for i in page])
+            creators.setdefault(name, []).extend(i.creator_id for i in page)
             gains = np.array([[float(best.get(i.item_id, 0.0) > 0) for i in page]])
             want.append(ndcg(gains, (best.to_numpy()[None] > 0).astype(float), K)[0] if best.max() > 0 else np.nan)
         np.testing.assert_allclose(per_user[name], np.array(want), atol=1e-6)
+        # Creator exposure over the catalogue (creators never served count as 0 slots).
+        slots = pd.Series(creators[name]).value_counts().reindex(view.creator_ids, fill_value=0).to_numpy()
+        assert out["arms"][name]["creator_gini_catalogue"] == pytest.approx(gini(slots), abs=1e-4)
     assert pages["w0"] != pages["w8"]  # the weight changes pages: the arms are not one arm three times
 
 

@@ -125,7 +125,8 @@ def choose(result: dict[str, Any], per_user: dict[str, np.ndarray], seed: int = 
             "quotas": result["arms"][best]["quotas"], "incumbent": result["arms"][INCUMBENT]["quotas"],
             "retrieval_weight": result["arms"][best].get("retrieval_weight"),
             "chosen_minus_incumbent": diff if best != INCUMBENT else None,
-            "arms": {a: {"quotas": m["quotas"], "retrieval_weight": m.get("retrieval_weight"), metric: m[metric]}
+            "arms": {a: {"quotas": m["quotas"], "retrieval_weight": m.get("retrieval_weight"), metric: m[metric],
+                         "creator_gini_catalogue": m.get("creator_gini_catalogue")}
                      for a, m in result["arms"].items()}}
 
 

@@ -143,6 +143,10 @@ def test_choose_channels_cli_writes_the_choice_into_the_bundle_and_registers_it(
     assert {m["retrieval_weight"] for m in choice["arms"].values()} == {wc["retrieval_weight"]}
     assert verify_bundle(out / "bundle")["metrics"]["retrieval"]["channels"]["page_choice"] == choice
     assert f"{choice['arms'][choice['leader']][metric]:.4f}" in r.stdout
+    # Each arm's creator exposure (computed in serving.offline_channels, checked there) is kept and printed.
+    for m in (*choice["arms"].values(), *wc["arms"].values()):
+        assert 0.0 < m["creator_gini_catalogue"] <= 1.0
+    assert f"{choice['arms'][choice['leader']][metric]:.4f} | {choice['arms'][choice['leader']]['creator_gini_catalogue']:.3f} |" in r.stdout.replace("**", "")
     assert (out / "channel_choice.png").stat().st_size > 1000
     import mlflow
 

@@ -140,6 +140,23 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verdict(result: dict[str, Any]) -> str:
+    """One line per arm: its creator Gini and NDCG (judged, dm) against engagement-only, and the bar."""
+    k, primary = result["k"], result["gains"][0]
+    bar = result["bar"]
+    base = result["engagement_only"]["creator_gini"]
+    lines = []
+    for arm, rel in result["relative_to_engagement_only"].items():
+        ok = {kind: rel[f"passes_bar_{kind}"] for kind in ("judged", "dm")}
+        lines.append(
+            f"{arm}: creator Gini {base:.3f} -> {result[arm]['creator_gini']:.3f} ({100 * rel['creator_gini']:+.1f}%), "
+            f"NDCG@{k} {primary} judged {100 * (rel[f'ndcg_judged@{k}_{primary}'] or 0.0):+.2f}%, "
+            f"dm {100 * (rel[f'ndcg_dm@{k}_{primary}'] or 0.0):+.2f}%, leaks {result[arm]['governance_leaks']}; "
+            f"bar (Gini -{100 * bar['gini_reduction_at_least']:.0f}%, NDCG loss <= {100 * bar['ndcg_loss_at_most']:.0f}% "
+            f"on every gain): judged {'met' if ok['judged'] else 'not met'}, dm {'met' if ok['dm'] else 'not met'}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from serving.bundle import load_bundle
     from serving.config import load_settings, settings_from_raw
@@ -166,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     plot = lorenz_plot(result, Path(args.plot) if args.plot else out.with_name(out.stem + "_lorenz.png"))
     trade = tradeoff_plot(result, plot.with_name(plot.stem.replace("_lorenz", "") + "_tradeoff.png"))
     print(table(result))
-    print(json.dumps(result["relative_to_engagement_only"], indent=2))
+    print(verdict(result))
     if not args.no_mlflow:
         _log_mlflow(result, out, plot, trade)
     print(f"wrote {out}, {plot} and {trade}")

@@ -47,6 +47,13 @@ echo "served feed by candidate source (test period, $HELDOUT):"
 "$PY" -m evaluation channels --bundle "$HELDOUT" --period test --max-users "${MAIN_CHANNEL_USERS:-0}" \
   --out "$(dirname "$HELDOUT")/channels_eval.json"
 
+# The feed policy against engagement-only on the same test days: creator exposure Gini and what it costs in
+# NDCG (python -m evaluation policy; MLflow run "evaluate-policy"). The page's retrieval weight chosen above
+# also decides how far the exposure boost reaches, so this is re-measured with every choice.
+echo
+echo "feed policy against engagement-only (test period, $HELDOUT):"
+"$PY" -m evaluation policy --bundle "$HELDOUT" --period test --out "$(dirname "$HELDOUT")/policy_eval.json"
+
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM

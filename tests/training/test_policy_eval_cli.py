@@ -27,6 +27,12 @@ def test_evaluate_policy_cli_writes_json_plots_and_an_mlflow_run(synthetic_bundl
     assert set(result["relative_to_engagement_only"]) == {"policy", "slots3"}
     assert result["data"]["as_of"]["rows_before"] > 0 and "mf" in result["data"]["as_of"]  # retrieval as of the period
     assert result["policy_config"]["exposure"]["candidate_slots"] >= 0
+    # One verdict line per arm, from the JSON's figures.
+    for arm in ("policy", "slots3"):
+        rel = result["relative_to_engagement_only"][arm]
+        line = next(x for x in r.stdout.splitlines() if x.startswith(f"{arm}: creator Gini"))
+        assert f"-> {result[arm]['creator_gini']:.3f} ({100 * rel['creator_gini']:+.1f}%)" in line
+        assert f"dm {'met' if rel['passes_bar_dm'] else 'not met'}" in line
     for name in ("policy_lorenz.png", "policy_tradeoff.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000
     import mlflow

@@ -3,6 +3,7 @@ quotas by the page the user gets.
 
     python -m evaluation choose-channels --config configs/kuairand.yaml [--set key=value ...]
         [--max-users N] [--top N] [--k 20] [--retrieval-weights 0,1,2,4,8,16,32,64,128] [--dry-run] [--no-mlflow]
+        [--policy-config YAML  (with --dry-run: serve that YAML's serving / policy sections, not the bundle's recipe)]
 
 First the weight of the retrieval score in the page's fusion (``policy.fusion.retrieval_weight``; unless the
 config sets it): each weight is served with the bundle's quotas. Then the quotas, every arm served at the
@@ -43,7 +44,7 @@ import numpy as np
 
 from evaluation.channels import bar_plot
 from features.cli_common import add_config_args, user_count
-from features.config import ConfigError, load_config
+from features.config import ConfigError, load_config, load_raw
 from features.contract import BUNDLE_DIR, HELDOUT_BUNDLE_DIR, MANIFEST
 from features.metrics import paired_difference
 
@@ -61,6 +62,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "comma-separated); the config's value, when set, is kept instead")
     ap.add_argument("--scenario", default=None)
     ap.add_argument("--dry-run", action="store_true", help="print the choice, change no bundle")
+    ap.add_argument("--policy-config", default=None,
+                    help="YAML whose serving: / policy: sections are served instead of the bundle's recipe, e.g. to "
+                         "see what a policy change does to the choice (with --dry-run only: a bundle serves its own recipe)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-mlflow", action="store_true", help="no MLflow run and no new registered version")
 
@@ -147,7 +151,7 @@ def table(choice: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from evaluation.as_of import as_of
     from serving.bundle import load_bundle
-    from serving.config import load_settings
+    from serving.config import load_settings, settings_from_raw
     from serving.offline_cases import own_period
     from serving.offline_channels import channel_arms, feed_scores, page_scores, with_retrieval_weight
     from training.config import TrainConfig
@@ -161,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
     if not held_dir.is_dir():
         raise FileNotFoundError(f"no bundle in {out}: run `python -m training fit` with this config first")
     bundle = load_bundle(held_dir, onnx_threads=2)
-    settings = load_settings(None, bundle.manifest.config)
+    settings = (settings_from_raw(load_raw(args.policy_config)) if args.policy_config
+                else load_settings(None, bundle.manifest.config))
     if settings.serving.channel_quotas:
         print(f"serving.channel_quotas is set in the config ({settings.serving.channel_quotas}): nothing to choose")
         return 0
@@ -274,3 +279,6 @@ def parse_weights(text: str) -> list[float]:
 def check_args(args: argparse.Namespace) -> None:
     if args.k <= 0 or args.top < 0:
         raise ConfigError("--k must be > 0 and --top >= 0")
+    if args.policy_config and not args.dry_run:
+        raise ConfigError("--policy-config needs --dry-run: the choice is written into bundles that serve their own "
+                          "recipe's policy, so it must be made with that policy (refit with the new config instead)")

@@ -171,3 +171,34 @@ def test_quotas_fixed_in_the_config_leave_nothing_to_choose(synthetic_config: Pa
                        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "nothing to choose" in r.stdout, r.stderr[-2000:]
     assert load_bundle(out / "bundle").channel_quotas == load_bundle(synthetic_bundle).channel_quotas
+
+
+def test_a_policy_config_is_served_instead_of_the_recipe_in_a_dry_run_only(synthetic_config: Path,
+                                                                           synthetic_bundle: Path, tmp_path: Path):
+    """``--policy-config``: what the choice would be under another policy, without a refit. With the page's
+    retrieval weight fixed there (3), no weight is tried and every quota arm serves at 3; without --dry-run it
+    is refused before anything runs, since the bundle would go on serving its recipe's policy."""
+    import yaml
+
+    out = tmp_path / "out"
+    shutil.copytree(synthetic_bundle, out / "bundle")
+    raw = yaml.safe_load(synthetic_config.read_text())
+    raw.setdefault("policy", {}).setdefault("fusion", {})["retrieval_weight"] = 3
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(raw))
+    base = [sys.executable, "-m", "evaluation", "choose-channels", "--config", str(synthetic_config),
+            "--set", f"output_dir={out}", "--k", "10", "--max-users", "20", "--top", "1", "--no-progress",
+            "--no-mlflow", "--policy-config", str(policy)]
+    repo = Path(__file__).resolve().parents[2]
+    refused = subprocess.run(base, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--policy-config needs --dry-run" in refused.stderr
+    r = subprocess.run(base + ["--dry-run"], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith("| ") and "channel" not in line]
+    arms = [cells for cells in rows if len(cells) > 4 and cells[1].strip().strip("*") not in ("arm", "")]
+    assert arms and all(cells[3].strip() == "3" for cells in arms)  # every arm at the policy config's weight
+    assert "retrieval_weight_" not in r.stdout
+    assert verify_bundle(out / "bundle")["files"] == verify_bundle(synthetic_bundle)["files"]  # nothing written
+    # The recipe's own policy (no fixed weight) does try the weights.
+    recipe = subprocess.run(base[:-2] + ["--dry-run"], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert recipe.returncode == 0 and "retrieval_weight_" in recipe.stdout, recipe.stderr[-3000:]

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.common import add_common_arguments, read_log
-from features.config import ConfigError, load_raw
+from evaluation.common import add_common_arguments, read_log, served_settings
+from features.config import ConfigError
 from evaluation.as_of import as_of
 from features.candidates import CHANNELS
 from serving.offline_channels import SERVED, feed_scores, served_minus
@@ -128,14 +128,12 @@ def bar_plot(result: dict[str, Any], path: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from serving.bundle import load_bundle
-    from serving.config import load_settings, settings_from_raw
     from serving.offline_cases import own_period
 
     mixes = parse_mixes(args.mixes)
     bundle_dir = Path(args.bundle)
     bundle = load_bundle(bundle_dir, onnx_threads=2)
-    settings = (settings_from_raw(load_raw(args.policy_config)) if args.policy_config
-                else load_settings(None, bundle.manifest.config))
+    settings = served_settings(args.policy_config, bundle)
     if args.log:
         log, report = read_log(args, bundle)
         view, data = bundle, {"source": args.log, "period": None, "later_log_report": report}

@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 
 from evaluation.channels import bar_plot
+from evaluation.common import served_settings
 from features.cli_common import add_config_args, user_count
-from features.config import ConfigError, load_config, load_raw
+from features.config import ConfigError, load_config
 from features.contract import BUNDLE_DIR, HELDOUT_BUNDLE_DIR, MANIFEST
 from features.metrics import paired_difference
 
@@ -151,7 +152,6 @@ def table(choice: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from evaluation.as_of import as_of
     from serving.bundle import load_bundle
-    from serving.config import load_settings, settings_from_raw
     from serving.offline_cases import own_period
     from serving.offline_channels import channel_arms, feed_scores, page_scores, with_retrieval_weight
     from training.config import TrainConfig
@@ -165,8 +165,7 @@ def run(args: argparse.Namespace) -> int:
     if not held_dir.is_dir():
         raise FileNotFoundError(f"no bundle in {out}: run `python -m training fit` with this config first")
     bundle = load_bundle(held_dir, onnx_threads=2)
-    settings = (settings_from_raw(load_raw(args.policy_config)) if args.policy_config
-                else load_settings(None, bundle.manifest.config))
+    settings = served_settings(args.policy_config, bundle)
     if settings.serving.channel_quotas:
         print(f"serving.channel_quotas is set in the config ({settings.serving.channel_quotas}): nothing to choose")
         return 0

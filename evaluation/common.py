@@ -29,6 +29,15 @@ def add_common_arguments(ap: argparse.ArgumentParser, out_default: str) -> None:
     ap.add_argument("--no-mlflow", action="store_true")
 
 
+def served_settings(policy_config: str | None, bundle: Any) -> Any:
+    """The serving settings an offline evaluation serves: ``--policy-config``'s serving: / policy: sections, else
+    the bundle's recipe."""
+    from features.config import load_raw
+    from serving.config import load_settings, settings_from_raw
+
+    return settings_from_raw(load_raw(policy_config)) if policy_config else load_settings(None, bundle.manifest.config)
+
+
 def read_log(args: argparse.Namespace, bundle: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``args.log`` in canonical form, parsed with ``--config`` or the dataset config the bundle was trained on."""
     from features.external import read_later_log

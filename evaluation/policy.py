@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.as_of import as_of
-from evaluation.common import add_common_arguments, read_log
-from features.config import ConfigError, apply_overrides, load_raw, to_dict
+from evaluation.common import add_common_arguments, read_log, served_settings
+from features.config import ConfigError, apply_overrides, to_dict
 from serving.offline import BASELINE, POLICY, evaluate_policy
 from serving.policy_config import PolicyConfig, load_policy
 
@@ -159,12 +159,10 @@ def verdict(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from serving.bundle import load_bundle
-    from serving.config import load_settings, settings_from_raw
 
     bundle_dir = Path(args.bundle)
     bundle = load_bundle(bundle_dir, onnx_threads=2)
-    settings = (settings_from_raw(load_raw(args.policy_config)) if args.policy_config
-                else load_settings(None, bundle.manifest.config))
+    settings = served_settings(args.policy_config, bundle)
     extra = strength_arms(settings.policy, [float(s) for s in args.strengths.split(",")]) if args.strengths else {}
     extra.update(override_arms(settings.policy, args.arms))
     log, source = None, None

@@ -64,20 +64,17 @@ def period_view(bundle: Bundle, log: pd.DataFrame, later: pd.DataFrame | None = 
                                                                 ignore_index=True)
     note = {"users": 0, "items": 0, "creators": 0, "fan_pairs": 0, "fan_pairs_not_in_snapshot": 0, "user_aggregates": 0,
             "behaviour_tables": 0}
-    history = bundle.history
-    if "history" in rows:
+    history, user_cols = bundle.history, bundle.user_cols
+    present_users = [c for c in bundle.user_num_cols if c in rows]
+    if "history" in rows or present_users:
         first = rows.drop_duplicates("user_id")
         urow = np.array([bundle.user_row.get(str(u), -1) for u in first["user_id"]])
         ok = urow >= 0
+    if "history" in rows:
         history = bundle.history.copy()
         history[urow[ok]] = np.stack(first["history"].to_numpy()[ok]).astype(np.int64)
         note["users"] = int(ok.sum())
-    user_cols = bundle.user_cols
-    present_users = [c for c in bundle.user_num_cols if c in rows]
     if present_users:
-        first = rows.drop_duplicates("user_id")
-        urow = np.array([bundle.user_row.get(str(u), -1) for u in first["user_id"]])
-        ok = urow >= 0
         user_cols = dict(bundle.user_cols)
         for c in present_users:
             user_cols[c] = np.array(bundle.user_cols[c], copy=True)

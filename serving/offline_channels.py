@@ -238,7 +238,6 @@ def page_scores(view: Bundle, arm_settings: dict[str, ServeSettings], log: pd.Da
     scores = {a: {"ndcg": np.full((len(users), G), np.nan), "recall": np.full((len(users), G), np.nan)} for a in arms}
     reasons: dict[str, dict[str, int]] = {a: {} for a in arms}
     creator_slots = {a: np.zeros(len(view.creator_ids), np.int64) for a in arms}
-    creator_code = {c: j for j, c in enumerate(view.creator_ids.tolist())}
     # Redirected to a log file, a bar redrawn 10 times a second is megabytes of noise: redraw every 15 s there.
     bar = tqdm(users, desc=f"channels: {len(arms)} arms", unit="user", disable=not progress,
                mininterval=0.1 if sys.stderr.isatty() else 15.0)
@@ -250,17 +249,17 @@ def page_scores(view: Bundle, arm_settings: dict[str, ServeSettings], log: pd.Da
         ctx = {n: str(first.at[user, n]) for n in ctx_names}
         for a, rec in recs.items():
             res = rec.recommend(user, k, scenario, context=ctx)
-            page = np.array([gains.get(view.item_row[i.item_id], np.zeros(G, np.float32)) for i in res.items],
-                            np.float32).reshape(-1, G)
+            rows = np.array([view.item_row[i.item_id] for i in res.items], np.int64)
+            page = np.array([gains.get(int(r), np.zeros(G, np.float32)) for r in rows], np.float32).reshape(-1, G)
             for gi in range(G):
                 if positives[gi] == 0:
                     continue
                 scores[a]["ndcg"][j, gi] = ndcg(page[None, :, gi], ideal[None, :, gi], k)[0]
                 scores[a]["recall"][j, gi] = (page[:, gi] > 0).sum() / positives[gi]
+            np.add.at(creator_slots[a], view.item_creator[rows], 1)
             for item in res.items:
                 tag = item.reasons[-1]
                 reasons[a][tag] = reasons[a].get(tag, 0) + 1
-                creator_slots[a][creator_code[item.creator_id]] += 1
     out: dict[str, Any] = {"protocol": "serving.offline_channels (see its docstring)", "k": k, "gains": signals,
                            "candidates": next(iter(arm_settings.values())).serving.candidates, "users": int(len(users)), "data": report,
                            "arms": {}}

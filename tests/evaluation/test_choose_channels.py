@@ -49,7 +49,8 @@ def test_choice_is_the_best_arm_by_the_primary_gain_with_a_paired_interval():
     assert c["chosen"] == "covisit" and c["quotas"] == {"covisit": 10} and c["users"] == 195
     d = c["chosen_minus_incumbent"]
     assert d["difference"] == pytest.approx(arms["covisit"]["ndcg@20_long_view"] - arms[INCUMBENT]["ndcg@20_long_view"])
-    assert d["ci95"][0] > 0  # 0.02 better on 195 users: distinguishable
+    assert d["ci"][0] > 0  # 0.02 better on 195 users: distinguishable
+    assert d["comparisons"] == 2 and d["level"] == pytest.approx(0.975)  # Bonferroni over the two challengers
     # A tie keeps the incumbent.
     tied = {a: {**m, "ndcg@20_long_view": 0.05} for a, m in arms.items()}
     assert choose({**result, "arms": tied}, per_user)["chosen"] == INCUMBENT
@@ -59,7 +60,35 @@ def test_choice_is_the_best_arm_by_the_primary_gain_with_a_paired_interval():
     arms_close = {a: {**m, "ndcg@20_long_view": float(np.nanmean(close[a]))} for a, m in arms.items()}
     c = choose({**result, "arms": arms_close}, close)
     assert c["leader"] == "covisit" and c["chosen"] == INCUMBENT and c["quotas"] == arms[INCUMBENT]["quotas"]
-    assert c["leader_minus_incumbent"]["ci95"][0] <= 0 and c["chosen_minus_incumbent"] is None
+    assert c["leader_minus_incumbent"]["ci"][0] <= 0 and c["chosen_minus_incumbent"] is None
+
+
+def test_the_leader_of_many_arms_needs_the_bonferroni_interval_to_replace_the_incumbent():
+    from features.metrics import paired_difference
+
+    # Ten challengers, all equal to the incumbent in truth; the best of them is searched for by seed so that
+    # its plain 95% interval clears 0 (the winner's curse) while the interval at 1 - 0.05 / 10 does not.
+    n = 1500
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        base = rng.random(n) * 0.1
+        per_user = {INCUMBENT: base, **{f"arm{i}": base + rng.normal(0, 0.05, n) for i in range(10)}}
+        means = {a: float(v.mean()) for a, v in per_user.items()}
+        best = max(means, key=means.get)
+        plain = paired_difference(per_user[best], base, seed=0)
+        if best != INCUMBENT and plain["ci95"][0] > 0:
+            break
+    else:
+        pytest.fail("no seed gave a lucky leader")
+    arms = {a: {"quotas": {"ann": 10}, "ndcg@20_long_view": m} for a, m in means.items()}
+    c = choose({"k": 20, "gains": ["long_view"], "arms": arms}, per_user)
+    assert c["leader"] == best and c["chosen"] == INCUMBENT
+    d = c["leader_minus_incumbent"]
+    assert d["comparisons"] == 10 and d["level"] == pytest.approx(0.995) and d["ci"][0] <= 0 < plain["ci95"][0]
+    # A clear winner among as many arms still replaces it.
+    per_user["arm3"] = base + 0.02 + rng.normal(0, 0.05, n)
+    arms["arm3"]["ndcg@20_long_view"] = float(per_user["arm3"].mean())
+    assert choose({"k": 20, "gains": ["long_view"], "arms": arms}, per_user)["chosen"] == "arm3"
 
 
 def test_retrieval_weights_are_parsed_or_refused_with_the_reason():
@@ -119,6 +148,8 @@ def test_choose_channels_cli_writes_the_choice_into_the_bundle_and_registers_it(
     dry = subprocess.run(base + ["--dry-run"], cwd=repo, capture_output=True, text=True, timeout=600)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert verify_bundle(out / "bundle")["files"] == verify_bundle(synthetic_bundle)["files"]  # nothing written
+    # Its plot goes beside the real choice's, never over it.
+    assert (out / "channel_choice_dry_run.png").is_file() and not (out / "channel_choice.png").exists()
     r = subprocess.run(base, cwd=repo, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     choice = json.loads((out / "metrics.json").read_text())["retrieval"]["channels"]["page_choice"]
@@ -130,7 +161,7 @@ def test_choose_channels_cli_writes_the_choice_into_the_bundle_and_registers_it(
     assert choice["arms"][choice["leader"]][metric] == max(m[metric] for m in choice["arms"].values())
     assert choice["chosen"] in (choice["leader"], INCUMBENT)
     assert (choice["chosen"] == choice["leader"]) == (choice["leader"] == INCUMBENT
-                                                      or choice["leader_minus_incumbent"]["ci95"][0] > 0)
+                                                      or choice["leader_minus_incumbent"]["ci"][0] > 0)
     assert load_bundle(out / "bundle").channel_quotas == choice["quotas"]
     # First the retrieval score's weight in the page's fusion: every weight tried, the choice written into
     # the bundle, and every quota arm served with it.
@@ -142,6 +173,7 @@ def test_choose_channels_cli_writes_the_choice_into_the_bundle_and_registers_it(
     assert load_bundle(out / "bundle").page_retrieval_weight == wc["retrieval_weight"]
     assert {m["retrieval_weight"] for m in choice["arms"].values()} == {wc["retrieval_weight"]}
     assert verify_bundle(out / "bundle")["metrics"]["retrieval"]["channels"]["page_choice"] == choice
+    assert (out / "channel_choice.png").is_file()
     assert f"{choice['arms'][choice['leader']][metric]:.4f}" in r.stdout
     # Each arm's creator exposure (computed in serving.offline_channels, checked there) is kept and printed.
     for m in (*choice["arms"].values(), *wc["arms"].values()):
@@ -199,6 +231,8 @@ def test_a_policy_config_is_served_instead_of_the_recipe_in_a_dry_run_only(synth
     assert arms and all(cells[3].strip() == "3" for cells in arms)  # every arm at the policy config's weight
     assert "retrieval_weight_" not in r.stdout
     assert verify_bundle(out / "bundle")["files"] == verify_bundle(synthetic_bundle)["files"]  # nothing written
+    # Its plot goes beside the real choice's, never over it.
+    assert (out / "channel_choice_dry_run.png").is_file() and not (out / "channel_choice.png").exists()
     # The recipe's own policy (no fixed weight) does try the weights.
     recipe = subprocess.run(base[:-2] + ["--dry-run"], cwd=repo, capture_output=True, text=True, timeout=600)
     assert recipe.returncode == 0 and "retrieval_weight_" in recipe.stdout, recipe.stderr[-3000:]

@@ -159,20 +159,13 @@ class _ArmRecommender(Recommender):
                                    lambda: super(_ArmRecommender, self)._merged(st, row, hist, blocked, n_mine))
 
 
-def feed_by_channel(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int = 20,
-                    scenario: str | None = None, max_users: int | None = None, seed: int = 0,
-                    progress: bool = False, mixes: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
-    """Every arm's page for each known user of ``log`` (see the module docstring); ``view`` is the bundle as
-    of ``log``'s start."""
-    return feed_scores(view, settings, log, k, scenario, max_users, seed, progress, mixes)[0]
-
-
 def feed_scores(view: Bundle, settings: ServeSettings, log: pd.DataFrame, k: int = 20,
                 scenario: str | None = None, max_users: int | None = None, seed: int = 0,
                 progress: bool = False, mixes: dict[str, dict[str, int]] | None = None
                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """:func:`feed_by_channel`'s result and, per arm, each evaluated user's NDCG@k of the primary gain (NaN
-    where the user has no positive of it), in the same user order for every arm (for paired comparisons)."""
+    """Every arm's page for each known user of ``log`` (see the module docstring; ``view`` is the bundle as of
+    ``log``'s start), and per arm each evaluated user's NDCG@k of the primary gain (NaN where the user has no
+    positive of it), in the same user order for every arm (for paired comparisons)."""
     arms = channel_arms(view, settings, mixes)
     out, per_user = page_scores(view, {a: ServeSettings(dataclasses.replace(settings.serving, channel_quotas=q),
                                                         settings.policy) for a, q in arms.items()},
@@ -208,7 +201,7 @@ def page_scores(view: Bundle, arm_settings: dict[str, ServeSettings], log: pd.Da
                 scenario: str | None = None, max_users: int | None = None, progress: bool = False
                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Every arm's page (one :class:`Recommender` per settings, the ranker's predictions shared) for the evaluated
-    users of ``log``: the metrics of :func:`feed_by_channel` per arm, and per arm each user's NDCG@k of the
+    users of ``log``: the metrics of :func:`feed_scores` per arm, and per arm each user's NDCG@k of the
     primary gain. The first arm names the gain signals."""
     from tqdm.auto import tqdm
 

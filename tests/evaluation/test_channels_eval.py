@@ -23,7 +23,7 @@ from serving.bundle import Bundle, load_bundle
 from serving.config import ServeSettings, ServingConfig
 from serving.exposure import gini
 from serving.offline_cases import period_log, period_view
-from serving.offline_channels import SERVED, channel_arms, feed_by_channel, page_scores, with_retrieval_weight
+from serving.offline_channels import SERVED, channel_arms, feed_scores, page_scores, with_retrieval_weight
 from serving.recommender import Recommender
 
 K = 10
@@ -96,7 +96,7 @@ def test_every_arm_serves_through_the_request_path_and_is_scored_like_a_plain_lo
     arms = channel_arms(view, settings)
     assert SERVED in arms and {"ann", "mf", "covisit", "trending"} <= set(arms)
     assert all(sum(q.values()) == 60 for q in arms.values())
-    out = feed_by_channel(view, settings, test_log, k=K, max_users=USERS)
+    out = feed_scores(view, settings, test_log, k=K, max_users=USERS)[0]
     assert out["users"] == USERS and set(out["arms"]) == set(arms)
     for name, m in out["arms"].items():
         for g in ("long_view", "click"):

@@ -10,9 +10,11 @@ them), every head's log prediction, the item's rank in the trending and fresh li
 from the user's history, and which channel brought it. Label: the user long-viewed it in the period.
 
 The candidates are then ordered without the rest of the feed policy (no exposure, diversity or slots) by:
-the weight-only fusion at several weights, a logistic regression on the two standardised scores, one on
-every signal, and a LightGBM LambdaRank on every signal; each learned order is fitted on half of the users
-and judged on the other half (two folds). Printed: NDCG@20 of long views per order and its paired
+the weight-only fusion at several weights, a logistic regression on the two standardised scores, one on the
+retrieval side's signals (the two scores, trending and fresh rank, co-visitation score: the head weights stay
+the scenario's), one on every signal, and a LightGBM LambdaRank on every signal; each learned order is fitted on half of the users
+and judged on the other half (two folds). ``--retrieved-only`` leaves the exposure step's candidates out of
+every order (the feed policy places them, whatever the order). Printed: NDCG@20 of long views per order and its paired
 user-bootstrap difference from the weight the bundle serves.
 """
 
@@ -64,7 +66,7 @@ class _Capturing(Recommender):
         return preds, watch
 
 
-def collect(bundle_dir: str, period: str, max_users: int) -> dict[str, Any]:
+def collect(bundle_dir: str, period: str, max_users: int, retrieved_only: bool = False) -> dict[str, Any]:
     bundle = load_bundle(bundle_dir, onnx_threads=2)
     log, view, _ = own_period(bundle, period, as_of)
     rec = _Capturing(view, served_settings(None, bundle))
@@ -89,11 +91,13 @@ def collect(bundle_dir: str, period: str, max_users: int) -> dict[str, Any]:
         c = rec.last
         rows = c["scored_rows"]
         tags = np.concatenate([c["tags"], np.full(len(rows) - len(c["tags"]), -1)])  # -1: exposure candidates
+        keep = tags >= 0 if retrieved_only else np.ones(len(rows), bool)
+        rows, tags, preds = rows[keep], tags[keep], c["preds"][keep]
         row, hist = rec.user_lookup(view, u)
         vec = rec.query_vector(view, row, hist)
         if vec is None or len(rows) < 2:
             continue
-        fused = fuse(c["preds"], weights, "sum")
+        fused = fuse(preds, weights, "sum")
         aff = rec._item_vectors(view)[rows] @ vec[0]
         items, w = history_weights(hist)
         ok = items < len(view.idx_to_row)
@@ -102,13 +106,15 @@ def collect(bundle_dir: str, period: str, max_users: int) -> dict[str, Any]:
         covisit = (np.asarray(ch.covisit[hrows[keep]].T @ w[keep]).reshape(-1)[rows] if keep.any()
                    else np.zeros(len(rows)))
         z = lambda v: (v - v.mean()) / (v.std() or 1.0)  # noqa: E731
-        X.append(np.column_stack([z(fused), z(aff), np.log(np.clip(c["preds"], 1e-6, 1.0)),
+        X.append(np.column_stack([z(fused), z(aff), np.log(np.clip(preds, 1e-6, 1.0)),
                                   np.log1p(trend_rank[rows]), np.log1p(fresh_rank[rows]), np.log1p(100 * covisit),
                                   *((tags == t) for t in range(-1, len(CHANNEL_REASONS) - 1))]).astype(np.float32))
         y.append(np.array([r in positives[u] for r in rows], np.float32))
         n.append(len(rows))
         npos.append(len(positives[u]))
-    return {"X": np.concatenate(X), "y": np.concatenate(y), "n": np.array(n), "npos": np.array(npos),
+    columns = (["fused_z", "retrieval_z", *(f"log_{h}" for h in view.heads), "trending_rank", "fresh_rank", "covisit"]
+               + ["exposure_candidate", *(r.split(":")[1] for r in CHANNEL_REASONS[:-1])])
+    return {"X": np.concatenate(X), "y": np.concatenate(y), "n": np.array(n), "npos": np.array(npos), "columns": columns,
             "page_retrieval_weight": float(st.policy.fusion_retrieval_weight(rec.settings.policy.for_scenario(scenario)))}
 
 
@@ -142,16 +148,25 @@ def compare(d: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     orders: dict[str, np.ndarray] = {}
     for w in sorted({0.0, 2.0, 8.0, 32.0, 1000.0, d["page_retrieval_weight"]}):
         orders[f"weight {w:g}"] = ndcg_per_user(X[:, 0] + w * X[:, 1], y, off, npos, order)
-    for name, cols in (("logistic: two scores", [0, 1]), ("logistic: every signal", list(range(X.shape[1])))):
+    at = {c: i for i, c in enumerate(d["columns"])}
+    retrieval_side = [at[c] for c in ("fused_z", "retrieval_z", "trending_rank", "fresh_rank", "covisit")]
+    for name, cols in (("logistic: two scores", [0, 1]), ("logistic: retrieval side", retrieval_side),
+                       ("logistic: every signal", list(range(X.shape[1])))):
         orders[name] = cross_fitted(lambda tr, cols=cols: LogisticRegression(max_iter=2000).fit(
             X[rows_of(tr)][:, cols], y[rows_of(tr)]).decision_function(X[:, cols]))
     params = {"objective": "lambdarank", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 200,
               "lambdarank_truncation_level": K, "feature_fraction": 0.8, "verbose": -1, "seed": seed}
     orders["LambdaRank: every signal"] = cross_fitted(lambda tr: lgb.train(
         params, lgb.Dataset(X[rows_of(tr)], y[rows_of(tr)], group=n[tr]), 200).predict(X))
+    # What the model over every signal leans on: its coefficients on standardised columns, fitted on every user.
+    sd = X.std(axis=0)
+    sd[sd == 0] = 1.0
+    full = LogisticRegression(max_iter=2000).fit(X / sd, y)
+    coefficients = {c: round(float(v), 3) for c, v in zip(d["columns"], full.coef_[0])}
     base_name = f"weight {d['page_retrieval_weight']:g}"
     base = orders[base_name]
-    out = {"users": int(len(n)), "candidates_per_user": float(n.mean()), "baseline": base_name, "orders": {}}
+    out = {"users": int(len(n)), "candidates_per_user": float(n.mean()), "baseline": base_name, "orders": {},
+           "every_signal_coefficients": coefficients}
     for name, v in orders.items():
         diff = paired_difference(v, base, seed)
         out["orders"][name] = {f"ndcg@{K}_long_view": round(float(v.mean()), 5), "minus_baseline": diff}
@@ -164,13 +179,17 @@ def main() -> int:
     ap.add_argument("--period", default="valid", choices=["valid", "test"])
     ap.add_argument("--max-users", type=int, default=2000)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--retrieved-only", action="store_true",
+                    help="leave out the exposure step's candidates (the policy places those, not the order)")
     args = ap.parse_args()
-    result = compare(collect(args.bundle, args.period, args.max_users))
+    result = compare(collect(args.bundle, args.period, args.max_users, args.retrieved_only))
     print(f"{result['users']} users, {result['candidates_per_user']:.0f} candidates each; "
           f"NDCG@{K} long_view of the candidates' order (no feed policy), minus {result['baseline']}:")
     for name, m in result["orders"].items():
         d = m["minus_baseline"]
         print(f"  {name:26s} {m[f'ndcg@{K}_long_view']:.4f}  {d['difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+    print("logistic over every signal, standardised coefficients:",
+          ", ".join(f"{c} {v:+.3f}" for c, v in result["every_signal_coefficients"].items()))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

@@ -104,7 +104,7 @@ def test_evaluate_policy_scores_the_declared_gain(ratings_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "p.json").read_text())
     assert out["gains"] == ["like", "weighted"]
-    assert out["policy"]["governance_leaks"] == 0 and out["policy"][f"ndcg_dm@10_like"] is not None
+    assert out["policy"]["governance_leaks"] == 0 and out["policy"]["ndcg_dm@10_like"] is not None
     assert "predicted_like" in out["policy"]["calibration_logged_slots"]
     assert any("each item is its own creator" in n for n in out["data"]["notes"])
 

@@ -36,7 +36,7 @@ from features.fans import FAN_COLUMNS, fan_relations, fan_table
 from features.history import history_before
 from features.ingest import Ingested, ingest
 from features.multi_valued import multi_hot_columns
-from features.quality import Snapshots, high_quality_creators, snapshot_quality
+from features.quality import CREATOR_PREFIX, ITEM_PREFIX, Snapshots, high_quality_creators, snapshot_quality
 from features.split import PERIODS, TimeSplit, make_split
 from features.vocab import Vocab, save_vocabs
 
@@ -169,8 +169,8 @@ def _build_pandas(cfg: Config, out: Path, fingerprint: dict[str, Any], progress:
     step("split + vocab")
 
     binary = cfg.data.binary_signals
-    item_q = snapshot_quality(log, "item_id", "item", split.n_blocks, cfg.quality, binary)
-    creator_q = snapshot_quality(log, "creator_id", "creator", split.n_blocks, cfg.quality, binary)
+    item_q = snapshot_quality(log, "item_id", ITEM_PREFIX, split.n_blocks, cfg.quality, binary)
+    creator_q = snapshot_quality(log, "creator_id", CREATOR_PREFIX, split.n_blocks, cfg.quality, binary)
     blocks = log["block"].to_numpy()
     row_feats = [item_q.gather(log["item_id"], blocks), creator_q.gather(log["creator_id"], blocks)]
     beh = Behaviour.build(log, list(split.block_starts), cfg) if cfg.behaviour.enabled else None

@@ -34,7 +34,7 @@ from features.chunked_ingest import first_pass, log_report, write_quarantine
 from features.config import Config
 from features.contract import CREATORS, FANS, ITEMS, USERS
 from features.ingest import Ingested, TableReport, check_bad_share, load_items, load_users
-from features.quality import quality_signals
+from features.quality import CREATOR_PREFIX, ITEM_PREFIX, quality_signals
 from features.running_state import RunningCounts, RunningFans, RunningHistory, RunningQuality, user_activity
 from features.split import PERIODS, TimeSplit, make_split
 
@@ -147,8 +147,8 @@ class State:
     def __init__(self, cfg: Config, sizes: dict[str, int], has_ratio: bool):
         q, k = cfg.quality, cfg.quality.prior_strength
         qs = quality_signals(q, cfg.data.binary_signals)
-        self.item = RunningQuality(sizes["item"], "item", qs, has_ratio, k, q.score_weights)
-        self.creator = RunningQuality(sizes["creator"], "creator", qs, has_ratio, k, q.score_weights)
+        self.item = RunningQuality(sizes["item"], ITEM_PREFIX, qs, has_ratio, k, q.score_weights)
+        self.creator = RunningQuality(sizes["creator"], CREATOR_PREFIX, qs, has_ratio, k, q.score_weights)
         self.behaviour = cfg.behaviour.enabled
         bs = behaviour_signals(cfg)
         self.user = RunningQuality(sizes["user"], "user", bs, has_ratio, k, None)

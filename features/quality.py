@@ -15,6 +15,14 @@ import pandas as pd
 from features.config import ConfigError, QualityConfig
 
 WATCH_RATIO_CAP = 3.0  # replays make ratios > 1; cap so a few loops do not dominate the mean
+# The aggregates' column prefixes (item_n, creator_rate_like, ...). A creator's aggregates ride on each of its
+# items' rows, so whatever refreshes them (serving.offline_cases.period_view) keys them by creator.
+ITEM_PREFIX, CREATOR_PREFIX = "item", "creator"
+
+
+def is_creator_column(name: str) -> bool:
+    """Whether an aggregate column is the creator's (keyed by the item's creator) rather than the item's."""
+    return name.startswith(f"{CREATOR_PREFIX}_")
 
 
 @dataclass
@@ -134,8 +142,8 @@ def quality_columns(
 
 def high_quality_creators(creators: pd.DataFrame, cfg: QualityConfig) -> np.ndarray:
     """Flag creators whose quality score is in the top share among those with enough impressions."""
-    enough = np.expm1(creators["creator_n"].to_numpy()) >= cfg.min_creator_impressions
-    score = creators["creator_quality"].to_numpy()
+    enough = np.expm1(creators[f"{CREATOR_PREFIX}_n"].to_numpy()) >= cfg.min_creator_impressions
+    score = creators[f"{CREATOR_PREFIX}_quality"].to_numpy()
     if not enough.any():
         return np.zeros(len(creators), dtype=bool)
     threshold = np.quantile(score[enough], cfg.high_quality_quantile)

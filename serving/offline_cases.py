@@ -13,7 +13,7 @@ import pandas as pd
 
 from features.config import QualityConfig, from_dict
 from features.contract import HELDOUT_BUNDLE_DIR
-from features.quality import high_quality_creators
+from features.quality import CREATOR_PREFIX, high_quality_creators, is_creator_column
 from serving.bundle import Bundle
 from serving.recommender import Recommender
 
@@ -86,9 +86,8 @@ def period_view(bundle: Bundle, log: pd.DataFrame, later: pd.DataFrame | None = 
     if present:
         item_num = bundle.item_num.copy()
         # The creator's aggregates ride on every item of the creator: an item without a row since the start
-        # still changes with its creator's other items, so those are keyed by creator (features/quality.py
-        # names them creator_*).
-        by_creator = [j for j in present if item_cols[j].startswith("creator_")]
+        # still changes with its creator's other items, so those are keyed by creator.
+        by_creator = [j for j in present if is_creator_column(item_cols[j])]
         by_item = [j for j in present if j not in by_creator]
         first = rows.drop_duplicates("item_id")
         irow = np.array([bundle.item_row.get(str(i), -1) for i in first["item_id"]])
@@ -142,10 +141,11 @@ def period_view(bundle: Bundle, log: pd.DataFrame, later: pd.DataFrame | None = 
 def _high_quality(bundle: Bundle, item_num: np.ndarray, item_cols: list[str]) -> np.ndarray:
     """The items' high-quality creator flags recomputed from the creator aggregates in ``item_num`` (the
     feature build's rule, features/quality.py), or the bundle's where the ranker reads no creator score."""
-    if "creator_n" not in item_cols or "creator_quality" not in item_cols or not len(item_num):
+    needed = (f"{CREATOR_PREFIX}_n", f"{CREATOR_PREFIX}_quality")
+    if any(c not in item_cols for c in needed) or not len(item_num):
         return bundle.high_quality
     codes, first = np.unique(bundle.item_creator, return_index=True)
-    creators = pd.DataFrame({c: item_num[first, item_cols.index(c)] for c in ("creator_n", "creator_quality")})
+    creators = pd.DataFrame({c: item_num[first, item_cols.index(c)] for c in needed})
     flags = np.zeros(len(bundle.creator_ids), dtype=bool)
     flags[codes] = high_quality_creators(creators, from_dict(QualityConfig, bundle.manifest.config.get("quality") or {}))
     return flags[bundle.item_creator]

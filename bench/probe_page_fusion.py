@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from evaluation.as_of import as_of  # noqa: E402
 from evaluation.common import served_settings  # noqa: E402
 from features.candidates import history_weights  # noqa: E402
-from features.metrics import paired_difference  # noqa: E402
+from features.metrics import ndcg, paired_difference  # noqa: E402
 from serving.bundle import load_bundle  # noqa: E402
 from serving.candidates import CHANNEL_REASONS  # noqa: E402
 from serving.offline_cases import own_period  # noqa: E402
@@ -46,24 +46,24 @@ K = 20
 
 
 class _Capturing(Recommender):
-    """The service's request path, keeping the candidates and the ranker's predictions of the last request."""
+    """The service's request path, keeping what the page of the last request was chosen from: the candidates'
+    channels, the ranker's predictions and the retrieval scores."""
 
     last: dict[str, Any]
 
     def _merged(self, st, row, hist, blocked, n_mine):
         out = super()._merged(st, row, hist, blocked, n_mine)
-        self.last = {"rows": out[0], "tags": out[1]}
+        self.last = {"tags": out[1]}
         return out
-
-    def exposure_candidates(self, st, vec, rows, scenario):
-        extra = super().exposure_candidates(st, vec, rows, scenario)
-        self.last["extra"] = extra
-        return extra
 
     def score(self, b, user_id, row, hist, rows, context):
         preds, watch = super().score(b, user_id, row, hist, rows, context)
         self.last["scored_rows"], self.last["preds"] = rows, preds
         return preds, watch
+
+    def affinity(self, st, scenario, vec, rows):
+        self.last["affinity"] = aff = super().affinity(st, scenario, vec, rows)
+        return aff
 
 
 def collect(bundle_dir: str, period: str, max_users: int, retrieved_only: bool = False) -> dict[str, Any]:
@@ -73,6 +73,11 @@ def collect(bundle_dir: str, period: str, max_users: int, retrieved_only: bool =
     st = rec.state
     scenario = rec.scenario_name(st, None)
     weights = st.policy.weights[scenario]
+    steps = rec.settings.policy.for_scenario(scenario)
+    if st.policy.fusion_retrieval_weight(steps) <= 0:
+        raise SystemExit(f"{bundle_dir}: its page gives the retrieval score no weight (the probe compares orders "
+                         "against the bundle's weight); choose one first (python -m evaluation choose-channels)")
+    mode = steps.fusion.mode
     log = log.sort_values("ts", kind="stable").assign(user_id=lambda d: d["user_id"].astype(str))
     log["row"] = log["item_id"].astype(str).map(view.item_row).fillna(-1).astype(np.int64)
     log = log[(log["row"] >= 0) & log["user_id"].isin(view.user_row.keys())]
@@ -92,13 +97,11 @@ def collect(bundle_dir: str, period: str, max_users: int, retrieved_only: bool =
         rows = c["scored_rows"]
         tags = np.concatenate([c["tags"], np.full(len(rows) - len(c["tags"]), -1)])  # -1: exposure candidates
         keep = tags >= 0 if retrieved_only else np.ones(len(rows), bool)
-        rows, tags, preds = rows[keep], tags[keep], c["preds"][keep]
-        row, hist = rec.user_lookup(view, u)
-        vec = rec.query_vector(view, row, hist)
-        if vec is None or len(rows) < 2:
+        if c["affinity"] is None or keep.sum() < 2:  # the popular cold start: no retrieval score
             continue
-        fused = fuse(preds, weights, "sum")
-        aff = rec._item_vectors(view)[rows] @ vec[0]
+        rows, tags, preds, aff = rows[keep], tags[keep], c["preds"][keep], c["affinity"][keep]
+        fused = fuse(preds, weights, mode)
+        hist = rec.user_lookup(view, u)[1]
         items, w = history_weights(hist)
         ok = items < len(view.idx_to_row)
         hrows, w = view.idx_to_row[items[ok]], w[ok]
@@ -115,16 +118,16 @@ def collect(bundle_dir: str, period: str, max_users: int, retrieved_only: bool =
     columns = (["fused_z", "retrieval_z", *(f"log_{h}" for h in view.heads), "trending_rank", "fresh_rank", "covisit"]
                + ["exposure_candidate", *(r.split(":")[1] for r in CHANNEL_REASONS[:-1])])
     return {"X": np.concatenate(X), "y": np.concatenate(y), "n": np.array(n), "npos": np.array(npos), "columns": columns,
-            "page_retrieval_weight": float(st.policy.fusion_retrieval_weight(rec.settings.policy.for_scenario(scenario)))}
+            "page_retrieval_weight": float(st.policy.fusion_retrieval_weight(steps))}
 
 
 def ndcg_per_user(score: np.ndarray, y: np.ndarray, off: np.ndarray, npos: np.ndarray, users: np.ndarray) -> np.ndarray:
-    disc = 1.0 / np.log2(np.arange(2, K + 2))
+    """NDCG@K of each user's candidates ordered by ``score``, the ideal being all the user's period positives."""
     out = np.empty(len(users))
     for j, g in enumerate(users):
         s, lab = score[off[g]:off[g + 1]], y[off[g]:off[g + 1]]
         top = np.argsort(-s, kind="stable")[:K]
-        out[j] = (lab[top] * disc[:len(top)]).sum() / disc[:min(int(npos[g]), K)].sum()
+        out[j] = ndcg(lab[top][None], np.ones((1, int(npos[g]))), K)[0]
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 import types
 import typing
 from pathlib import Path
@@ -28,6 +29,9 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file, key or value a user got wrong; the message names it."""
+
+
+_EXPONENT_ONLY = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -81,6 +85,9 @@ def _coerce(value: Any, tp: Any, where: str, label: str = "config") -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where, label)
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_ONLY.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads `1e-5` as a string: a float needs a dot there (`1.0e-5`).
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -40,6 +40,19 @@ def test_bad_values_name_the_key(override, message):
         load_config(KUAIRAND, [override])
 
 
+def test_exponent_notation_without_a_dot_is_a_number(tmp_path):
+    # PyYAML (YAML 1.1) reads `1e-5` as a string; a float field takes it, in the file and in --set.
+    cfg = load_config(KUAIRAND, ["quality.prior_strength=2e1", "split.train_block_hours=-1.5E+1"])
+    assert cfg.quality.prior_strength == 20.0 and cfg.split.train_block_hours == -15.0
+    path = tmp_path / "c.yaml"
+    path.write_text(KUAIRAND.read_text().replace("prior_strength:", "prior_strength: 5e0 #", 1))
+    assert load_config(path).quality.prior_strength == 5.0
+    for text in ("1e", "e5", "1e-5x", "0x1p3"):
+        with pytest.raises(ConfigError, match="expected a number"):
+            load_config(KUAIRAND, [f"quality.prior_strength={text}"])
+    assert load_config(KUAIRAND, ["data.dir=1e5"]).data.dir == "1e5"  # a string field keeps the text
+
+
 def test_override_values_that_are_not_yaml_are_text():
     assert parse_override("data.items.sep=|") == (["data", "items", "sep"], "|")
     assert parse_override("split.train_block_hours=6") == (["split", "train_block_hours"], 6)

@@ -86,10 +86,7 @@ def collect(bundle_dir: str, period: str, max_users: int, retrieved_only: bool =
     first = log.drop_duplicates("user_id").set_index("user_id")
     ctx_names = [n for _, n in view.request_cat if n != "user_id" and n in log]
     ch = view.channels
-    trend_rank = np.full(view.n_items, len(ch.trending), np.float64)
-    trend_rank[ch.trending] = np.arange(len(ch.trending))
-    fresh_rank = np.full(view.n_items, len(ch.fresh), np.float64)
-    fresh_rank[ch.fresh] = np.arange(len(ch.fresh))
+    trend_rank, fresh_rank = ch.list_rank("trending"), ch.list_rank("fresh")
     X, y, n, npos = [], [], [], []
     for u in users:
         rec.recommend(u, K, None, context={c: str(first.at[u, c]) for c in ctx_names})

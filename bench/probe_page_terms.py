@@ -59,10 +59,7 @@ def with_trend(g: float):
 
     def trend(b) -> np.ndarray:
         if id(b) not in feature:
-            t = b.channels.trending
-            rank = np.full(len(b.item_ids), float(len(t)))
-            rank[t] = np.arange(len(t))
-            feature[id(b)] = -np.log1p(rank)
+            feature[id(b)] = -np.log1p(b.channels.list_rank("trending"))
         return feature[id(b)]
 
     def affinity(self, st, scenario, vec, rows):

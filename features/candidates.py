@@ -171,6 +171,14 @@ class ChannelTables:
                              shape=(u, n))
         return cls(cov, z["trending"].astype(np.int64), z["fresh"].astype(np.int64), seen)
 
+    def list_rank(self, name: str) -> np.ndarray:
+        """(N,) each catalogue row's position in the ``trending`` or ``fresh`` list; rows off it rank last
+        (the list's length)."""
+        order = getattr(self, name)
+        rank = np.full(self.covisit.shape[0], len(order), np.float64)
+        rank[order] = np.arange(len(order))
+        return rank
+
     def seen_rows(self, user_row: int) -> np.ndarray:
         if user_row < 0 or user_row >= self.seen.shape[0]:
             return np.zeros(0, np.int64)

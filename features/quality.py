@@ -20,6 +20,10 @@ WATCH_RATIO_CAP = 3.0  # replays make ratios > 1; cap so a few loops do not domi
 ITEM_PREFIX, CREATOR_PREFIX = "item", "creator"
 
 
+# The creator aggregates the high-quality rule reads: impressions (log1p) and quality score.
+HIGH_QUALITY_INPUTS = (f"{CREATOR_PREFIX}_n", f"{CREATOR_PREFIX}_quality")
+
+
 def is_creator_column(name: str) -> bool:
     """Whether an aggregate column is the creator's (keyed by the item's creator) rather than the item's."""
     return name.startswith(f"{CREATOR_PREFIX}_")
@@ -142,8 +146,9 @@ def quality_columns(
 
 def high_quality_creators(creators: pd.DataFrame, cfg: QualityConfig) -> np.ndarray:
     """Flag creators whose quality score is in the top share among those with enough impressions."""
-    enough = np.expm1(creators[f"{CREATOR_PREFIX}_n"].to_numpy()) >= cfg.min_creator_impressions
-    score = creators[f"{CREATOR_PREFIX}_quality"].to_numpy()
+    n_col, quality_col = HIGH_QUALITY_INPUTS
+    enough = np.expm1(creators[n_col].to_numpy()) >= cfg.min_creator_impressions
+    score = creators[quality_col].to_numpy()
     if not enough.any():
         return np.zeros(len(creators), dtype=bool)
     threshold = np.quantile(score[enough], cfg.high_quality_quantile)

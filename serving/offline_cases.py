@@ -13,7 +13,7 @@ import pandas as pd
 
 from features.config import QualityConfig, from_dict
 from features.contract import HELDOUT_BUNDLE_DIR
-from features.quality import CREATOR_PREFIX, high_quality_creators, is_creator_column
+from features.quality import HIGH_QUALITY_INPUTS, high_quality_creators, is_creator_column
 from serving.bundle import Bundle
 from serving.recommender import Recommender
 
@@ -141,11 +141,10 @@ def period_view(bundle: Bundle, log: pd.DataFrame, later: pd.DataFrame | None = 
 def _high_quality(bundle: Bundle, item_num: np.ndarray, item_cols: list[str]) -> np.ndarray:
     """The items' high-quality creator flags recomputed from the creator aggregates in ``item_num`` (the
     feature build's rule, features/quality.py), or the bundle's where the ranker reads no creator score."""
-    needed = (f"{CREATOR_PREFIX}_n", f"{CREATOR_PREFIX}_quality")
-    if any(c not in item_cols for c in needed) or not len(item_num):
+    if any(c not in item_cols for c in HIGH_QUALITY_INPUTS) or not len(item_num):
         return bundle.high_quality
     codes, first = np.unique(bundle.item_creator, return_index=True)
-    creators = pd.DataFrame({c: item_num[first, item_cols.index(c)] for c in needed})
+    creators = pd.DataFrame({c: item_num[first, item_cols.index(c)] for c in HIGH_QUALITY_INPUTS})
     flags = np.zeros(len(bundle.creator_ids), dtype=bool)
     flags[codes] = high_quality_creators(creators, from_dict(QualityConfig, bundle.manifest.config.get("quality") or {}))
     return flags[bundle.item_creator]

@@ -89,6 +89,9 @@ def test_channel_tables_round_trip(tmp_path):
     assert back.trending.tolist() == [4, 2, 9] and back.fresh.tolist() == [7, 1]
     assert back.seen_rows(3).tolist() == sorted(set(item[user == 3].tolist()))
     assert back.seen_rows(-1).size == 0 and back.seen_rows(99).size == 0
+    rank = back.list_rank("trending")  # position in the list, off-list rows last
+    assert rank.shape == (n_items,) and rank[[4, 2, 9]].tolist() == [0, 1, 2]
+    assert set(np.delete(rank, [4, 2, 9]).tolist()) == {3} and back.list_rank("fresh")[1] == 1
 
 
 def test_mf_top_matches_a_full_sort_with_ties_to_the_lower_row():
